@@ -1,0 +1,175 @@
+//! The typed messages the actors exchange (one struct per message).
+//!
+//! Every message owns its data and carries the `job_id` of the enrichment it belongs to,
+//! because tracing spans do not cross mailboxes. Replies are `Result`s whenever the sender
+//! acts on the outcome.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+
+use crate::ports::PtrReport;
+use crate::{CanonicalIp, ProviderId, ProviderReport};
+
+/// One enrichment of one address; ties log lines and messages together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JobId(pub uuid::Uuid);
+
+impl JobId {
+    /// A fresh, random job id.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.simple().fmt(f)
+    }
+}
+
+/// An AMQP delivery tag on the consuming channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryTag(pub u64);
+
+/// Where an enrichment request came from; decides who hears about its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A bus delivery, settled once the address's state is durable.
+    Bus(DeliveryTag),
+    /// The backfill loop.
+    Backfill,
+    /// `enrichd lookup`.
+    Lookup,
+}
+
+/// Enrich one address. Sent by `BusListener` and the backfill to `Aggregator`, which
+/// coalesces concurrent requests for one address into one job.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "()")]
+pub struct EnrichIp {
+    /// The job.
+    pub job_id: JobId,
+    /// The canonical address.
+    pub ip: CanonicalIp,
+    /// The attacker row the event named, when it named one.
+    pub attacker_uuid: Option<String>,
+    /// Who to tell when the state is durable.
+    pub origin: Origin,
+}
+
+/// Resolve the PTR name of one global address. `Aggregator` → `PtrResolverPool`.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "PtrReport")]
+pub struct ResolvePtr {
+    /// The job.
+    pub job_id: JobId,
+    /// The address.
+    pub ip: CanonicalIp,
+}
+
+/// Why a provider actor did not call its provider. The work stays due and its per-IP
+/// backoff does not advance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderUnavailable {
+    /// Parked for a rate limit until this time.
+    #[error("parked until {0}")]
+    Parked(DateTime<Utc>),
+    /// Parked because the configured key was rejected.
+    #[error("api key rejected")]
+    KeyRejected,
+    /// The circuit breaker is open.
+    #[error("circuit breaker open")]
+    BreakerOpen,
+    /// Bulk data (Feodo) is older than the staleness limit.
+    #[error("data stale")]
+    Stale,
+    /// The actor's mailbox is gone or it did not answer in time.
+    #[error("provider actor unreachable")]
+    Unreachable,
+}
+
+/// Ask one provider about one address. `Aggregator` → `ProviderActor`.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "Result<ProviderReport, ProviderUnavailable>")]
+pub struct QueryProvider {
+    /// The job.
+    pub job_id: JobId,
+    /// The provider being asked (lets one recipient list serve all providers).
+    pub provider: ProviderId,
+    /// The address.
+    pub ip: CanonicalIp,
+}
+
+/// Why persisting failed, as the bus needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PersistError {
+    /// The store is unreachable or busy: pause intake and retry; never dead-letter.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The write itself is impossible; the address is recorded as an error with backoff.
+    #[error("write rejected: {0}")]
+    Rejected(String),
+}
+
+/// Persist one address's results in one transaction. `Aggregator` → `RepositoryWriter`.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "Result<(), PersistError>")]
+pub struct PersistReport {
+    /// The job.
+    pub job_id: JobId,
+    /// The address.
+    pub ip: CanonicalIp,
+    /// The PTR result, when PTR work was done.
+    pub ptr: Option<PtrReport>,
+    /// Provider results of this pass.
+    pub providers: Vec<ProviderReport>,
+}
+
+/// What happens to a bus delivery. Decided in one place (`runtime::settle`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryFate {
+    /// The address's state is durable.
+    Ack,
+    /// Undecodable: republish to the dead-letter exchange with this reason, then ack.
+    DeadLetter(String),
+}
+
+/// Settle one delivery. `Aggregator`/`RepositoryWriter` → `BusListener`.
+#[derive(Debug, Clone, actix::Message)]
+#[rtype(result = "()")]
+pub struct Settle {
+    /// The delivery.
+    pub delivery_tag: DeliveryTag,
+    /// Its fate.
+    pub fate: DeliveryFate,
+}
+
+/// Stop consuming (cancel the consumer); deliveries in flight are still settled.
+#[derive(Debug, Clone, Copy, actix::Message)]
+#[rtype(result = "()")]
+pub struct StopIntake;
+
+/// Reply once no job is in flight.
+#[derive(Debug, Clone, Copy, actix::Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// Commit buffered writes and settle their deliveries.
+#[derive(Debug, Clone, Copy, actix::Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+/// A supervised child spent its restart budget; the process must exit 1.
+#[derive(Debug, Clone, Copy, actix::Message)]
+#[rtype(result = "()")]
+pub struct ChildGaveUp {
+    /// The actor's role name.
+    pub actor: &'static str,
+}
