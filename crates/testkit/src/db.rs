@@ -1,0 +1,1 @@
+//! TODO(#2): filled by the owning change.
