@@ -14,6 +14,7 @@
 //! - [`payload`]: the `attacker.intel.enriched` payload and the bus envelope.
 //! - [`messages`]: the messages actors exchange.
 //! - [`ports`]: the traits adapters implement.
+//! - [`secret`]: API keys that never print.
 //! - [`text`]: truncation and sanitising of strings bound for size-limited columns.
 //! - [`error`]: error-chain formatting for logs.
 
@@ -25,6 +26,7 @@ pub mod payload;
 pub mod ports;
 pub mod provider;
 pub mod scope;
+pub mod secret;
 pub mod text;
 pub mod verdict;
 
@@ -32,4 +34,5 @@ pub use ip::{CanonicalIp, IpParseError};
 pub use outcome::{Due, ProviderOutcome, PtrOutcome};
 pub use provider::{ProviderError, ProviderFields, ProviderId, ProviderReport};
 pub use scope::{AddressPolicy, AddressScope};
+pub use secret::Secret;
 pub use verdict::Verdict;
