@@ -1,1 +1,664 @@
-//! TODO(#2): filled by the owning change.
+//! A scriptable HTTP/1.1 server on a loopback port, for provider wire-contract tests and
+//! benchmarks.
+//!
+//! Hand-rolled on tokio's `TcpListener` because tests need what no well-behaved server does:
+//! answer late, trickle a body past a deadline, send a body far over a size cap, or close the
+//! connection without answering. A handler closure picks the [`Response`] for each
+//! [`Request`]; every request is recorded for assertions. Connections are kept alive (HTTP/1.1
+//! default) so a pooled client reuses them, as it would against the real API, and benchmarks
+//! are not dominated by connection set-up.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use enrichd_testkit::http::{HttpServer, Response};
+//! let server = HttpServer::start(|req| {
+//!     if req.path == "/v3/community/192.0.2.1" {
+//!         Response::json(200, r#"{"classification":"benign"}"#)
+//!     } else {
+//!         Response::json(404, "{}")
+//!     }
+//! })
+//! .await;
+//! let base = server.base_url(); // http://127.0.0.1:<port>
+//! # let _ = base;
+//! assert_eq!(server.request_count(), 0);
+//! # }
+//! ```
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+/// Largest request head we accept; a client sending more is not one of ours.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest request body we buffer.
+const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Filler bodies are written in pieces of this size, never allocated whole.
+const FILLER_PIECE: usize = 64 * 1024;
+
+/// One request as the server received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The method, as sent (`GET`, `POST`).
+    pub method: String,
+    /// The request target: path plus query, as sent (`/api/v2/check?ipAddress=..`).
+    pub target: String,
+    /// The path part of the target.
+    pub path: String,
+    /// The query part of the target (after `?`), if any.
+    pub query: Option<String>,
+    /// Headers in arrival order; names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body (`Content-Length` bodies only).
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the request carries a header of that name.
+    pub fn has_header(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
+
+    /// The body parsed as JSON.
+    ///
+    /// # Panics
+    /// When the body is not JSON (a test failure).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("request body is JSON")
+    }
+}
+
+/// What to send back for one request.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Extra headers (`Content-Length` / `Transfer-Encoding` are added by the server).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Body,
+    /// Wait this long before sending anything.
+    pub delay: Duration,
+    /// Send the body slowly instead of at once.
+    pub trickle: Option<Trickle>,
+    /// Read the request, then close the connection without a byte of response.
+    pub close_without_response: bool,
+}
+
+/// A response body.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// `len` filler bytes, generated while sending (for bodies over a size cap).
+    Filler {
+        /// Number of bytes.
+        len: u64,
+        /// Whether `Content-Length` announces the size; otherwise the body is chunked, so
+        /// only a client that counts while streaming notices it is too large.
+        announce_length: bool,
+    },
+}
+
+/// How to send a body slowly.
+#[derive(Debug, Clone, Copy)]
+pub struct Trickle {
+    /// Bytes per piece.
+    pub piece: usize,
+    /// Pause before each piece.
+    pub every: Duration,
+}
+
+impl Response {
+    /// An empty response with this status.
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Body::Bytes(Vec::new()),
+            delay: Duration::ZERO,
+            trickle: None,
+            close_without_response: false,
+        }
+    }
+
+    /// A JSON body with this status.
+    pub fn json(status: u16, body: impl Into<String>) -> Self {
+        Self::status(status)
+            .header("content-type", "application/json")
+            .body(body.into().into_bytes())
+    }
+
+    /// A body with the given content type.
+    pub fn text(status: u16, content_type: &str, body: impl Into<String>) -> Self {
+        Self::status(status)
+            .header("content-type", content_type)
+            .body(body.into().into_bytes())
+    }
+
+    /// A body of `len` filler bytes whose `Content-Length` announces the size.
+    pub fn huge(status: u16, len: u64) -> Self {
+        Self {
+            body: Body::Filler {
+                len,
+                announce_length: true,
+            },
+            ..Self::status(status)
+        }
+    }
+
+    /// A chunked body of `len` filler bytes with no `Content-Length`.
+    pub fn huge_unannounced(status: u16, len: u64) -> Self {
+        Self {
+            body: Body::Filler {
+                len,
+                announce_length: false,
+            },
+            ..Self::status(status)
+        }
+    }
+
+    /// Reads the request and closes the connection without answering.
+    pub fn close_without_response() -> Self {
+        Self {
+            close_without_response: true,
+            ..Self::status(500)
+        }
+    }
+
+    /// Adds a header.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Replaces the body.
+    #[must_use]
+    pub fn body(mut self, body: Vec<u8>) -> Self {
+        self.body = Body::Bytes(body);
+        self
+    }
+
+    /// Waits this long before answering.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Sends the body in pieces of `piece` bytes, pausing `every` before each.
+    #[must_use]
+    pub fn trickle(mut self, piece: usize, every: Duration) -> Self {
+        self.trickle = Some(Trickle {
+            piece: piece.max(1),
+            every,
+        });
+        self
+    }
+}
+
+type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+
+struct Shared {
+    handler: Box<Handler>,
+    requests: Mutex<Vec<Request>>,
+    count: AtomicUsize,
+    connections: AtomicUsize,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+/// A running server. Dropping it stops the listener and every open connection.
+pub struct HttpServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: AbortHandle,
+}
+
+impl HttpServer {
+    /// Binds `127.0.0.1:0` and serves every request with `handler`. Must run inside a tokio
+    /// runtime (the accept loop is spawned on it).
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound address");
+        let shared = Arc::new(Shared {
+            handler: Box::new(handler),
+            requests: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                accept_shared.connections.fetch_add(1, Ordering::SeqCst);
+                let conn_shared = Arc::clone(&accept_shared);
+                let task = tokio::spawn(async move {
+                    let _ = serve_connection(stream, &conn_shared).await;
+                });
+                let mut tasks = lock(&accept_shared.tasks);
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task.abort_handle());
+            }
+        })
+        .abort_handle();
+        Self {
+            addr,
+            shared,
+            accept,
+        }
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`, to use as a provider base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Request> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// The most recent request.
+    ///
+    /// # Panics
+    /// When no request arrived (a test failure).
+    pub fn last_request(&self) -> Request {
+        lock(&self.shared.requests)
+            .last()
+            .cloned()
+            .expect("at least one request")
+    }
+
+    /// How many requests arrived.
+    pub fn request_count(&self) -> usize {
+        self.shared.count.load(Ordering::SeqCst)
+    }
+
+    /// How many TCP connections were accepted (keep-alive reuse keeps this low).
+    pub fn connection_count(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the recorded requests (the count too).
+    pub fn clear_requests(&self) {
+        lock(&self.shared.requests).clear();
+        self.shared.count.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for task in lock(&self.shared.tasks).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// A loopback URL on which nothing listens: connecting is refused.
+///
+/// # Panics
+/// When no loopback port can be bound.
+pub async fn refused_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("bound address");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// Locks a mutex, ignoring poisoning: a panicking test thread must not hide the recording.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+// === connection handling ===
+
+async fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(8192);
+    loop {
+        let Some(head_end) = read_head(&stream, &mut buf).await? else {
+            return Ok(()); // the client closed between requests
+        };
+        let Some((mut request, content_length, keep_alive)) = parse_head(&buf[..head_end]) else {
+            write_all(
+                &stream,
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await?;
+            return Ok(());
+        };
+        buf.drain(..head_end);
+        if content_length > MAX_REQUEST_BODY_BYTES {
+            return Ok(());
+        }
+        while buf.len() < content_length {
+            if read_more(&stream, &mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
+        request.body = buf.drain(..content_length).collect();
+
+        let response = (shared.handler)(&request);
+        lock(&shared.requests).push(request);
+        shared.count.fetch_add(1, Ordering::SeqCst);
+
+        if !response.delay.is_zero() {
+            tokio::time::sleep(response.delay).await;
+        }
+        if response.close_without_response {
+            return Ok(());
+        }
+        send_response(&stream, &response, keep_alive).await?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads until `buf` holds a complete request head; returns the index just past it, or
+/// `None` when the peer closed cleanly before sending anything.
+async fn read_head(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    loop {
+        if let Some(pos) = find(buf, b"\r\n\r\n") {
+            return Ok(Some(pos + 4));
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
+        }
+        if read_more(stream, buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+fn parse_head(head: &[u8]) -> Option<(Request, usize, bool)> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_owned();
+    let target = first.next()?.to_owned();
+    let version = first.next()?;
+    let mut headers = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':')?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let header = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    if header("transfer-encoding").is_some() {
+        return None; // chunked request bodies are not needed by any client we test
+    }
+    let content_length = match header("content-length") {
+        Some(v) => v.parse().ok()?,
+        None => 0,
+    };
+    let connection = header("connection").map(str::to_ascii_lowercase);
+    let keep_alive = match connection.as_deref() {
+        Some("close") => false,
+        Some("keep-alive") => true,
+        _ => version == "HTTP/1.1",
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (target.clone(), None),
+    };
+    Some((
+        Request {
+            method,
+            target,
+            path,
+            query,
+            headers,
+            body: Vec::new(),
+        },
+        content_length,
+        keep_alive,
+    ))
+}
+
+async fn send_response(
+    stream: &TcpStream,
+    response: &Response,
+    keep_alive: bool,
+) -> io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        response.status,
+        reason(response.status)
+    );
+    for (name, value) in &response.headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    let chunked = match &response.body {
+        Body::Bytes(bytes) => {
+            let _ = write!(head, "content-length: {}\r\n", bytes.len());
+            false
+        }
+        Body::Filler {
+            len,
+            announce_length: true,
+        } => {
+            let _ = write!(head, "content-length: {len}\r\n");
+            false
+        }
+        Body::Filler {
+            announce_length: false,
+            ..
+        } => {
+            head.push_str("transfer-encoding: chunked\r\n");
+            true
+        }
+    };
+    if !keep_alive {
+        head.push_str("connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    write_all(stream, head.as_bytes()).await?;
+
+    match &response.body {
+        Body::Bytes(bytes) => write_body(stream, bytes, response.trickle).await,
+        Body::Filler { len, .. } => {
+            let piece = vec![b'x'; FILLER_PIECE];
+            let mut left = *len;
+            while left > 0 {
+                let n = usize::try_from(left.min(FILLER_PIECE as u64)).unwrap_or(FILLER_PIECE);
+                if chunked {
+                    write_all(stream, format!("{n:x}\r\n").as_bytes()).await?;
+                }
+                write_body(stream, &piece[..n], response.trickle).await?;
+                if chunked {
+                    write_all(stream, b"\r\n").await?;
+                }
+                left -= n as u64;
+            }
+            if chunked {
+                write_all(stream, b"0\r\n\r\n").await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn write_body(stream: &TcpStream, bytes: &[u8], trickle: Option<Trickle>) -> io::Result<()> {
+    match trickle {
+        None => write_all(stream, bytes).await,
+        Some(t) => {
+            for piece in bytes.chunks(t.piece) {
+                tokio::time::sleep(t.every).await;
+                write_all(stream, piece).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+// The workspace's tokio has no `io-util`, so reads and writes use readiness + try_* directly.
+
+async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    // Reads straight into the buffer's tail: a stack array would bloat every future above.
+    let start = buf.len();
+    buf.resize(start + 16 * 1024, 0);
+    loop {
+        if let Err(e) = stream.readable().await {
+            buf.truncate(start);
+            return Err(e);
+        }
+        match stream.try_read(&mut buf[start..]) {
+            Ok(n) => {
+                buf.truncate(start + n);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                buf.truncate(start);
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        write_all(&stream, request).await.unwrap();
+        let mut out = Vec::new();
+        while read_more(&stream, &mut out).await.unwrap() > 0 {}
+        out
+    }
+
+    #[tokio::test]
+    async fn records_requests_and_answers_from_the_handler() {
+        let server = HttpServer::start(|req| {
+            Response::json(201, format!("{{\"path\":\"{}\"}}", req.path)).header("x-test", "1")
+        })
+        .await;
+        let out = raw_exchange(
+            server.addr(),
+            b"POST /a/b?x=1 HTTP/1.1\r\nHost: h\r\nAuth-Key: k\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 201 "), "{text}");
+        assert!(text.contains("x-test: 1\r\n"));
+        assert!(text.ends_with("{\"path\":\"/a/b\"}"));
+        let req = server.last_request();
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.target, "/a/b?x=1");
+        assert_eq!(req.query.as_deref(), Some("x=1"));
+        assert_eq!(req.header("AUTH-KEY"), Some("k"));
+        assert_eq!(req.body, b"{}");
+        assert_eq!(server.request_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn keeps_connections_alive_between_requests() {
+        let server = HttpServer::start(|_| Response::json(200, "{}")).await;
+        let out = raw_exchange(
+            server.addr(),
+            b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        assert_eq!(server.request_count(), 2);
+        assert_eq!(server.connection_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn sends_unannounced_filler_chunked() {
+        let server = HttpServer::start(|_| Response::huge_unannounced(200, 100_000)).await;
+        let out = raw_exchange(
+            server.addr(),
+            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("transfer-encoding: chunked"));
+        assert!(!text.contains("content-length"));
+        assert!(text.ends_with("0\r\n\r\n"));
+        assert!(text.matches('x').count() >= 100_000);
+    }
+
+    #[tokio::test]
+    async fn can_close_without_answering() {
+        let server = HttpServer::start(|_| Response::close_without_response()).await;
+        let out = raw_exchange(server.addr(), b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(out.is_empty());
+        assert_eq!(server.request_count(), 1);
+    }
+}
