@@ -1,0 +1,50 @@
+//! enrichd's RabbitMQ adapter, plain async code over lapin (no actix), so it is testable on
+//! its own and the `BusListener` actor stays a thin shell.
+//!
+//! lapin runs on a dedicated tokio runtime owned by this crate (DEPENDENCIES.md G1): on the
+//! actix thread a busy handler would starve AMQP heartbeats and lose the connection.
+//!
+//! # Layout
+//! - [`decode`]: delivery body → [`decode::EventRequest`] or [`decode::Poison`].
+//! - [`topology`]: exchanges, quorum queues, bindings, the per-replica control queue.
+//! - [`connection`]: connecting on the dedicated runtime.
+//! - [`publish`]: confirmed publishing, dead-lettering.
+
+pub mod connection;
+pub mod decode;
+pub mod publish;
+pub mod topology;
+
+pub use connection::connect;
+pub use decode::{EventRequest, Poison, decode};
+pub use topology::Topology;
+
+/// A bus failure. Every variant means "the broker or connection is not usable now": the
+/// listener reconnects with backoff; nothing is dead-lettered because of it.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The AMQP client failed (connect, channel, declare, publish).
+    #[error("amqp {operation} failed")]
+    Amqp {
+        /// What we were doing.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused a publish (a nack).
+    #[error("broker nacked the publish to {routing_key}")]
+    Nacked {
+        /// Where it was going.
+        routing_key: String,
+    },
+    /// The dedicated runtime could not be created.
+    #[error("cannot start the amqp runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl BusError {
+    pub(crate) fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> Self {
+        move |source| Self::Amqp { operation, source }
+    }
+}

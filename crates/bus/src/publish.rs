@@ -1,0 +1,135 @@
+//! Publishing with publisher confirms, and dead-lettering poison.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use crate::BusError;
+
+/// AMQP `delivery_mode` for messages that must survive a broker restart.
+const PERSISTENT: u8 = 2;
+
+/// A channel in confirm mode: every publish resolves only when the broker has taken it.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Exchange.
+    pub exchange: &'a str,
+    /// Routing key (the topic).
+    pub routing_key: &'a str,
+    /// Body.
+    pub body: &'a [u8],
+    /// AMQP `message_id` (the envelope id, so consumers can dedupe).
+    pub message_id: Option<&'a str>,
+    /// Persistent (`delivery_mode` 2) or transient.
+    pub persistent: bool,
+    /// Per-message TTL in milliseconds (health beats expire).
+    pub expiration_ms: Option<u64>,
+    /// Headers to send.
+    pub headers: Option<FieldTable>,
+}
+
+impl Publisher {
+    /// Opens a confirm-mode channel on `connection`.
+    ///
+    /// # Errors
+    /// [`BusError::Amqp`].
+    pub async fn open(connection: &Connection) -> Result<Self, BusError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BusError::amqp("open publish channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BusError::amqp("enable publisher confirms"))?;
+        Ok(Self { channel })
+    }
+
+    /// The underlying channel (for declarations on the publishing connection).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes and waits for the broker's confirm.
+    ///
+    /// # Errors
+    /// [`BusError::Amqp`] on a channel failure, [`BusError::Nacked`] on a nack.
+    pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
+        let mut properties =
+            BasicProperties::default().with_content_type(ShortString::from("application/json"));
+        if message.persistent {
+            properties = properties.with_delivery_mode(PERSISTENT);
+        }
+        if let Some(id) = message.message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        if let Some(ms) = message.expiration_ms {
+            properties = properties.with_expiration(ms.to_string().into());
+        }
+        if let Some(headers) = message.headers {
+            properties = properties.with_headers(headers);
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                message.exchange.into(),
+                message.routing_key.into(),
+                BasicPublishOptions::default(),
+                message.body,
+                properties,
+            )
+            .await
+            .map_err(BusError::amqp("publish"))?;
+        match confirm.await.map_err(BusError::amqp("await confirm"))? {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(BusError::Nacked {
+                routing_key: message.routing_key.to_owned(),
+            }),
+        }
+    }
+
+    /// Republishes a poison delivery to the dead-letter exchange, persistent, with its
+    /// original headers and `x-enrichd-reason`, and waits for the confirm. The caller acks the
+    /// original only after this returns `Ok`, so a poison message is never lost.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`].
+    pub async fn dead_letter(
+        &self,
+        dead_letter_exchange: &str,
+        dead_queue: &str,
+        delivery: &lapin::message::Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-enrichd-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-enrichd-original-routing-key".into(),
+            AMQPValue::LongString(delivery.routing_key.as_str().into()),
+        );
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::as_str);
+        self.publish(Outgoing {
+            exchange: dead_letter_exchange,
+            routing_key: dead_queue,
+            body: &delivery.data,
+            message_id,
+            persistent: true,
+            expiration_ms: None,
+            headers: Some(headers),
+        })
+        .await
+    }
+}

@@ -1,0 +1,188 @@
+//! Against the real RabbitMQ on this machine, with uniquely named exchanges and queues so
+//! tests run in parallel and never touch a deployment's topology.
+
+use std::time::Duration;
+
+use enrichd_bus::publish::{Outgoing, Publisher};
+use enrichd_bus::{Topology, connect, decode};
+use enrichd_core::Secret;
+use enrichd_testkit::services::{amqp_url, require_rabbitmq};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}.{}", std::process::id()) + &format!(".{:x}", rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::thread::current().id())
+}
+
+async fn cleanup(channel: &lapin::Channel, topology: &Topology) {
+    for queue in [&topology.queue, &topology.dead_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
+    if !require_rabbitmq() {
+        return;
+    }
+    let url = Secret::new(amqp_url());
+    let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
+    let publisher = Publisher::open(&connection).await.expect("publisher");
+    let topology = Topology::new(&unique("t.decnet"), &unique("t.enrich.attackers"));
+    topology
+        .declare(publisher.channel())
+        .await
+        .expect("declare");
+    // Declaring twice (a second replica) is accepted: same arguments.
+    topology
+        .declare(publisher.channel())
+        .await
+        .expect("redeclare");
+    let control = topology
+        .declare_control_queue(publisher.channel())
+        .await
+        .expect("control");
+    assert!(control.starts_with("amq.gen-"), "server-named: {control}");
+
+    let event = br#"{"v":1,"id":"0123456789abcdef0123456789abcdef","topic":"attacker.scored",
+                    "type":"scored","ts":1.0,"payload":{"attacker_ip":"45.155.205.233"}}"#;
+    publisher
+        .publish(Outgoing {
+            exchange: &topology.exchange,
+            routing_key: "attacker.scored",
+            body: event,
+            message_id: None,
+            persistent: true,
+            expiration_ms: None,
+            headers: None,
+        })
+        .await
+        .expect("publish event");
+    // Not bound: must not reach the work queue.
+    publisher
+        .publish(Outgoing {
+            exchange: &topology.exchange,
+            routing_key: "attacker.other",
+            body: b"{}",
+            message_id: None,
+            persistent: false,
+            expiration_ms: None,
+            headers: None,
+        })
+        .await
+        .expect("publish unrouted");
+
+    let consume_channel = connection.create_channel().await.expect("channel");
+    let mut consumer = consume_channel
+        .basic_consume(
+            topology.queue.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(delivery.routing_key.as_str(), "attacker.scored");
+    let request = decode(&delivery.data, delivery.routing_key.as_str()).expect("decodes");
+    assert_eq!(request.ip.to_string(), "45.155.205.233");
+
+    // Treat it as poison for the test: republish to the DLX, then ack the original.
+    publisher
+        .dead_letter(
+            &topology.dead_letter_exchange,
+            &topology.dead_queue,
+            &delivery,
+            "not json",
+        )
+        .await
+        .expect("dead-letter");
+    delivery.ack(BasicAckOptions::default()).await.expect("ack");
+
+    let mut dead = consume_channel
+        .basic_consume(
+            topology.dead_queue.as_str().into(),
+            "d".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume dead");
+    let dead_letter = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .expect("a dead letter within 10 s")
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(dead_letter.data, event);
+    let headers = dead_letter.properties.headers().clone().expect("headers");
+    assert_eq!(
+        headers.inner().get("x-enrichd-reason"),
+        Some(&AMQPValue::LongString("not json".into()))
+    );
+    assert_eq!(dead_letter.properties.delivery_mode(), &Some(2));
+    dead_letter
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack dead");
+
+    cleanup(&consume_channel, &topology).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_declared_with_other_arguments_is_refused() {
+    if !require_rabbitmq() {
+        return;
+    }
+    let url = Secret::new(amqp_url());
+    let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let topology = Topology::new(&unique("t2.decnet"), &unique("t2.enrich.attackers"));
+    // Someone created the work queue as a classic queue: our declaration must fail loudly.
+    channel
+        .queue_declare(
+            topology.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("classic declare");
+    let err = topology
+        .declare(&channel)
+        .await
+        .expect_err("precondition failed");
+    assert!(err.to_string().contains("declare work queue"), "{err}");
+    let cleanup_channel = connection.create_channel().await.expect("channel");
+    cleanup(&cleanup_channel, &topology).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_url_is_an_error_without_the_password() {
+    let url = Secret::new("amqp://guest:supersecret@127.0.0.1:1/%2f");
+    let err = connect(&url, "t")
+        .await
+        .expect_err("nothing listens on port 1");
+    let text = enrichd_core::error::chain(&err);
+    assert!(!text.contains("supersecret"), "{text}");
+}
