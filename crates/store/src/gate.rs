@@ -1,0 +1,482 @@
+//! Cluster-wide rate, quota and park state per provider key ([`ProviderGate`] for [`Store`]).
+//!
+//! A reservation locks the provider's row in a transaction and decides on the database clock,
+//! so any number of replicas together never take more slots than the rate allows. The
+//! decision itself is the pure [`decide`] function.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Days, NaiveTime, Utc};
+use enrichd_core::ProviderId;
+use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
+
+use crate::work::backoff;
+use crate::{Store, StoreError};
+
+/// A slot further ahead than this is not held for: the caller is told `Busy`.
+pub const SLOT_HORIZON: Duration = Duration::from_secs(2);
+/// The longest park a provider can impose.
+const MAX_PARK: chrono::Duration = chrono::Duration::hours(24);
+/// Attempts at a reservation that hit a busy database or a serialization failure.
+const TX_ATTEMPTS: u32 = 4;
+
+/// The stored limits row of one provider.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct LimitsRow {
+    pub(crate) next_slot_at: Option<DateTime<Utc>>,
+    pub(crate) quota_day: Option<String>,
+    pub(crate) quota_used: i64,
+    pub(crate) quota_remaining: Option<i64>,
+    pub(crate) quota_reset_at: Option<DateTime<Utc>>,
+    pub(crate) parked_until: Option<DateTime<Utc>>,
+    pub(crate) rejected_key_fingerprint: Option<String>,
+}
+
+/// Rate and quota state of one provider, for health beats and `enrichd check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderStatus {
+    /// End of a rate-limit park still in force.
+    pub parked_until: Option<DateTime<Utc>>,
+    /// Whether the configured key is the one a provider rejected.
+    pub key_rejected: bool,
+    /// Calls left today, when a quota (ours or the provider's header) applies.
+    pub quota_remaining: Option<u32>,
+    /// When the quota resets, when a quota applies.
+    pub quota_reset_at: Option<DateTime<Utc>>,
+}
+
+fn next_utc_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.date_naive()
+        .checked_add_days(Days::new(1))
+        .map_or(now + chrono::Duration::days(1), |d| {
+            d.and_time(NaiveTime::MIN).and_utc()
+        })
+}
+
+/// Starts a new quota period when the provider's reset time (or, without one, the UTC day)
+/// has passed.
+fn roll_quota(row: &mut LimitsRow, now: DateTime<Utc>) {
+    let today = now.date_naive().to_string();
+    let rolled = match row.quota_reset_at {
+        Some(reset) => now >= reset,
+        None => row.quota_day.as_deref() != Some(today.as_str()),
+    };
+    if rolled {
+        row.quota_used = 0;
+        row.quota_remaining = None;
+        row.quota_reset_at = None;
+        row.quota_day = Some(today);
+    }
+}
+
+/// Calls left: the lower of what our own daily quota leaves and the newest header (less what
+/// was reserved since); `None` when neither applies.
+fn quota_left(row: &LimitsRow, limits: &ProviderLimits) -> Option<i64> {
+    let ours = (limits.daily_quota > 0).then(|| i64::from(limits.daily_quota) - row.quota_used);
+    match (ours, row.quota_remaining) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn quota_reset(row: &LimitsRow, now: DateTime<Utc>) -> DateTime<Utc> {
+    row.quota_reset_at.unwrap_or_else(|| next_utc_midnight(now))
+}
+
+/// Decides one reservation at `now` and updates `row` accordingly.
+pub(crate) fn decide(
+    row: &mut LimitsRow,
+    limits: &ProviderLimits,
+    now: DateTime<Utc>,
+) -> Reservation {
+    if let Some(until) = row.parked_until.filter(|u| *u > now) {
+        return Reservation::Parked { until };
+    }
+    if let Some(rejected) = row.rejected_key_fingerprint.as_deref() {
+        if limits.key_fingerprint.as_deref() == Some(rejected) {
+            return Reservation::KeyRejected;
+        }
+        // A different key is configured: the rejection was about the old one.
+        row.rejected_key_fingerprint = None;
+    }
+    roll_quota(row, now);
+    let left = quota_left(row, limits);
+    if left.is_some_and(|l| l <= 0) {
+        return Reservation::QuotaExhausted {
+            reset_at: quota_reset(row, now),
+        };
+    }
+    let mut wait = Duration::ZERO;
+    if limits.rate_per_sec.is_finite() && limits.rate_per_sec > 0.0 {
+        let slot = row.next_slot_at.map_or(now, |s| s.max(now));
+        let ahead = (slot - now).to_std().unwrap_or(Duration::ZERO);
+        if ahead > SLOT_HORIZON {
+            let horizon = chrono::Duration::from_std(SLOT_HORIZON).unwrap_or_default();
+            return Reservation::Busy {
+                retry_at: slot - horizon,
+            };
+        }
+        let interval = Duration::from_secs_f64((1.0 / limits.rate_per_sec).min(86_400.0));
+        let interval = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::days(1));
+        row.next_slot_at = Some(crate::sql::micros(slot + interval));
+        wait = ahead;
+    }
+    row.quota_used += 1;
+    row.quota_remaining = row.quota_remaining.map(|r| r - 1);
+    Reservation::Granted {
+        wait,
+        quota_remaining: left.map(|l| u32::try_from(l - 1).unwrap_or(0)),
+    }
+}
+
+/// Applies a provider's statement about its limits to `row`.
+pub(crate) fn observe(row: &mut LimitsRow, event: &GateEvent, now: DateTime<Utc>) {
+    match event {
+        GateEvent::QuotaObserved {
+            remaining,
+            reset_at,
+        } => {
+            roll_quota(row, now);
+            row.quota_remaining = Some(i64::from(*remaining));
+            if let Some(reset) = reset_at.filter(|r| *r > now) {
+                row.quota_reset_at = Some(crate::sql::micros(reset));
+            }
+        }
+        GateEvent::Park { until } => {
+            let until = crate::sql::micros((*until).min(now + MAX_PARK));
+            row.parked_until = Some(row.parked_until.filter(|p| *p > until).unwrap_or(until));
+        }
+        GateEvent::KeyRejected { key_fingerprint } => {
+            row.rejected_key_fingerprint = Some(key_fingerprint.clone());
+        }
+    }
+}
+
+/// SHA-256 prefix (16 hex characters) identifying an API key without revealing it.
+pub fn key_fingerprint(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    crate::sql::hex(&Sha256::digest(key.as_bytes())[..8])
+}
+
+impl Store {
+    async fn lock_limits(
+        &self,
+        txn: &DatabaseTransaction,
+        provider: ProviderId,
+        now: DateTime<Utc>,
+    ) -> Result<LimitsRow, StoreError> {
+        let sql = self.sql;
+        txn.execute_raw(sql.stmt(
+            "INSERT INTO enrichd_provider_limits (provider, quota_used, updated_at) \
+             VALUES ($1, 0, $2) ON CONFLICT (provider) DO NOTHING",
+            vec![provider.as_str().into(), sql.ts(now)],
+        ))
+        .await?;
+        let row = txn
+            .query_one_raw(sql.stmt(
+                format!(
+                    "SELECT * FROM enrichd_provider_limits WHERE provider = $1{}",
+                    sql.for_update()
+                ),
+                vec![provider.as_str().into()],
+            ))
+            .await?
+            .ok_or_else(|| StoreError::malformed("enrichd_provider_limits", "row vanished"))?;
+        self.limits_from(&row)
+    }
+
+    fn limits_from(&self, row: &QueryResult) -> Result<LimitsRow, StoreError> {
+        let sql = self.sql;
+        Ok(LimitsRow {
+            next_slot_at: sql.get_ts(row, "next_slot_at")?,
+            quota_day: row.try_get("", "quota_day")?,
+            quota_used: sql.get_i64(row, "quota_used")?.unwrap_or(0),
+            quota_remaining: sql.get_i64(row, "quota_remaining")?,
+            quota_reset_at: sql.get_ts(row, "quota_reset_at")?,
+            parked_until: sql.get_ts(row, "parked_until")?,
+            rejected_key_fingerprint: row.try_get("", "rejected_key_fingerprint")?,
+        })
+    }
+
+    async fn store_limits(
+        &self,
+        txn: &DatabaseTransaction,
+        provider: ProviderId,
+        row: &LimitsRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql;
+        let clamp = |v: i64| i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX });
+        txn.execute_raw(sql.stmt(
+            "UPDATE enrichd_provider_limits SET next_slot_at = $2, quota_day = $3, \
+             quota_used = $4, quota_remaining = $5, quota_reset_at = $6, parked_until = $7, \
+             rejected_key_fingerprint = $8, updated_at = $9 WHERE provider = $1",
+            vec![
+                provider.as_str().into(),
+                sql.ts_opt(row.next_slot_at),
+                row.quota_day.clone().into(),
+                clamp(row.quota_used).into(),
+                row.quota_remaining.map(clamp).into(),
+                sql.ts_opt(row.quota_reset_at),
+                sql.ts_opt(row.parked_until),
+                row.rejected_key_fingerprint.clone().into(),
+                sql.ts(now),
+            ],
+        ))
+        .await?;
+        Ok(())
+    }
+
+    async fn reserve_once(
+        &self,
+        provider: ProviderId,
+        limits: &ProviderLimits,
+    ) -> Result<Reservation, StoreError> {
+        let txn = self.begin_write().await?;
+        let now = self.sql.now(&txn).await?;
+        let mut row = self.lock_limits(&txn, provider, now).await?;
+        let before = row.clone();
+        let decision = decide(&mut row, limits, now);
+        if row != before {
+            self.store_limits(&txn, provider, &row, now).await?;
+        }
+        txn.commit().await?;
+        Ok(decision)
+    }
+
+    async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        let now = self.sql.now(&txn).await?;
+        let mut row = self.lock_limits(&txn, provider, now).await?;
+        observe(&mut row, event, now);
+        self.store_limits(&txn, provider, &row, now).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Rate and quota state of `provider` under `limits` (nothing is reserved).
+    pub async fn provider_status(
+        &self,
+        provider: ProviderId,
+        limits: &ProviderLimits,
+    ) -> Result<ProviderStatus, StoreError> {
+        let now = self.db_now().await?;
+        let row = self
+            .read
+            .query_one_raw(self.sql.stmt(
+                "SELECT * FROM enrichd_provider_limits WHERE provider = $1",
+                vec![provider.as_str().into()],
+            ))
+            .await?;
+        let mut row = row
+            .map(|r| self.limits_from(&r))
+            .transpose()?
+            .unwrap_or_default();
+        roll_quota(&mut row, now);
+        let left = quota_left(&row, limits);
+        Ok(ProviderStatus {
+            parked_until: row.parked_until.filter(|p| *p > now),
+            key_rejected: row.rejected_key_fingerprint.is_some()
+                && row.rejected_key_fingerprint == limits.key_fingerprint,
+            quota_remaining: left.map(|l| u32::try_from(l.max(0)).unwrap_or(0)),
+            quota_reset_at: left.map(|_| quota_reset(&row, now)),
+        })
+    }
+
+    /// Providers parked at `now`.
+    pub(crate) async fn parked_providers(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ProviderId>, StoreError> {
+        let rows = self
+            .read
+            .query_all_raw(self.sql.stmt(
+                "SELECT provider FROM enrichd_provider_limits WHERE parked_until > $1",
+                vec![self.sql.ts(now)],
+            ))
+            .await?;
+        let mut parked = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("", "provider")?;
+            parked.extend(ProviderId::from_id(&id));
+        }
+        Ok(parked)
+    }
+}
+
+impl ProviderGate for Store {
+    type Error = StoreError;
+
+    async fn reserve(
+        &self,
+        provider: ProviderId,
+        limits: &ProviderLimits,
+    ) -> Result<Reservation, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.reserve_once(provider, limits).await {
+                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
+                other => return other,
+            }
+        }
+    }
+
+    async fn record(&self, provider: ProviderId, event: GateEvent) -> Result<(), StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.record_once(provider, &event).await {
+                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
+    }
+
+    fn limits(rate: f64, quota: u32) -> ProviderLimits {
+        ProviderLimits {
+            rate_per_sec: rate,
+            daily_quota: quota,
+            key_fingerprint: Some("aaaa".into()),
+        }
+    }
+
+    #[test]
+    fn slots_are_spaced_by_the_rate_and_busy_beyond_the_horizon() {
+        let mut row = LimitsRow::default();
+        let l = limits(2.0, 0);
+        let waits: Vec<Reservation> = (0..6).map(|_| decide(&mut row, &l, now())).collect();
+        let ms = |r: &Reservation| match r {
+            Reservation::Granted { wait, .. } => Some(wait.as_millis()),
+            _ => None,
+        };
+        assert_eq!(
+            waits.iter().map(ms).collect::<Vec<_>>(),
+            [Some(0), Some(500), Some(1000), Some(1500), Some(2000), None]
+        );
+        assert_eq!(
+            waits[5],
+            Reservation::Busy {
+                retry_at: now() + chrono::Duration::milliseconds(500)
+            }
+        );
+    }
+
+    #[test]
+    fn quota_exhausts_and_resets_at_utc_midnight() {
+        let mut row = LimitsRow::default();
+        let l = limits(0.0, 2);
+        assert!(matches!(
+            decide(&mut row, &l, now()),
+            Reservation::Granted {
+                quota_remaining: Some(1),
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&mut row, &l, now()),
+            Reservation::Granted {
+                quota_remaining: Some(0),
+                ..
+            }
+        ));
+        let midnight = Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap();
+        assert_eq!(
+            decide(&mut row, &l, now()),
+            Reservation::QuotaExhausted { reset_at: midnight }
+        );
+        assert!(matches!(
+            decide(&mut row, &l, midnight),
+            Reservation::Granted { .. }
+        ));
+    }
+
+    #[test]
+    fn the_lower_of_reserved_and_header_quota_applies() {
+        let mut row = LimitsRow::default();
+        let l = limits(0.0, 1000);
+        let reset = now() + chrono::Duration::hours(5);
+        observe(
+            &mut row,
+            &GateEvent::QuotaObserved {
+                remaining: 1,
+                reset_at: Some(reset),
+            },
+            now(),
+        );
+        assert!(matches!(
+            decide(&mut row, &l, now()),
+            Reservation::Granted {
+                quota_remaining: Some(0),
+                ..
+            }
+        ));
+        assert_eq!(
+            decide(&mut row, &l, now()),
+            Reservation::QuotaExhausted { reset_at: reset }
+        );
+        assert!(matches!(
+            decide(&mut row, &l, reset),
+            Reservation::Granted { .. }
+        ));
+    }
+
+    #[test]
+    fn parks_hold_until_their_end_and_key_rejection_until_the_key_changes() {
+        let mut row = LimitsRow::default();
+        let l = limits(0.0, 0);
+        let until = now() + chrono::Duration::minutes(10);
+        observe(&mut row, &GateEvent::Park { until }, now());
+        assert_eq!(decide(&mut row, &l, now()), Reservation::Parked { until });
+        assert!(matches!(
+            decide(&mut row, &l, until),
+            Reservation::Granted { .. }
+        ));
+        observe(
+            &mut row,
+            &GateEvent::Park {
+                until: now() + chrono::Duration::days(9),
+            },
+            now(),
+        );
+        assert_eq!(row.parked_until, Some(now() + chrono::Duration::hours(24)));
+
+        let mut row = LimitsRow::default();
+        observe(
+            &mut row,
+            &GateEvent::KeyRejected {
+                key_fingerprint: "aaaa".into(),
+            },
+            now(),
+        );
+        assert_eq!(decide(&mut row, &l, now()), Reservation::KeyRejected);
+        let new_key = ProviderLimits {
+            key_fingerprint: Some("bbbb".into()),
+            ..l
+        };
+        assert!(matches!(
+            decide(&mut row, &new_key, now()),
+            Reservation::Granted { .. }
+        ));
+        assert_eq!(row.rejected_key_fingerprint, None);
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_do_not_contain_the_key() {
+        let fp = key_fingerprint("hunter2-secret");
+        assert_eq!(fp.len(), 16);
+        assert!(!fp.contains("hunter2"));
+        assert_ne!(fp, key_fingerprint("hunter3-secret"));
+    }
+}

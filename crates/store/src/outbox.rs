@@ -1,0 +1,146 @@
+//! The outbox: one row per attacker holding the newest unpublished `attacker.intel.enriched`
+//! envelope. The relay claims rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL), publishes with
+//! confirms and deletes exactly the version it published.
+
+use std::time::Duration;
+
+use sea_orm::ConnectionTrait;
+
+use crate::work::backoff;
+use crate::{Store, StoreError};
+
+/// Attempts at an outbox transaction that hit a busy database.
+const TX_ATTEMPTS: u32 = 4;
+
+/// One claimed outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The attacker row the event is about (the outbox key).
+    pub attacker_uuid: String,
+    /// Bumped each time a newer payload replaced an unpublished one.
+    pub version: i64,
+    /// The envelope, JSON text, ready to publish (its `id` is the AMQP `message_id`).
+    pub payload: String,
+}
+
+/// Outbox depth and age, for metrics and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    /// Rows waiting to be published.
+    pub depth: u64,
+    /// Age of the oldest waiting row (database clock).
+    pub oldest_age: Option<Duration>,
+}
+
+impl Store {
+    /// Claims up to `limit` unclaimed (or lapsed) rows for `claim_for`, oldest first.
+    pub async fn claim_outbox(
+        &self,
+        limit: u32,
+        claim_for: Duration,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.claim_outbox_once(limit, claim_for).await {
+                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
+                other => return other,
+            }
+        }
+    }
+
+    async fn claim_outbox_once(
+        &self,
+        limit: u32,
+        claim_for: Duration,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let sql = self.sql;
+        let txn = self.begin_write().await?;
+        let now = sql.now(&txn).await?;
+        let until =
+            now + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::seconds(30));
+        let skip_locked = if sql.is_pg() {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let rows = txn
+            .query_all_raw(sql.stmt(
+                format!(
+                    "UPDATE enrichd_outbox SET claimed_until = $1 WHERE attacker_uuid IN \
+                     (SELECT attacker_uuid FROM enrichd_outbox \
+                      WHERE claimed_until IS NULL OR claimed_until < $2 \
+                      ORDER BY created_at, attacker_uuid LIMIT $3{skip_locked}) \
+                     RETURNING attacker_uuid, version, payload, created_at"
+                ),
+                vec![sql.ts(until), sql.ts(now), i64::from(limit).into()],
+            ))
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let created = sql.get_ts(&row, "created_at")?;
+            claimed.push((
+                created,
+                OutboxRow {
+                    attacker_uuid: row.try_get("", "attacker_uuid")?,
+                    version: row.try_get("", "version")?,
+                    payload: row.try_get("", "payload")?,
+                },
+            ));
+        }
+        txn.commit().await?;
+        claimed.sort_by(|a, b| (a.0, &a.1.attacker_uuid).cmp(&(b.0, &b.1.attacker_uuid)));
+        Ok(claimed.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Deletes the row of `attacker_uuid` only if it still holds `version` (the one published);
+    /// returns whether it did. A newer version stays, and its claim is released so it is
+    /// published next.
+    pub async fn delete_outbox(
+        &self,
+        attacker_uuid: &str,
+        version: i64,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql;
+        let txn = self.begin_write().await?;
+        let deleted = txn
+            .execute_raw(sql.stmt(
+                "DELETE FROM enrichd_outbox WHERE attacker_uuid = $1 AND version = $2",
+                vec![attacker_uuid.into(), version.into()],
+            ))
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            txn.execute_raw(sql.stmt(
+                "UPDATE enrichd_outbox SET claimed_until = NULL \
+                 WHERE attacker_uuid = $1 AND version > $2",
+                vec![attacker_uuid.into(), version.into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(deleted == 1)
+    }
+
+    /// Depth and oldest age of the outbox.
+    pub async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
+        let sql = self.sql;
+        let now = self.db_now().await?;
+        let row = self
+            .read
+            .query_one_raw(sql.stmt(
+                "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest FROM enrichd_outbox",
+                vec![],
+            ))
+            .await?;
+        let Some(row) = row else {
+            return Ok(OutboxStats::default());
+        };
+        let depth: i64 = row.try_get("", "depth")?;
+        let oldest = sql.get_ts(&row, "oldest")?;
+        Ok(OutboxStats {
+            depth: u64::try_from(depth).unwrap_or(0),
+            oldest_age: oldest.map(|o| (now - o).to_std().unwrap_or(Duration::ZERO)),
+        })
+    }
+}

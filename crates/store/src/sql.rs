@@ -1,0 +1,200 @@
+//! Backend differences in one place: how timestamps and JSON are bound and read, and the
+//! database clock.
+//!
+//! Statements are written once with `$n` placeholders (sqlx's SQLite driver accepts them).
+//! Timestamps are `timestamp without time zone` holding UTC on PostgreSQL, and text
+//! `YYYY-MM-DD HH:MM:SS.ffffff` on SQLite, because the reference compares them as text; every
+//! value we write is truncated to microseconds so fencing comparisons are exact on both.
+
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value};
+
+use crate::StoreError;
+
+/// The SQLite timestamp text format (`%.6f` keeps exactly six fraction digits).
+pub(crate) const SQLITE_TS_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
+
+/// `value` as SQLite timestamp text.
+pub(crate) fn sqlite_ts_text(value: DateTime<Utc>) -> String {
+    value.naive_utc().format(SQLITE_TS_FORMAT).to_string()
+}
+
+/// Truncates to the microsecond precision both backends store.
+pub(crate) fn micros(value: DateTime<Utc>) -> DateTime<Utc> {
+    value.trunc_subsecs(6)
+}
+
+/// Parses timestamp text written by us or by the reference (`T` or space, any fraction).
+pub(crate) fn parse_ts_text(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    let text = text.strip_suffix('Z').unwrap_or(text);
+    let text = text.strip_suffix("+00:00").unwrap_or(text);
+    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+        .map(|n| n.and_utc())
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// Binding and decoding for one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sql(pub(crate) DbBackend);
+
+impl Sql {
+    pub(crate) fn is_pg(self) -> bool {
+        self.0 == DbBackend::Postgres
+    }
+
+    /// A timestamp parameter.
+    pub(crate) fn ts(self, value: DateTime<Utc>) -> Value {
+        let value = micros(value);
+        if self.is_pg() {
+            Value::ChronoDateTime(Some(value.naive_utc()))
+        } else {
+            Value::String(Some(sqlite_ts_text(value)))
+        }
+    }
+
+    /// An optional timestamp parameter.
+    pub(crate) fn ts_opt(self, value: Option<DateTime<Utc>>) -> Value {
+        match value {
+            Some(v) => self.ts(v),
+            None if self.is_pg() => Value::ChronoDateTime(None),
+            None => Value::String(None),
+        }
+    }
+
+    /// A JSON parameter (a `json` column on PostgreSQL, text on SQLite).
+    pub(crate) fn json(self, value: &serde_json::Value) -> Value {
+        if self.is_pg() {
+            Value::Json(Some(Box::new(value.clone())))
+        } else {
+            Value::String(Some(value.to_string()))
+        }
+    }
+
+    /// An optional JSON parameter.
+    pub(crate) fn json_opt(self, value: Option<&serde_json::Value>) -> Value {
+        match value {
+            Some(v) => self.json(v),
+            None if self.is_pg() => Value::Json(None),
+            None => Value::String(None),
+        }
+    }
+
+    /// Reads a nullable timestamp column.
+    pub(crate) fn get_ts(
+        self,
+        row: &QueryResult,
+        column: &'static str,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        if self.is_pg() {
+            let value: Option<NaiveDateTime> = row.try_get("", column)?;
+            Ok(value.map(|v| v.and_utc()))
+        } else {
+            let text: Option<String> = row.try_get("", column)?;
+            text.map(|t| {
+                parse_ts_text(&t).ok_or_else(|| StoreError::malformed(column, "not a timestamp"))
+            })
+            .transpose()
+        }
+    }
+
+    /// Reads a nullable JSON column.
+    pub(crate) fn get_json(
+        self,
+        row: &QueryResult,
+        column: &'static str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        if self.is_pg() {
+            Ok(row.try_get("", column)?)
+        } else {
+            let text: Option<String> = row.try_get("", column)?;
+            text.map(|t| {
+                serde_json::from_str(&t).map_err(|e| StoreError::malformed(column, e.to_string()))
+            })
+            .transpose()
+        }
+    }
+
+    /// Reads a nullable integer column of either width.
+    pub(crate) fn get_i64(
+        self,
+        row: &QueryResult,
+        column: &'static str,
+    ) -> Result<Option<i64>, StoreError> {
+        if self.is_pg() {
+            // INTEGER is int4 on PostgreSQL; BIGINT columns are read with `try_get::<i64>`.
+            let v: Option<i32> = row.try_get("", column)?;
+            Ok(v.map(i64::from))
+        } else {
+            Ok(row.try_get("", column)?)
+        }
+    }
+
+    /// The expression for the database's current UTC time, in the column representation.
+    pub(crate) fn now_expr(self) -> &'static str {
+        if self.is_pg() {
+            "(now() AT TIME ZONE 'UTC')"
+        } else {
+            // SQLite's clock has millisecond resolution; pad to the six digits we store.
+            "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+        }
+    }
+
+    /// Reads the database clock.
+    pub(crate) async fn now<C: ConnectionTrait>(self, db: &C) -> Result<DateTime<Utc>, StoreError> {
+        let sql = format!("SELECT {} AS now", self.now_expr());
+        let row = db
+            .query_one_raw(Statement::from_string(self.0, sql))
+            .await?
+            .ok_or_else(|| StoreError::malformed("now", "no row"))?;
+        self.get_ts(&row, "now")?
+            .ok_or_else(|| StoreError::malformed("now", "null"))
+    }
+
+    /// A statement with parameters.
+    pub(crate) fn stmt(self, sql: impl Into<String>, values: Vec<Value>) -> Statement {
+        Statement::from_sql_and_values(self.0, sql.into(), values)
+    }
+
+    /// `FOR UPDATE` where it exists; on SQLite the `BEGIN IMMEDIATE` write lock already
+    /// serialises writers.
+    pub(crate) fn for_update(self) -> &'static str {
+        if self.is_pg() { " FOR UPDATE" } else { "" }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn sqlite_text_has_six_fraction_digits_and_a_space() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 23, 9, 5, 7).unwrap();
+        assert_eq!(sqlite_ts_text(t), "2026-11-23 09:05:07.000000");
+        let t = t + chrono::Duration::nanoseconds(123_456_789);
+        assert_eq!(sqlite_ts_text(micros(t)), "2026-11-23 09:05:07.123456");
+    }
+
+    #[test]
+    fn parses_our_text_and_the_reference_forms() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 23, 9, 5, 7).unwrap();
+        assert_eq!(parse_ts_text("2026-11-23 09:05:07.000000"), Some(t));
+        assert_eq!(parse_ts_text("2026-11-23 09:05:07"), Some(t));
+        assert_eq!(parse_ts_text("2026-11-23T09:05:07.000Z"), Some(t));
+        assert_eq!(parse_ts_text("2026-11-23T09:05:07+00:00"), Some(t));
+        assert_eq!(parse_ts_text("yesterday"), None);
+    }
+}

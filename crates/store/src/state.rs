@@ -1,0 +1,606 @@
+//! Stored per-IP state as plain values, and the pure merge of that state into the compatible
+//! `attacker_intel` columns and the `attacker.intel.enriched` payload.
+//!
+//! Everything here is a function of the merged stored state, never of the last pass alone,
+//! so two writers for one IP (serialised by the IP's row lock) always produce the same row.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use enrichd_core::payload::IntelPayload;
+use enrichd_core::text::{column_text, column_text_opt};
+use enrichd_core::{ProviderFields, ProviderId, ProviderOutcome, PtrOutcome, Verdict, verdict};
+use serde::{Deserialize, Serialize};
+
+/// How long a row for a non-global address stays valid: it never needs work.
+pub(crate) const NON_GLOBAL_VALIDITY: chrono::Duration = chrono::Duration::days(36_500);
+
+/// Where an address may go, as stored in `enrichd_ip_state.scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoredScope {
+    /// Global and not excluded.
+    Global,
+    /// In a special-purpose block.
+    NonGlobal,
+    /// Excluded by the operator.
+    Excluded,
+}
+
+impl StoredScope {
+    /// The stored label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Global => "global",
+            Self::NonGlobal => "non_global",
+            Self::Excluded => "excluded",
+        }
+    }
+
+    /// Parses a stored label.
+    pub fn from_label(label: &str) -> Option<Self> {
+        [Self::Global, Self::NonGlobal, Self::Excluded]
+            .into_iter()
+            .find(|s| s.as_str() == label)
+    }
+
+    /// Whether lookups about this address may leave the machine.
+    pub fn is_global(self) -> bool {
+        self == Self::Global
+    }
+}
+
+impl From<enrichd_core::AddressScope> for StoredScope {
+    fn from(scope: enrichd_core::AddressScope) -> Self {
+        match scope {
+            enrichd_core::AddressScope::Global => Self::Global,
+            enrichd_core::AddressScope::NonGlobal { .. } => Self::NonGlobal,
+            enrichd_core::AddressScope::Excluded => Self::Excluded,
+        }
+    }
+}
+
+/// What the store knows about one (IP, provider).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderState {
+    /// The provider.
+    pub provider: ProviderId,
+    /// Outcome of the last applied result; `None` before any result.
+    pub outcome: Option<ProviderOutcome>,
+    /// Verdict of the last answer (kept across errors).
+    pub verdict: Option<Verdict>,
+    /// Columns of the last answer (kept across errors).
+    pub fields: Option<ProviderFields>,
+    /// Raw body of the last answer.
+    pub raw: Option<serde_json::Value>,
+    /// When the last answer was obtained (the claim time of its lease).
+    pub answered_at: Option<DateTime<Utc>>,
+    /// Claim time of the last applied result (the fence).
+    pub queried_at: Option<DateTime<Utc>>,
+    /// When the work falls due again; `None` with an outcome = never.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Consecutive failures.
+    pub attempts: u32,
+    /// Reason of the last failure.
+    pub last_error: Option<String>,
+}
+
+impl ProviderState {
+    /// Whether the work is due at `now`.
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        self.outcome.is_none() || self.next_attempt_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// What the store knows about one IP's PTR name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PtrState {
+    /// The good name, kept across failures.
+    pub name: Option<String>,
+    /// Outcome of the last applied lookup.
+    pub outcome: Option<PtrOutcome>,
+    /// When the stored name was resolved.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// When the PTR work falls due again; `None` with an outcome = never.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Consecutive failures.
+    pub attempts: u32,
+    /// Claim time of the last applied lookup (the fence).
+    pub queried_at: Option<DateTime<Utc>>,
+}
+
+impl PtrState {
+    /// Whether the PTR work is due at `now`.
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        self.outcome.is_none() || self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// The per-pass settings the merge and the writer need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyContext {
+    /// Configured providers (their due times decide `expires_at`; `provider_outcomes` lists them).
+    pub providers: Vec<ProviderId>,
+    /// Provider answer TTL (`ENRICHD_TTL_HOURS`).
+    pub ttl: Duration,
+    /// Whether a bus is configured: only then are outbox rows written.
+    pub outbox_enabled: bool,
+    /// Whether PTR resolution is on (backlog considers PTR due work only then).
+    pub ptr_enabled: bool,
+}
+
+impl Default for ApplyContext {
+    fn default() -> Self {
+        Self {
+            providers: ProviderId::ALL.to_vec(),
+            ttl: Duration::from_hours(24),
+            outbox_enabled: false,
+            ptr_enabled: true,
+        }
+    }
+}
+
+/// The compatible `attacker_intel` columns of one IP (all but `uuid`, `attacker_uuid`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct IntelColumns {
+    pub(crate) attacker_ip: String,
+    pub(crate) greynoise_classification: Option<String>,
+    pub(crate) greynoise_name: Option<String>,
+    pub(crate) greynoise_tags: serde_json::Value,
+    pub(crate) greynoise_raw: serde_json::Value,
+    pub(crate) greynoise_queried_at: Option<DateTime<Utc>>,
+    pub(crate) abuseipdb_score: Option<i32>,
+    pub(crate) abuseipdb_categories: serde_json::Value,
+    pub(crate) abuseipdb_raw: serde_json::Value,
+    pub(crate) abuseipdb_queried_at: Option<DateTime<Utc>>,
+    pub(crate) feodo_listed: Option<bool>,
+    pub(crate) feodo_malware_family: Option<String>,
+    pub(crate) feodo_raw: serde_json::Value,
+    pub(crate) feodo_queried_at: Option<DateTime<Utc>>,
+    pub(crate) threatfox_listed: Option<bool>,
+    pub(crate) threatfox_threat_types: serde_json::Value,
+    pub(crate) threatfox_ioc_types: serde_json::Value,
+    pub(crate) threatfox_malware_families: serde_json::Value,
+    pub(crate) threatfox_raw: serde_json::Value,
+    pub(crate) threatfox_queried_at: Option<DateTime<Utc>>,
+    pub(crate) aggregate_verdict: Option<String>,
+    pub(crate) cached_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
+}
+
+fn empty_list() -> serde_json::Value {
+    serde_json::Value::Array(Vec::new())
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+fn strings(items: &[String]) -> serde_json::Value {
+    serde_json::Value::Array(
+        items
+            .iter()
+            .map(|s| serde_json::Value::String(column_text(s, usize::MAX)))
+            .collect(),
+    )
+}
+
+impl IntelColumns {
+    /// A row with every provider column empty.
+    fn empty(ip: &str, cached_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> Self {
+        Self {
+            attacker_ip: ip.to_owned(),
+            greynoise_classification: None,
+            greynoise_name: None,
+            greynoise_tags: empty_list(),
+            greynoise_raw: empty_object(),
+            greynoise_queried_at: None,
+            abuseipdb_score: None,
+            abuseipdb_categories: empty_list(),
+            abuseipdb_raw: empty_object(),
+            abuseipdb_queried_at: None,
+            feodo_listed: None,
+            feodo_malware_family: None,
+            feodo_raw: empty_object(),
+            feodo_queried_at: None,
+            threatfox_listed: None,
+            threatfox_threat_types: empty_list(),
+            threatfox_ioc_types: empty_list(),
+            threatfox_malware_families: empty_list(),
+            threatfox_raw: empty_object(),
+            threatfox_queried_at: None,
+            aggregate_verdict: None,
+            cached_at,
+            expires_at,
+        }
+    }
+
+    fn fill(&mut self, state: &ProviderState, fields: &ProviderFields) {
+        let raw = state.raw.clone().unwrap_or_else(empty_object);
+        let at = state.answered_at;
+        match fields {
+            ProviderFields::Greynoise {
+                classification,
+                name,
+                tags,
+            } => {
+                self.greynoise_classification = Some(column_text(classification, 32));
+                self.greynoise_name = column_text_opt(name.as_deref(), 128);
+                self.greynoise_tags = strings(tags);
+                self.greynoise_raw = raw;
+                self.greynoise_queried_at = at;
+            }
+            ProviderFields::Abuseipdb { score, categories } => {
+                self.abuseipdb_score = Some(*score);
+                self.abuseipdb_categories = serde_json::Value::Array(
+                    categories
+                        .iter()
+                        .map(|c| serde_json::Value::from(*c))
+                        .collect(),
+                );
+                self.abuseipdb_raw = raw;
+                self.abuseipdb_queried_at = at;
+            }
+            ProviderFields::Feodo {
+                listed,
+                malware_family,
+            } => {
+                self.feodo_listed = Some(*listed);
+                self.feodo_malware_family = column_text_opt(malware_family.as_deref(), 64);
+                self.feodo_raw = raw;
+                self.feodo_queried_at = at;
+            }
+            ProviderFields::Threatfox {
+                listed,
+                threat_types,
+                ioc_types,
+                malware_families,
+            } => {
+                self.threatfox_listed = Some(*listed);
+                self.threatfox_threat_types = strings(threat_types);
+                self.threatfox_ioc_types = strings(ioc_types);
+                self.threatfox_malware_families = strings(malware_families);
+                self.threatfox_raw = raw;
+                self.threatfox_queried_at = at;
+            }
+        }
+    }
+}
+
+/// The merged view of one IP: its `attacker_intel` columns and its payload (with
+/// `attacker_uuid` unset).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Merged {
+    pub(crate) columns: IntelColumns,
+    pub(crate) payload: IntelPayload,
+}
+
+/// Merges the stored state of one IP into its row and payload.
+///
+/// `states` may hold providers that are no longer configured: their stored answers still
+/// count (the data is true), but only configured providers decide `expires_at` and appear in
+/// `provider_outcomes`.
+pub(crate) fn merge(
+    ip: &str,
+    scope: StoredScope,
+    states: &[ProviderState],
+    ptr: &PtrState,
+    ctx: &ApplyContext,
+    now: DateTime<Utc>,
+) -> Merged {
+    let ptr_record = ptr.name.clone();
+    let ptr_outcome = ptr.outcome.map(|o| o.as_str().to_owned());
+    if !scope.is_global() {
+        let columns = IntelColumns::empty(ip, now, now + NON_GLOBAL_VALIDITY);
+        let provider_outcomes = ctx
+            .providers
+            .iter()
+            .map(|p| {
+                let outcome = states
+                    .iter()
+                    .find(|s| s.provider == *p)
+                    .and_then(|s| s.outcome)
+                    .unwrap_or(ProviderOutcome::SkippedNonGlobal);
+                (p.as_str().to_owned(), outcome.as_str().to_owned())
+            })
+            .collect();
+        let payload = payload_from(
+            &columns,
+            Vec::new(),
+            ptr_record,
+            ptr_outcome,
+            provider_outcomes,
+        );
+        return Merged { columns, payload };
+    }
+
+    let ttl = chrono::Duration::from_std(ctx.ttl).unwrap_or(chrono::Duration::hours(24));
+    let mut columns = IntelColumns::empty(ip, now, now + ttl);
+    let mut answered = Vec::new();
+    for provider in ProviderId::ALL {
+        let Some(state) = states.iter().find(|s| s.provider == provider) else {
+            continue;
+        };
+        if let Some(fields) = state.fields.as_ref().filter(|f| f.provider() == provider) {
+            columns.fill(state, fields);
+            answered.push(provider.as_str().to_owned());
+        }
+    }
+    columns.aggregate_verdict =
+        verdict::aggregate(states.iter().map(|s| s.verdict)).map(|v| v.as_str().to_owned());
+
+    let mut earliest: Option<DateTime<Utc>> = None;
+    let mut provider_outcomes = BTreeMap::new();
+    for provider in &ctx.providers {
+        let state = states.iter().find(|s| s.provider == *provider);
+        if let Some(outcome) = state.and_then(|s| s.outcome) {
+            provider_outcomes.insert(provider.as_str().to_owned(), outcome.as_str().to_owned());
+        }
+        let due = match state {
+            None => Some(now),
+            Some(s) if s.outcome.is_none() => Some(now),
+            Some(s)
+                if matches!(
+                    s.outcome,
+                    Some(ProviderOutcome::SkippedUnsupported | ProviderOutcome::SkippedNonGlobal)
+                ) =>
+            {
+                None
+            }
+            Some(s) => s.next_attempt_at,
+        };
+        if let Some(due) = due {
+            earliest = Some(earliest.map_or(due, |e| e.min(due)));
+        }
+    }
+    if let Some(earliest) = earliest {
+        columns.expires_at = earliest;
+    }
+    let payload = payload_from(
+        &columns,
+        answered,
+        ptr_record,
+        ptr_outcome,
+        provider_outcomes,
+    );
+    Merged { columns, payload }
+}
+
+fn json_strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn payload_from(
+    c: &IntelColumns,
+    providers: Vec<String>,
+    ptr_record: Option<String>,
+    ptr_outcome: Option<String>,
+    provider_outcomes: BTreeMap<String, String>,
+) -> IntelPayload {
+    IntelPayload {
+        attacker_uuid: None,
+        attacker_ip: c.attacker_ip.clone(),
+        aggregate_verdict: c.aggregate_verdict.clone(),
+        providers,
+        abuseipdb_score: c.abuseipdb_score,
+        abuseipdb_categories: c
+            .abuseipdb_categories
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+            .unwrap_or_default(),
+        greynoise_classification: c.greynoise_classification.clone(),
+        greynoise_name: c.greynoise_name.clone(),
+        greynoise_tags: json_strings(&c.greynoise_tags),
+        feodo_listed: c.feodo_listed,
+        feodo_malware_family: c.feodo_malware_family.clone(),
+        threatfox_listed: c.threatfox_listed,
+        threatfox_threat_types: json_strings(&c.threatfox_threat_types),
+        threatfox_ioc_types: json_strings(&c.threatfox_ioc_types),
+        threatfox_malware_families: json_strings(&c.threatfox_malware_families),
+        ptr_record,
+        ptr_outcome,
+        provider_outcomes,
+    }
+}
+
+/// A digest of a payload's keys, so an unchanged payload (raw bodies and timestamps do not
+/// count: they are not in it) publishes nothing.
+pub(crate) fn payload_digest(payload: &IntelPayload) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_string(payload).unwrap_or_default();
+    let digest = Sha256::digest(text.as_bytes());
+    crate::sql::hex(&digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
+    }
+
+    fn answered(
+        provider: ProviderId,
+        verdict: Option<Verdict>,
+        fields: ProviderFields,
+    ) -> ProviderState {
+        ProviderState {
+            provider,
+            outcome: Some(ProviderOutcome::Ok),
+            verdict,
+            fields: Some(fields),
+            raw: Some(serde_json::json!({"k": 1})),
+            answered_at: Some(now()),
+            queried_at: Some(now()),
+            next_attempt_at: Some(now() + chrono::Duration::hours(24)),
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    fn ctx(providers: &[ProviderId]) -> ApplyContext {
+        ApplyContext {
+            providers: providers.to_vec(),
+            ..ApplyContext::default()
+        }
+    }
+
+    #[test]
+    fn merges_every_stored_answer_and_aggregates_them() {
+        let states = [
+            answered(
+                ProviderId::Greynoise,
+                Some(Verdict::Benign),
+                ProviderFields::Greynoise {
+                    classification: "benign".into(),
+                    name: Some("x".repeat(300)),
+                    tags: vec!["Scanner".into()],
+                },
+            ),
+            answered(
+                ProviderId::Abuseipdb,
+                Some(Verdict::Malicious),
+                ProviderFields::Abuseipdb {
+                    score: 90,
+                    categories: vec![14, 18],
+                },
+            ),
+        ];
+        let m = merge(
+            "1.2.3.4",
+            StoredScope::Global,
+            &states,
+            &PtrState::default(),
+            &ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]),
+            now(),
+        );
+        assert_eq!(m.columns.aggregate_verdict.as_deref(), Some("malicious"));
+        assert_eq!(
+            m.columns.greynoise_name.as_ref().map(|n| n.chars().count()),
+            Some(128)
+        );
+        assert_eq!(m.payload.providers, ["greynoise", "abuseipdb"]);
+        assert_eq!(m.payload.abuseipdb_categories, [14, 18]);
+        assert_eq!(m.payload.greynoise_tags, ["Scanner"]);
+        assert_eq!(m.columns.expires_at, now() + chrono::Duration::hours(24));
+        assert_eq!(m.payload.provider_outcomes.len(), 2);
+    }
+
+    #[test]
+    fn an_error_keeps_the_earlier_answer_and_brings_expiry_forward() {
+        let mut state = answered(
+            ProviderId::Feodo,
+            Some(Verdict::Malicious),
+            ProviderFields::Feodo {
+                listed: true,
+                malware_family: Some("QakBot".into()),
+            },
+        );
+        state.outcome = Some(ProviderOutcome::Error);
+        state.next_attempt_at = Some(now() + chrono::Duration::minutes(5));
+        let m = merge(
+            "1.2.3.4",
+            StoredScope::Global,
+            &[state],
+            &PtrState::default(),
+            &ctx(&[ProviderId::Feodo]),
+            now(),
+        );
+        assert_eq!(m.columns.feodo_listed, Some(true));
+        assert_eq!(m.payload.provider_outcomes["feodo"], "error");
+        assert_eq!(m.columns.expires_at, now() + chrono::Duration::minutes(5));
+    }
+
+    #[test]
+    fn unasked_providers_are_due_now_and_skips_never_are() {
+        let mut skipped = answered(
+            ProviderId::Greynoise,
+            None,
+            ProviderFields::Feodo {
+                listed: false,
+                malware_family: None,
+            },
+        );
+        skipped.outcome = Some(ProviderOutcome::SkippedUnsupported);
+        skipped.fields = None;
+        skipped.next_attempt_at = None;
+        let only_skipped = merge(
+            "2001:4860::1",
+            StoredScope::Global,
+            std::slice::from_ref(&skipped),
+            &PtrState::default(),
+            &ctx(&[ProviderId::Greynoise]),
+            now(),
+        );
+        assert_eq!(
+            only_skipped.columns.expires_at,
+            now() + chrono::Duration::hours(24)
+        );
+        assert_eq!(only_skipped.columns.aggregate_verdict, None);
+        let with_unasked = merge(
+            "2001:4860::1",
+            StoredScope::Global,
+            &[skipped],
+            &PtrState::default(),
+            &ctx(&[ProviderId::Greynoise, ProviderId::Threatfox]),
+            now(),
+        );
+        assert_eq!(with_unasked.columns.expires_at, now());
+    }
+
+    #[test]
+    fn non_global_rows_are_empty_and_last_a_century() {
+        let m = merge(
+            "10.0.0.1",
+            StoredScope::NonGlobal,
+            &[],
+            &PtrState::default(),
+            &ctx(&ProviderId::ALL),
+            now(),
+        );
+        assert_eq!(m.columns.aggregate_verdict, None);
+        assert_eq!(m.columns.greynoise_tags, serde_json::json!([]));
+        assert!(m.columns.expires_at > now() + chrono::Duration::days(36_000));
+        assert!(m.payload.providers.is_empty());
+    }
+
+    #[test]
+    fn digest_changes_only_with_payload_keys() {
+        let a = merge(
+            "1.2.3.4",
+            StoredScope::Global,
+            &[],
+            &PtrState::default(),
+            &ctx(&[]),
+            now(),
+        );
+        let later = now() + chrono::Duration::hours(1);
+        let b = merge(
+            "1.2.3.4",
+            StoredScope::Global,
+            &[],
+            &PtrState::default(),
+            &ctx(&[]),
+            later,
+        );
+        assert_eq!(payload_digest(&a.payload), payload_digest(&b.payload));
+        let ptr = PtrState {
+            name: Some("dns.google".into()),
+            outcome: Some(PtrOutcome::Ok),
+            ..PtrState::default()
+        };
+        let c = merge("1.2.3.4", StoredScope::Global, &[], &ptr, &ctx(&[]), now());
+        assert_ne!(payload_digest(&a.payload), payload_digest(&c.payload));
+    }
+}

@@ -1,0 +1,308 @@
+//! The [`Store`] handle: connecting, migrating, the schema check and the database clock.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use enrichd_migrations::{Migrator, SCHEMA_VERSION, meta};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+
+use crate::StoreError;
+use crate::sql::Sql;
+
+/// PostgreSQL advisory lock key held while migrating ("enrichd" in ASCII), so replicas
+/// starting together never race on the schema.
+const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
+
+/// Connections in the PostgreSQL pool of one process.
+const PG_POOL_SIZE: u32 = 8;
+
+/// Read connections on SQLite (the writer is always exactly one).
+const SQLITE_READERS: u32 = 4;
+
+/// How the database schema compares with what this binary understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaStatus {
+    /// Migrated to exactly this binary's version.
+    Current,
+    /// Not migrated yet, or to an older version (`None`: no enrichd schema at all).
+    Behind {
+        /// The version recorded in the database.
+        found: Option<i64>,
+    },
+    /// Migrated by a newer binary: this one must not run against it.
+    Ahead {
+        /// The version recorded in the database.
+        found: i64,
+    },
+}
+
+/// enrichd's persistence: one handle per process, cheap to clone (the pools are shared).
+///
+/// Every lease taken through a `Store` (and its clones) carries the same random owner id, so
+/// a process recognises its own leases and another process never mistakes them for its own.
+#[derive(Clone)]
+pub struct Store {
+    /// The writer: on SQLite a pool of exactly one connection, every transaction
+    /// `BEGIN IMMEDIATE`; on PostgreSQL the shared pool.
+    pub(crate) write: DatabaseConnection,
+    /// Readers: on SQLite a separate pool (WAL lets them run beside the writer); on
+    /// PostgreSQL the same pool as `write`.
+    pub(crate) read: DatabaseConnection,
+    pub(crate) sql: Sql,
+    pub(crate) owner: Arc<str>,
+    /// Kept to open the dedicated migration connection; never printed (it may hold a password).
+    url: Arc<str>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.sql.0)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sqlite_options(url: &str, max_connections: u32) -> ConnectOptions {
+    let mut opt = ConnectOptions::new(url.to_owned());
+    opt.max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(40))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true)
+        });
+    opt
+}
+
+fn postgres_options(url: &str, max_connections: u32) -> ConnectOptions {
+    let mut opt = ConnectOptions::new(url.to_owned());
+    opt.max_connections(max_connections)
+        .min_connections(0)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false);
+    opt
+}
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+impl Store {
+    /// Connects to `url` (`postgres://…` or `sqlite://…`). Nothing is migrated.
+    ///
+    /// SQLite gets WAL, `synchronous=NORMAL`, `busy_timeout=30000`, foreign keys on, one
+    /// writer connection and a few readers; PostgreSQL a pool of eight.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (write, read, backend) = if is_postgres_url(url) {
+            let pool = Database::connect(postgres_options(url, PG_POOL_SIZE))
+                .await
+                .map_err(StoreError::from_db)?;
+            (pool.clone(), pool, DbBackend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            // The writer connects first so that it creates the file (`mode=rwc`) and switches
+            // it to WAL before any reader opens it.
+            let write = Database::connect(sqlite_options(url, 1))
+                .await
+                .map_err(StoreError::from_db)?;
+            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            let read = if in_memory {
+                // Each connection to an in-memory database is a separate database.
+                write.clone()
+            } else {
+                Database::connect(sqlite_options(url, SQLITE_READERS))
+                    .await
+                    .map_err(StoreError::from_db)?
+            };
+            (write, read, DbBackend::Sqlite)
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        Ok(Self {
+            write,
+            read,
+            sql: Sql(backend),
+            owner: uuid::Uuid::new_v4().simple().to_string().into(),
+            url: url.into(),
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> DbBackend {
+        self.sql.0
+    }
+
+    /// This process's lease owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Runs the migrations; on PostgreSQL under an advisory lock held on one dedicated
+    /// connection, so replicas never race. Refuses a schema newer than this binary.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        if !self.sql.is_pg() {
+            self.refuse_newer_schema().await?;
+            return Migrator::up(&self.write, None)
+                .await
+                .map_err(StoreError::Migration);
+        }
+        let conn = Database::connect(postgres_options(&self.url, 1))
+            .await
+            .map_err(StoreError::from_db)?;
+        let result = async {
+            conn.execute_raw(self.sql.stmt(
+                "SELECT pg_advisory_lock($1)",
+                vec![MIGRATION_LOCK_KEY.into()],
+            ))
+            .await?;
+            self.refuse_newer_schema().await?;
+            Migrator::up(&conn, None)
+                .await
+                .map_err(StoreError::Migration)?;
+            conn.execute_raw(self.sql.stmt(
+                "SELECT pg_advisory_unlock($1)",
+                vec![MIGRATION_LOCK_KEY.into()],
+            ))
+            .await?;
+            Ok(())
+        }
+        .await;
+        // Closing the connection also releases the lock if a step above failed.
+        let _ = conn.close().await;
+        result
+    }
+
+    async fn refuse_newer_schema(&self) -> Result<(), StoreError> {
+        match self.schema_status().await? {
+            SchemaStatus::Ahead { found } => Err(StoreError::SchemaAhead {
+                found,
+                supported: SCHEMA_VERSION,
+            }),
+            SchemaStatus::Current | SchemaStatus::Behind { .. } => Ok(()),
+        }
+    }
+
+    /// How the database schema compares with this binary's.
+    pub async fn schema_status(&self) -> Result<SchemaStatus, StoreError> {
+        let exists_sql = if self.sql.is_pg() {
+            format!(
+                "SELECT COUNT(*) AS n FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = '{}'",
+                meta::TABLE
+            )
+        } else {
+            format!(
+                "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '{}'",
+                meta::TABLE
+            )
+        };
+        let row = self
+            .read
+            .query_one_raw(self.sql.stmt(exists_sql, vec![]))
+            .await?;
+        let exists = row
+            .map(|r| r.try_get::<i64>("", "n"))
+            .transpose()?
+            .unwrap_or(0)
+            > 0;
+        if !exists {
+            return Ok(SchemaStatus::Behind { found: None });
+        }
+        let found = self
+            .meta_value(&self.read, meta::SCHEMA_VERSION)
+            .await?
+            .and_then(|v| v.parse::<i64>().ok());
+        Ok(match found {
+            Some(v) if v == SCHEMA_VERSION => SchemaStatus::Current,
+            Some(v) if v > SCHEMA_VERSION => SchemaStatus::Ahead { found: v },
+            other => SchemaStatus::Behind { found: other },
+        })
+    }
+
+    pub(crate) async fn meta_value<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let sql = format!("SELECT value FROM {} WHERE key = $1", meta::TABLE);
+        let row = db
+            .query_one_raw(self.sql.stmt(sql, vec![key.into()]))
+            .await?;
+        Ok(row.map(|r| r.try_get::<String>("", "value")).transpose()?)
+    }
+
+    /// Whether enrichd's own migration created `attackers` (only then may it insert rows).
+    pub async fn owns_attackers(&self) -> Result<bool, StoreError> {
+        self.owns_attackers_in(&self.read).await
+    }
+
+    pub(crate) async fn owns_attackers_in<C: ConnectionTrait>(
+        &self,
+        db: &C,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .meta_value(db, meta::OWNS_ATTACKERS)
+            .await?
+            .is_some_and(|v| v == "true"))
+    }
+
+    /// The database's current UTC time: every lease, slot and due time is on this clock.
+    pub async fn db_now(&self) -> Result<DateTime<Utc>, StoreError> {
+        self.sql.now(&self.read).await
+    }
+
+    /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock up front, so a
+    /// transaction never fails to upgrade), a plain `BEGIN` on PostgreSQL.
+    pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
+        let options = TransactionOptions {
+            sqlite_transaction_mode: (!self.sql.is_pg())
+                .then_some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        Ok(self.write.begin_with_options(options).await?)
+    }
+
+    /// Releases every lease this process holds (on shutdown), so other replicas need not wait
+    /// for them to lapse.
+    pub async fn release_leases(&self) -> Result<u64, StoreError> {
+        let txn = self.begin_write().await?;
+        let providers = txn
+            .execute_raw(self.sql.stmt(
+                "UPDATE enrichd_provider_state SET lease_owner = NULL, lease_until = NULL \
+                 WHERE lease_owner = $1",
+                vec![self.owner.to_string().into()],
+            ))
+            .await?
+            .rows_affected();
+        let ptr = txn
+            .execute_raw(self.sql.stmt(
+                "UPDATE enrichd_ip_state SET ptr_lease_owner = NULL, ptr_lease_until = NULL \
+                 WHERE ptr_lease_owner = $1",
+                vec![self.owner.to_string().into()],
+            ))
+            .await?
+            .rows_affected();
+        txn.commit().await?;
+        Ok(providers + ptr)
+    }
+
+    /// Closes the pools.
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.write.close().await?;
+        if self.sql.0 == DbBackend::Sqlite {
+            self.read.close().await?;
+        }
+        Ok(())
+    }
+}
