@@ -13,6 +13,7 @@
 //! - [`outcome`]: provider and PTR outcomes and their due-time rules.
 //! - [`payload`]: the `attacker.intel.enriched` payload and the bus envelope.
 //! - [`messages`]: the messages actors exchange.
+//! - [`metric_names`]: Prometheus series names.
 //! - [`ports`]: the traits adapters implement.
 //! - [`secret`]: API keys that never print.
 //! - [`text`]: truncation and sanitising of strings bound for size-limited columns.
@@ -21,6 +22,7 @@
 pub mod error;
 pub mod ip;
 pub mod messages;
+pub mod metric_names;
 pub mod outcome;
 pub mod payload;
 pub mod ports;
