@@ -9,9 +9,11 @@
 //! - [`topology`]: exchanges, quorum queues, bindings, the per-replica control queue.
 //! - [`connection`]: connecting on the dedicated runtime.
 //! - [`publish`]: confirmed publishing, dead-lettering.
+//! - [`dlq`]: replaying and purging dead letters.
 
 pub mod connection;
 pub mod decode;
+pub mod dlq;
 pub mod publish;
 pub mod topology;
 

@@ -186,3 +186,62 @@ async fn a_bad_url_is_an_error_without_the_password() {
     let text = enrichd_core::error::chain(&err);
     assert!(!text.contains("supersecret"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_moves_letters_back_within_the_limit_and_purge_drops_the_rest() {
+    if !require_rabbitmq() {
+        return;
+    }
+    let url = Secret::new(amqp_url());
+    let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
+    let publisher = Publisher::open(&connection).await.expect("publisher");
+    let topology = Topology::new(&unique("t3.decnet"), &unique("t3.enrich.attackers"));
+    topology
+        .declare(publisher.channel())
+        .await
+        .expect("declare");
+    for i in 0..5 {
+        let body = format!(r#"{{"attacker_ip":"8.8.8.{i}"}}"#);
+        publisher
+            .publish(Outgoing {
+                exchange: &topology.dead_letter_exchange,
+                routing_key: &topology.dead_queue,
+                body: body.as_bytes(),
+                message_id: None,
+                persistent: true,
+                expiration_ms: None,
+                headers: None,
+            })
+            .await
+            .expect("seed dead letter");
+    }
+    let channel = connection.create_channel().await.expect("channel");
+    let moved = enrichd_bus::dlq::replay(&publisher, &channel, &topology, Some(2))
+        .await
+        .unwrap();
+    assert_eq!(moved, 2);
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let count = |queue: String| {
+        let channel = channel.clone();
+        async move {
+            channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+                .expect("passive declare")
+                .message_count()
+        }
+    };
+    assert_eq!(
+        count(topology.queue.clone()).await,
+        2,
+        "two back on the work queue"
+    );
+    assert_eq!(count(topology.dead_queue.clone()).await, 3);
+    let purged = enrichd_bus::dlq::purge(&channel, &topology).await.unwrap();
+    assert_eq!(purged, 3);
+    assert_eq!(count(topology.dead_queue.clone()).await, 0);
+    cleanup(&channel, &topology).await;
+}
