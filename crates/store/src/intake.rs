@@ -213,7 +213,8 @@ impl Store {
              FROM attackers a JOIN enrichd_attacker_map m ON m.attacker_uuid = a.uuid \
              LEFT JOIN enrichd_ip_state s ON s.ip = m.ip \
              WHERE m.ip IS NOT NULL \
-             AND NOT (s.ip IS NOT NULL AND s.ptr_lease_until >= $1 AND s.ptr_lease_owner <> $2) \
+             AND NOT (s.ip IS NOT NULL AND s.ptr_lease_until IS NOT NULL \
+                  AND s.ptr_lease_until >= $1 AND COALESCE(s.ptr_lease_owner, '') <> $2) \
              AND NOT EXISTS (SELECT 1 FROM enrichd_provider_state pl WHERE pl.ip = m.ip \
                  AND pl.lease_until >= $1 AND pl.lease_owner <> $2) \
              AND (NOT EXISTS (SELECT 1 FROM attacker_intel ai WHERE ai.attacker_uuid = a.uuid) \

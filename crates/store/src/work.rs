@@ -139,6 +139,19 @@ impl Store {
                 .await?
                 .rows_affected();
             if claimed == 1 {
+                let last = txn
+                    .query_one_raw(sql.stmt(
+                        "SELECT ptr_queried_at FROM enrichd_ip_state WHERE ip = $1",
+                        vec![ip_text.clone().into()],
+                    ))
+                    .await?
+                    .map(|r| sql.get_ts(&r, "ptr_queried_at"))
+                    .transpose()?
+                    .flatten();
+                let mut lease = lease;
+                if let Some(last) = last.filter(|l| *l >= lease.claimed_at) {
+                    lease.claimed_at = last + chrono::Duration::microseconds(1);
+                }
                 claims.ptr = Some(lease);
             }
         }
@@ -169,6 +182,21 @@ impl Store {
                 .await?
                 .rows_affected();
             if claimed == 1 {
+                // A claim is always newer than the result it may replace, even within the
+                // clock's resolution, so the fence never refuses the legitimate holder.
+                let last = txn
+                    .query_one_raw(sql.stmt(
+                        "SELECT queried_at FROM enrichd_provider_state WHERE ip = $1 AND provider = $2",
+                        vec![ip_text.clone().into(), provider.as_str().into()],
+                    ))
+                    .await?
+                    .map(|r| sql.get_ts(&r, "queried_at"))
+                    .transpose()?
+                    .flatten();
+                let mut lease = lease;
+                if let Some(last) = last.filter(|l| *l >= lease.claimed_at) {
+                    lease.claimed_at = last + chrono::Duration::microseconds(1);
+                }
                 claims.providers.push((provider, lease));
             }
         }

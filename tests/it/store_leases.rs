@@ -1,0 +1,162 @@
+//! Leases: claimed and compared on the database clock; released on shutdown.
+
+use std::time::Duration;
+
+use enrichd_core::ProviderId;
+use enrichd_store::{ClaimMode, Store, StoredScope};
+use enrichd_testkit::db::TestDb;
+use enrichd_testkit::eventually;
+
+use crate::store_common::{ctx, greynoise, ip, migrated, on_both};
+
+#[tokio::test]
+async fn a_lease_is_refused_to_another_owner_until_it_lapses_on_the_database_clock() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = Store::connect(db.url()).await.unwrap();
+        let target = ip("9.9.9.9");
+        let work = [ProviderId::Greynoise, ProviderId::Threatfox];
+        let held = a
+            .claim_work(target, &work, true, Duration::from_secs(1), ClaimMode::Due)
+            .await
+            .unwrap();
+        assert_eq!(held.providers.len(), 2, "{}", db.label());
+        let lease = held.ptr.expect("ptr lease");
+        assert!(lease.until > lease.claimed_at);
+
+        let refused = b
+            .claim_work(
+                target,
+                &work,
+                true,
+                Duration::from_secs(30),
+                ClaimMode::Refresh,
+            )
+            .await
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+
+        let taken = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let lapsed = eventually(Duration::from_secs(10), || {
+            let b = b.clone();
+            let taken = taken.clone();
+            async move {
+                let claims = b
+                    .claim_work(target, &work, true, Duration::from_secs(30), ClaimMode::Due)
+                    .await
+                    .unwrap();
+                let got = !claims.is_empty();
+                if got {
+                    *taken.lock().unwrap() = Some(claims);
+                }
+                got
+            }
+        })
+        .await;
+        assert!(lapsed, "the lease never lapsed");
+        let taken = taken.lock().unwrap().take().unwrap();
+        assert_eq!(taken.providers.len(), 2);
+        let ptr = taken.ptr.expect("ptr taken over");
+        assert!(
+            ptr.claimed_at > lease.until,
+            "taken only after the lease's end on the DB clock"
+        );
+        assert!(b.db_now().await.unwrap() >= ptr.claimed_at);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fresh_work_is_not_claimed_and_released_leases_are_free_at_once() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = Store::connect(db.url()).await.unwrap();
+        let target = ip("9.9.9.10");
+        let only = [ProviderId::Greynoise];
+        let claims = a
+            .claim_work(
+                target,
+                &only,
+                false,
+                Duration::from_secs(300),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        // The holder itself may renew its own lease; another owner may not take it.
+        let renewed = a
+            .claim_work(
+                target,
+                &only,
+                false,
+                Duration::from_secs(300),
+                ClaimMode::Refresh,
+            )
+            .await
+            .unwrap();
+        assert_eq!(renewed.providers.len(), 1);
+        assert!(
+            b.claim_work(
+                target,
+                &only,
+                false,
+                Duration::from_secs(300),
+                ClaimMode::Refresh
+            )
+            .await
+            .unwrap()
+            .is_empty()
+        );
+        assert_eq!(a.release_leases().await.unwrap(), 1);
+        let claims_b = b
+            .claim_work(
+                target,
+                &only,
+                false,
+                Duration::from_secs(300),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            claims_b.providers.len(),
+            1,
+            "released lease is free: {}",
+            db.label()
+        );
+        assert!(claims_b.providers[0].1.claimed_at >= claims.providers[0].1.claimed_at);
+        b.apply(
+            target,
+            StoredScope::Global,
+            None,
+            vec![(claims_b.providers[0].1, greynoise("benign"))],
+            &ctx(&only),
+        )
+        .await
+        .unwrap();
+        // Answered and fresh: nothing is due; a refresh still takes it; the lease was cleared.
+        let due = a
+            .claim_work(
+                target,
+                &only,
+                false,
+                Duration::from_secs(30),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert!(due.is_empty());
+        let refresh = a
+            .claim_work(
+                target,
+                &only,
+                false,
+                Duration::from_secs(30),
+                ClaimMode::Refresh,
+            )
+            .await
+            .unwrap();
+        assert_eq!(refresh.providers.len(), 1);
+    })
+    .await;
+}

@@ -1,0 +1,141 @@
+//! The outbox: version bumps, delete-by-version, unchanged payloads, no bus.
+
+use std::time::Duration;
+
+use enrichd_core::ProviderId;
+use enrichd_store::{ClaimMode, StoredScope};
+use enrichd_testkit::db::TestDb;
+
+use crate::store_common::{abuseipdb, add_attacker, count, ctx, greynoise, ip, migrated, on_both};
+
+const UUID: &str = "00000000-0000-4000-8000-000000000001";
+
+#[tokio::test]
+async fn a_newer_payload_replaces_an_unpublished_one_and_delete_keeps_the_newer_version() {
+    on_both(|db: TestDb| async move {
+        let store = migrated(&db).await;
+        let conn = db.connect().await;
+        add_attacker(&conn, UUID, "7.7.7.7", 0).await;
+        let target = ip("7.7.7.7");
+        let both = ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]);
+        let pass = |provider: ProviderId, report: enrichd_core::ProviderReport| {
+            let store = store.clone();
+            let both = both.clone();
+            async move {
+                let claims = store
+                    .claim_work(
+                        target,
+                        &[provider],
+                        false,
+                        Duration::from_secs(30),
+                        ClaimMode::Refresh,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .apply(
+                        target,
+                        StoredScope::Global,
+                        None,
+                        vec![(claims.providers[0].1, report)],
+                        &both,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            pass(ProviderId::Greynoise, greynoise("benign"))
+                .await
+                .events,
+            1
+        );
+        let first = store
+            .claim_outbox(10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 1, "{}", db.label());
+        assert_eq!(first[0].version, 1);
+
+        // Same answer again: the payload is unchanged, nothing new to publish.
+        assert_eq!(
+            pass(ProviderId::Greynoise, greynoise("benign"))
+                .await
+                .events,
+            0
+        );
+        // A new provider answer changes it while v1 is being published.
+        assert_eq!(pass(ProviderId::Abuseipdb, abuseipdb(40)).await.events, 1);
+        assert!(
+            store
+                .claim_outbox(10, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_empty(),
+            "still claimed"
+        );
+        assert!(
+            !store.delete_outbox(UUID, 1).await.unwrap(),
+            "v1 was replaced"
+        );
+        let second = store
+            .claim_outbox(10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].version, 2);
+        let envelope: serde_json::Value = serde_json::from_str(&second[0].payload).unwrap();
+        assert_eq!(envelope["topic"], "attacker.intel.enriched");
+        assert_eq!(envelope["type"], "intel.enriched");
+        assert_eq!(envelope["payload"]["attacker_uuid"], UUID);
+        assert_eq!(envelope["payload"]["abuseipdb_score"], 40);
+        assert_eq!(envelope["payload"]["aggregate_verdict"], "suspicious");
+        assert!(envelope["payload"].get("uuid").is_none());
+        let stats = store.outbox_stats().await.unwrap();
+        assert_eq!(stats.depth, 1);
+        assert!(stats.oldest_age.is_some());
+        assert!(store.delete_outbox(UUID, 2).await.unwrap());
+        assert_eq!(store.outbox_stats().await.unwrap().depth, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_bus_nothing_is_written_to_the_outbox() {
+    on_both(|db: TestDb| async move {
+        let store = migrated(&db).await;
+        let conn = db.connect().await;
+        add_attacker(&conn, UUID, "7.7.7.8", 0).await;
+        let target = ip("7.7.7.8");
+        let mut no_bus = ctx(&[ProviderId::Greynoise]);
+        no_bus.outbox_enabled = false;
+        let claims = store
+            .claim_work(
+                target,
+                &[ProviderId::Greynoise],
+                false,
+                Duration::from_secs(30),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        let out = store
+            .apply(
+                target,
+                StoredScope::Global,
+                None,
+                vec![(claims.providers[0].1, greynoise("benign"))],
+                &no_bus,
+            )
+            .await
+            .unwrap();
+        assert_eq!((out.intel_rows, out.events), (1, 0));
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM enrichd_outbox", vec![]).await,
+            0,
+            "{}",
+            db.label()
+        );
+    })
+    .await;
+}
