@@ -1,0 +1,63 @@
+//! The command line. Flags are process knobs only; everything else is configuration.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Attacker enrichment worker: reverse DNS and threat intel for honeypot attacker addresses.
+#[derive(Debug, Parser)]
+#[command(name = "enrichd", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML). Default: ./enrichd.toml when it exists.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker: consume the bus (when configured) and the database backlog.
+    Run,
+    /// Create or update the schema, then exit.
+    Migrate,
+    /// Look up addresses now: PTR and every provider, reusing fresh stored state.
+    Lookup {
+        /// Addresses to look up.
+        #[arg(required = true, value_name = "IP")]
+        ips: Vec<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Ask again even when the stored state is fresh.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Do the work that is due now, with a progress bar, then exit.
+    Backfill,
+    /// Validate the configuration and reach the database, bus, DNS and providers without
+    /// spending quota.
+    Check,
+    /// Dead-letter queue maintenance.
+    Dlq {
+        /// What to do with the dead letters.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// Dead-letter actions.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Move dead letters back to the work queue.
+    Replay {
+        /// Move at most this many.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+    },
+    /// Drop every dead letter.
+    Purge,
+}

@@ -1,0 +1,71 @@
+//! The subcommands. Each returns the process exit code; errors are reported here, once.
+
+mod check;
+mod migrate;
+mod run;
+
+use enrichd_store::{SchemaStatus, Store};
+
+use crate::cli::Command;
+use crate::config::{Settings, redact_url};
+use crate::exit;
+
+/// Runs one subcommand to completion.
+pub async fn dispatch(command: Command, settings: Settings) -> u8 {
+    match command {
+        Command::Run => run::run(&settings).await,
+        Command::Migrate => migrate::migrate(&settings).await,
+        Command::Check => check::check(&settings).await,
+        Command::Lookup { .. } | Command::Backfill | Command::Dlq { .. } => {
+            eprintln!("error: this command is not available in this build yet");
+            exit::FAILURE
+        }
+    }
+}
+
+/// Connects to the store and, when configured, migrates it; reports failures itself.
+async fn open_store(settings: &Settings, migrate: bool) -> Result<Store, u8> {
+    let store = match Store::connect(&settings.database_url).await {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::error!(
+                database = %redact_url(&settings.database_url),
+                error = %enrichd_core::error::chain(&e),
+                "Cannot open the database."
+            );
+            return Err(exit::FAILURE);
+        }
+    };
+    if migrate && let Err(e) = store.migrate().await {
+        tracing::error!(error = %enrichd_core::error::chain(&e), "Migration failed.");
+        return Err(exit::FAILURE);
+    }
+    Ok(store)
+}
+
+/// [`open_store`], then refuses a schema this binary does not match: one written by a newer
+/// binary (its columns may mean things we do not know), or one not migrated yet when
+/// auto-migration is off.
+async fn open_current_store(settings: &Settings) -> Result<Store, u8> {
+    let store = open_store(settings, settings.auto_migrate).await?;
+    match store.schema_status().await {
+        Ok(SchemaStatus::Current) => Ok(store),
+        Ok(SchemaStatus::Ahead { found }) => {
+            tracing::error!(
+                schema = found,
+                "The database schema is newer than this binary; upgrade enrichd."
+            );
+            Err(exit::FAILURE)
+        }
+        Ok(SchemaStatus::Behind { .. }) => {
+            tracing::error!(
+                "The database schema is not current; run `enrichd migrate` or set ENRICHD_AUTO_MIGRATE=true."
+            );
+            Err(exit::FAILURE)
+        }
+        Err(e) => {
+            tracing::error!(error = %enrichd_core::error::chain(&e), "Cannot read the schema version.");
+            Err(exit::FAILURE)
+        }
+    }
+}
