@@ -479,3 +479,517 @@ impl Drop for TicketGuard<'_> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use actix::{Addr, Supervisor};
+    use chrono::TimeDelta;
+    use enrichd_core::messages::JobId;
+    use enrichd_core::ports::IntelProvider;
+    use enrichd_core::{ProviderFields, Secret, Verdict};
+    use enrichd_intel::{
+        AbuseIpdb, Feodo, FeodoConfig, GreyNoise, ProviderConfig, key_fingerprint,
+    };
+    use enrichd_testkit::eventually;
+    use enrichd_testkit::http::{HttpServer, Response};
+
+    use super::*;
+
+    const KEY: &str = "actor-test-key";
+
+    // === fakes ===
+
+    /// A gate that honours parks, key rejections and an exhausted quota like the store does.
+    #[derive(Default)]
+    struct FakeGate {
+        state: Mutex<GateState>,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        parked_until: Option<DateTime<Utc>>,
+        rejected_key: Option<String>,
+        quota_reset: Option<DateTime<Utc>>,
+        reservations: usize,
+        events: Vec<GateEvent>,
+    }
+
+    impl FakeGate {
+        fn reservations(&self) -> usize {
+            lock(&self.state).reservations
+        }
+
+        fn events(&self) -> Vec<GateEvent> {
+            lock(&self.state).events.clone()
+        }
+    }
+
+    impl ProviderGate for FakeGate {
+        type Error = std::io::Error;
+
+        async fn reserve(
+            &self,
+            _provider: ProviderId,
+            limits: &ProviderLimits,
+        ) -> Result<Reservation, Self::Error> {
+            let mut state = lock(&self.state);
+            state.reservations += 1;
+            let key = limits.key_fingerprint.clone().unwrap_or_default();
+            if state.rejected_key.as_ref() == Some(&key) {
+                return Ok(Reservation::KeyRejected);
+            }
+            if let Some(until) = state.parked_until.filter(|u| *u > Utc::now()) {
+                return Ok(Reservation::Parked { until });
+            }
+            if let Some(reset_at) = state.quota_reset {
+                return Ok(Reservation::QuotaExhausted { reset_at });
+            }
+            Ok(Reservation::Granted {
+                wait: Duration::ZERO,
+                quota_remaining: None,
+            })
+        }
+
+        async fn record(&self, _provider: ProviderId, event: GateEvent) -> Result<(), Self::Error> {
+            let mut state = lock(&self.state);
+            match &event {
+                GateEvent::Park { until } => state.parked_until = Some(*until),
+                GateEvent::KeyRejected { key_fingerprint } => {
+                    state.rejected_key = Some(key_fingerprint.clone());
+                }
+                GateEvent::QuotaObserved { .. } => {}
+            }
+            state.events.push(event);
+            Ok(())
+        }
+    }
+
+    /// What the scripted provider does on one call.
+    #[derive(Clone)]
+    enum Step {
+        Answer,
+        Fail(ProviderError),
+        Panic,
+    }
+
+    /// A provider that follows a script (then repeats `then`), optionally holding each call
+    /// until the test releases a permit.
+    struct Scripted {
+        calls: AtomicUsize,
+        script: Mutex<VecDeque<Step>>,
+        then: Step,
+        hold: Option<Semaphore>,
+    }
+
+    impl Scripted {
+        fn new(script: impl IntoIterator<Item = Step>, then: Step) -> Self {
+            Self {
+                calls: AtomicUsize::new(0),
+                script: Mutex::new(script.into_iter().collect()),
+                then,
+                hold: None,
+            }
+        }
+
+        fn holding(mut self) -> Self {
+            self.hold = Some(Semaphore::new(0));
+            self
+        }
+
+        fn release(&self, calls: usize) {
+            if let Some(hold) = &self.hold {
+                hold.add_permits(calls);
+            }
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl IntelProvider for Scripted {
+        fn id(&self) -> ProviderId {
+            ProviderId::Greynoise
+        }
+
+        async fn lookup(&self, _ip: CanonicalIp) -> Result<ProviderReport, ProviderError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let step = lock(&self.script)
+                .pop_front()
+                .unwrap_or_else(|| self.then.clone());
+            if let Some(hold) = &self.hold {
+                hold.acquire().await.unwrap().forget();
+            }
+            match step {
+                Step::Answer => Ok(ProviderReport::answer(
+                    ProviderOutcome::Ok,
+                    Some(Verdict::Benign),
+                    ProviderFields::Greynoise {
+                        classification: "benign".into(),
+                        name: None,
+                        tags: vec![],
+                    },
+                    ProviderReport::bare(ProviderId::Greynoise, ProviderOutcome::Ok).raw,
+                )),
+                Step::Fail(err) => Err(err),
+                Step::Panic => panic!("scripted provider bug"),
+            }
+        }
+    }
+
+    impl ProviderHooks for Scripted {}
+
+    // === helpers ===
+
+    fn limits() -> ProviderLimits {
+        ProviderLimits {
+            rate_per_sec: 0.0,
+            daily_quota: 0,
+            key_fingerprint: Some(key_fingerprint(&Secret::new(KEY))),
+        }
+    }
+
+    fn start<P: ProviderHooks>(
+        provider: Arc<P>,
+        gate: Arc<FakeGate>,
+        concurrency: usize,
+    ) -> Addr<ProviderActor<P, FakeGate>> {
+        let config = ProviderActorConfig {
+            concurrency,
+            ..ProviderActorConfig::default()
+        };
+        let actor = ProviderActor::new(provider, gate, limits(), config);
+        Supervisor::start(move |_| actor)
+    }
+
+    fn query(provider: ProviderId, ip: &str) -> QueryProvider {
+        QueryProvider {
+            job_id: JobId::new(),
+            provider,
+            ip: CanonicalIp::parse(ip).unwrap(),
+        }
+    }
+
+    async fn ask<P: ProviderHooks>(
+        addr: &Addr<ProviderActor<P, FakeGate>>,
+    ) -> Result<ProviderReport, ProviderUnavailable> {
+        addr.send(query(ProviderId::Greynoise, "198.51.100.10"))
+            .await
+            .unwrap()
+    }
+
+    async fn status<P: ProviderHooks>(addr: &Addr<ProviderActor<P, FakeGate>>) -> ProviderStatus {
+        addr.send(GetProviderStatus).await.unwrap()
+    }
+
+    fn greynoise(server: &HttpServer) -> Arc<GreyNoise> {
+        let config = ProviderConfig::defaults(ProviderId::Greynoise)
+            .with_base_url(server.base_url())
+            .with_api_key(Some(Secret::new(KEY)))
+            .with_timeout(Duration::from_secs(2));
+        Arc::new(GreyNoise::new(&config).unwrap())
+    }
+
+    // === HTTP providers behind the actor ===
+
+    #[actix::test]
+    async fn a_429_parks_the_provider_and_nothing_is_sent_meanwhile() {
+        let server = HttpServer::start(|_| {
+            Response::json(429, r#"{"message":"slow down"}"#).header("retry-after", "120")
+        })
+        .await;
+        let gate = Arc::new(FakeGate::default());
+        let addr = start(greynoise(&server), Arc::clone(&gate), 4);
+
+        let before = Utc::now();
+        let report = ask(&addr).await.unwrap();
+        assert_eq!(report.outcome, ProviderOutcome::RateLimited);
+        let resume_at = report.resume_at.unwrap();
+        assert!(resume_at >= before + TimeDelta::seconds(120));
+        assert_eq!(gate.events(), vec![GateEvent::Park { until: resume_at }]);
+
+        for _ in 0..5 {
+            assert_eq!(
+                ask(&addr).await,
+                Err(ProviderUnavailable::Parked(resume_at))
+            );
+        }
+        assert_eq!(server.request_count(), 1, "no request while parked");
+        assert_eq!(status(&addr).await.parked_until, Some(resume_at));
+        assert_eq!(status(&addr).await.breaker, BreakerState::Closed);
+    }
+
+    #[actix::test]
+    async fn the_gate_park_of_another_replica_is_honoured() {
+        let server = HttpServer::start(|_| Response::json(200, "{}")).await;
+        let gate = Arc::new(FakeGate::default());
+        let until = Utc::now() + TimeDelta::minutes(10);
+        lock(&gate.state).parked_until = Some(until);
+        let addr = start(greynoise(&server), Arc::clone(&gate), 4);
+        assert_eq!(ask(&addr).await, Err(ProviderUnavailable::Parked(until)));
+        assert_eq!(server.request_count(), 0);
+    }
+
+    #[actix::test]
+    async fn a_rejected_key_parks_until_the_key_changes() {
+        let server = HttpServer::start(|_| Response::json(401, "{}")).await;
+        let gate = Arc::new(FakeGate::default());
+        let addr = start(greynoise(&server), Arc::clone(&gate), 4);
+
+        assert_eq!(ask(&addr).await, Err(ProviderUnavailable::KeyRejected));
+        let fingerprint = key_fingerprint(&Secret::new(KEY));
+        assert_eq!(fingerprint.len(), 16);
+        assert_eq!(
+            gate.events(),
+            vec![GateEvent::KeyRejected {
+                key_fingerprint: fingerprint
+            }]
+        );
+        for _ in 0..3 {
+            assert_eq!(ask(&addr).await, Err(ProviderUnavailable::KeyRejected));
+        }
+        assert_eq!(server.request_count(), 1);
+        assert!(status(&addr).await.key_rejected);
+        assert_eq!(status(&addr).await.breaker, BreakerState::Closed);
+    }
+
+    #[actix::test]
+    async fn an_exhausted_quota_is_reported_as_skipped_quota_without_a_call() {
+        let server = HttpServer::start(|_| Response::json(200, "{}")).await;
+        let gate = Arc::new(FakeGate::default());
+        let reset_at = Utc::now() + TimeDelta::hours(3);
+        lock(&gate.state).quota_reset = Some(reset_at);
+        let addr = start(greynoise(&server), Arc::clone(&gate), 4);
+        let report = ask(&addr).await.unwrap();
+        assert_eq!(report.outcome, ProviderOutcome::SkippedQuota);
+        assert_eq!(report.resume_at, Some(reset_at));
+        assert_eq!(server.request_count(), 0);
+        assert_eq!(status(&addr).await.quota_remaining, Some(0));
+    }
+
+    #[actix::test]
+    async fn server_errors_become_error_reports() {
+        let server = HttpServer::start(|_| Response::json(503, "{}")).await;
+        let gate = Arc::new(FakeGate::default());
+        let addr = start(greynoise(&server), Arc::clone(&gate), 4);
+        let report = ask(&addr).await.unwrap();
+        assert_eq!(report.outcome, ProviderOutcome::Error);
+        assert_eq!(report.error.as_deref(), Some("server error 503"));
+        assert_eq!(report.fields, None);
+        assert_eq!(gate.reservations(), 1);
+    }
+
+    #[actix::test]
+    async fn abuseipdb_quota_headers_are_shared_and_metered_errors_back_off_a_day() {
+        let reset = Utc::now().timestamp() + 3600;
+        let server = HttpServer::start(move |_| {
+            Response::json(200, r#"{"data":{"abuseConfidenceScore":"n/a"}}"#)
+                .header("x-ratelimit-remaining", "41")
+                .header("x-ratelimit-reset", &reset.to_string())
+        })
+        .await;
+        let config = ProviderConfig::defaults(ProviderId::Abuseipdb)
+            .with_base_url(server.base_url())
+            .with_api_key(Some(Secret::new(KEY)));
+        let provider = Arc::new(AbuseIpdb::new(&config).unwrap());
+        let gate = Arc::new(FakeGate::default());
+        let addr = start(provider, Arc::clone(&gate), 4);
+
+        let report = addr
+            .send(query(ProviderId::Abuseipdb, "45.155.205.233"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.outcome, ProviderOutcome::Error);
+        assert_eq!(
+            report.min_backoff,
+            Some(enrichd_intel::abuseipdb::METERED_ERROR_BACKOFF)
+        );
+        let reset_at = DateTime::from_timestamp(reset, 0);
+        assert_eq!(
+            gate.events(),
+            vec![GateEvent::QuotaObserved {
+                remaining: 41,
+                reset_at
+            }]
+        );
+        assert_eq!(status(&addr).await.quota_remaining, Some(41));
+
+        // A metered failure counts for the breaker like any decode error.
+        for _ in 0..4 {
+            addr.send(query(ProviderId::Abuseipdb, "45.155.205.233"))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(
+            addr.send(query(ProviderId::Abuseipdb, "45.155.205.233"))
+                .await
+                .unwrap(),
+            Err(ProviderUnavailable::BreakerOpen)
+        );
+        assert_eq!(server.request_count(), 5);
+    }
+
+    #[actix::test]
+    async fn stale_feodo_is_unavailable_and_feodo_never_reserves_a_slot() {
+        let server = HttpServer::start(|_| Response::json(503, "{}")).await;
+        let config = FeodoConfig {
+            http: ProviderConfig::defaults(ProviderId::Feodo).with_base_url(server.base_url()),
+            ..FeodoConfig::default()
+        };
+        let gate = Arc::new(FakeGate::default());
+        let addr = start(Arc::new(Feodo::new(&config).unwrap()), Arc::clone(&gate), 4);
+        let stale = addr.send(query(ProviderId::Feodo, "45.155.205.233")).await;
+        assert_eq!(stale.unwrap(), Err(ProviderUnavailable::Stale));
+
+        let feed = HttpServer::start(|_| {
+            Response::json(
+                200,
+                r#"[{"ip_address":"45.155.205.233","port":443,"malware":"QakBot"}]"#,
+            )
+        })
+        .await;
+        let config = FeodoConfig {
+            http: ProviderConfig::defaults(ProviderId::Feodo).with_base_url(feed.base_url()),
+            ..FeodoConfig::default()
+        };
+        let addr = start(Arc::new(Feodo::new(&config).unwrap()), Arc::clone(&gate), 4);
+        let report = addr
+            .send(query(ProviderId::Feodo, "45.155.205.233"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.verdict, Some(Verdict::Malicious));
+        assert_eq!(gate.reservations(), 0, "local lookups spend no slot");
+        assert_eq!(feed.request_count(), 1);
+    }
+
+    #[actix::test]
+    async fn a_query_for_another_provider_is_refused() {
+        let provider = Arc::new(Scripted::new([], Step::Answer));
+        let addr = start(Arc::clone(&provider), Arc::new(FakeGate::default()), 4);
+        let reply = addr
+            .send(query(ProviderId::Threatfox, "198.51.100.10"))
+            .await;
+        assert_eq!(reply.unwrap(), Err(ProviderUnavailable::Unreachable));
+        assert_eq!(provider.calls(), 0);
+    }
+
+    // === breaker, concurrency, supervision ===
+
+    #[actix::test]
+    async fn the_breaker_opens_after_five_failures_and_lets_one_probe_through_after_cool_down() {
+        tokio::time::pause();
+        let failure = Step::Fail(ProviderError::Server { status: 500 });
+        let provider = Arc::new(Scripted::new(vec![failure; 5], Step::Answer).holding());
+        let gate = Arc::new(FakeGate::default());
+        let addr = start(Arc::clone(&provider), Arc::clone(&gate), 4);
+
+        provider.release(5);
+        for _ in 0..5 {
+            assert_eq!(ask(&addr).await.unwrap().outcome, ProviderOutcome::Error);
+        }
+        assert_eq!(ask(&addr).await, Err(ProviderUnavailable::BreakerOpen));
+        assert_eq!(status(&addr).await.breaker, BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(ask(&addr).await, Err(ProviderUnavailable::BreakerOpen));
+        assert_eq!(provider.calls(), 5);
+        assert_eq!(gate.reservations(), 5, "an open breaker spends no slot");
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(status(&addr).await.breaker, BreakerState::HalfOpen);
+        // The probe is held in flight; a second query meanwhile is refused.
+        let probe = actix::spawn({
+            let addr = addr.clone();
+            async move { ask(&addr).await }
+        });
+        assert!(eventually(Duration::from_secs(5), || async { provider.calls() == 6 }).await);
+        assert_eq!(ask(&addr).await, Err(ProviderUnavailable::BreakerOpen));
+        provider.release(1);
+        assert_eq!(probe.await.unwrap().unwrap().outcome, ProviderOutcome::Ok);
+        assert_eq!(status(&addr).await.breaker, BreakerState::Closed);
+
+        provider.release(3);
+        for _ in 0..3 {
+            assert_eq!(ask(&addr).await.unwrap().outcome, ProviderOutcome::Ok);
+        }
+        assert_eq!(provider.calls(), 9);
+    }
+
+    #[actix::test]
+    async fn client_errors_never_open_the_breaker() {
+        let provider = Arc::new(Scripted::new(
+            [],
+            Step::Fail(ProviderError::Unexpected("http status 422".into())),
+        ));
+        let addr = start(Arc::clone(&provider), Arc::new(FakeGate::default()), 4);
+        for _ in 0..12 {
+            let report = ask(&addr).await.unwrap();
+            assert_eq!(report.outcome, ProviderOutcome::Error);
+            assert_eq!(
+                report.error.as_deref(),
+                Some("unexpected answer: http status 422")
+            );
+        }
+        assert_eq!(provider.calls(), 12);
+        assert_eq!(status(&addr).await.breaker, BreakerState::Closed);
+    }
+
+    #[actix::test]
+    async fn the_concurrency_cap_bounds_calls_in_flight() {
+        let provider = Arc::new(Scripted::new([], Step::Answer).holding());
+        let addr = start(Arc::clone(&provider), Arc::new(FakeGate::default()), 2);
+        let pending: Vec<_> = (0..5)
+            .map(|_| {
+                let addr = addr.clone();
+                actix::spawn(async move { ask(&addr).await })
+            })
+            .collect();
+        assert!(eventually(Duration::from_secs(5), || async { provider.calls() == 2 }).await);
+        assert_eq!(status(&addr).await.in_flight, 2);
+        assert_eq!(provider.calls(), 2, "the others wait for a permit");
+        provider.release(5);
+        for call in pending {
+            assert_eq!(call.await.unwrap().unwrap().outcome, ProviderOutcome::Ok);
+        }
+        assert_eq!(provider.calls(), 5);
+        assert_eq!(status(&addr).await.in_flight, 0);
+    }
+
+    #[actix::test]
+    async fn an_injected_fault_restarts_the_actor_behind_the_same_address() {
+        let provider = Arc::new(Scripted::new([], Step::Answer));
+        let addr = start(Arc::clone(&provider), Arc::new(FakeGate::default()), 4);
+        addr.send(InjectFault).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let addr = addr.clone();
+                async move { status(&addr).await.restarts == 1 }
+            })
+            .await
+        );
+        assert_eq!(ask(&addr).await.unwrap().outcome, ProviderOutcome::Ok);
+    }
+
+    #[actix::test]
+    async fn a_panicking_provider_leaves_the_work_due_and_the_actor_restarts() {
+        let provider = Arc::new(Scripted::new([Step::Panic], Step::Answer));
+        let addr = start(Arc::clone(&provider), Arc::new(FakeGate::default()), 1);
+        assert_eq!(ask(&addr).await, Err(ProviderUnavailable::Unreachable));
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let addr = addr.clone();
+                async move { status(&addr).await.restarts == 1 }
+            })
+            .await
+        );
+        // The permit and the breaker ticket were given back by the unwinding call.
+        assert_eq!(ask(&addr).await.unwrap().outcome, ProviderOutcome::Ok);
+        assert_eq!(status(&addr).await.breaker, BreakerState::Closed);
+        assert_eq!(status(&addr).await.in_flight, 0);
+    }
+}
