@@ -198,3 +198,45 @@ async fn feodo_stale_data_makes_the_provider_unavailable() {
         "staleness does not trigger downloads"
     );
 }
+
+#[tokio::test]
+async fn feodo_hostile_feed_answers_keep_the_last_good_index() {
+    let next = Arc::new(std::sync::Mutex::new(Response::json(
+        200,
+        fixture("feodo", "ipblocklist.json"),
+    )));
+    let serving = Arc::clone(&next);
+    let server = HttpServer::start(move |_| serving.lock().unwrap().clone()).await;
+    let provider = Feodo::new(&FeodoConfig {
+        http: config(ProviderId::Feodo, &server.base_url())
+            .with_timeout(Duration::from_millis(400))
+            .with_body_limit(8 * 1024),
+        refresh: Duration::from_secs(3600),
+        max_age: DAY,
+    })
+    .unwrap();
+    provider.refresh().await.unwrap();
+
+    let hostile = [
+        Response::huge(200, 64 * 1024),
+        Response::huge_unannounced(200, 64 * 1024),
+        Response::json(200, fixture("feodo", "ipblocklist.json"))
+            .trickle(16, Duration::from_millis(50)),
+        Response::close_without_response(),
+        Response::json(200, "[{\"ip_address\": \"45.155"),
+    ];
+    for response in hostile {
+        *next.lock().unwrap() = response;
+        let err = provider.refresh().await.unwrap_err();
+        assert!(
+            matches!(err, FeedError::Http(_) | FeedError::Decode(_)),
+            "{err:?}"
+        );
+        assert_eq!(
+            provider.index().len(),
+            2,
+            "last good index kept after {err}"
+        );
+        assert_eq!(provider.availability(), Availability::Ready);
+    }
+}
