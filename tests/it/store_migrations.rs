@@ -161,3 +161,47 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_migrating_at_once_serialise_on_the_advisory_lock() {
+    on_both(|db: TestDb| async move {
+        let mut stores = Vec::new();
+        for _ in 0..3 {
+            stores.push(enrichd_store::Store::connect(db.url()).await.unwrap());
+        }
+        let runs: Vec<_> = stores
+            .iter()
+            .map(|s| {
+                let s = s.clone();
+                tokio::spawn(async move { s.migrate().await })
+            })
+            .collect();
+        for run in runs {
+            run.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{}: {}", db.label(), enrichd_core::error::chain(&e)));
+        }
+        assert_eq!(
+            stores[0].schema_status().await.unwrap(),
+            SchemaStatus::Current
+        );
+        let conn = db.connect().await;
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM enrichd_migrations", vec![]).await,
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_not_rejected() {
+    let err = enrichd_store::Store::connect("postgres://postgres@127.0.0.1:1/none?sslmode=disable")
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(matches!(
+        enrichd_store::Store::connect("mysql://x").await,
+        Err(StoreError::UnsupportedUrl)
+    ));
+}

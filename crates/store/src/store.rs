@@ -90,7 +90,9 @@ fn postgres_options(url: &str, max_connections: u32) -> ConnectOptions {
     opt.max_connections(max_connections)
         .min_connections(0)
         .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(30))
+        // sqlx keeps retrying a refused connect until this deadline; an outage should
+        // surface as `Unavailable` soon enough for intake to pause.
+        .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false);
     opt
 }
@@ -153,9 +155,14 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         if !self.sql.is_pg() {
             self.refuse_newer_schema().await?;
-            return Migrator::up(&self.write, None)
+            // The write lock up front serialises migrating processes on one file; each
+            // migration's own transaction nests as a savepoint.
+            let txn = self.begin_write().await?;
+            Migrator::up(&txn, None)
                 .await
-                .map_err(StoreError::Migration);
+                .map_err(StoreError::Migration)?;
+            txn.commit().await?;
+            return Ok(());
         }
         let conn = Database::connect(postgres_options(&self.url, 1))
             .await
