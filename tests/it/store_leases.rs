@@ -160,3 +160,51 @@ async fn fresh_work_is_not_claimed_and_released_leases_are_free_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn giving_back_one_item_frees_only_that_item() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = Store::connect(db.url()).await.unwrap();
+        // Giving back one item frees it for others; the rest stays held.
+        a.claim_work(
+            ip("9.9.9.12"),
+            &[ProviderId::Feodo, ProviderId::Threatfox],
+            true,
+            Duration::from_secs(300),
+            ClaimMode::Due,
+        )
+        .await
+        .unwrap();
+        a.release_work(ip("9.9.9.12"), &[ProviderId::Feodo], true)
+            .await
+            .unwrap();
+        let partial = b
+            .claim_work(
+                ip("9.9.9.12"),
+                &[ProviderId::Feodo, ProviderId::Threatfox],
+                true,
+                Duration::from_secs(300),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert!(partial.ptr.is_some());
+        assert_eq!(
+            partial.providers.iter().map(|p| p.0).collect::<Vec<_>>(),
+            [ProviderId::Feodo]
+        );
+        let rest = b
+            .claim_work(
+                ip("9.9.9.12"),
+                &[ProviderId::Threatfox],
+                false,
+                Duration::from_secs(300),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert!(rest.is_empty(), "{}: threatfox is still held", db.label());
+    })
+    .await;
+}

@@ -93,6 +93,16 @@ impl StoreError {
     }
 }
 
+impl From<StoreError> for enrichd_core::messages::PersistError {
+    fn from(err: StoreError) -> Self {
+        let text = enrichd_core::error::chain(&err);
+        match err.fate() {
+            StoreFate::Unavailable => Self::Unavailable(text),
+            StoreFate::Rejected => Self::Rejected(text),
+        }
+    }
+}
+
 impl From<DbErr> for StoreError {
     fn from(err: DbErr) -> Self {
         Self::from_db(err)
@@ -178,5 +188,10 @@ mod tests {
         assert_eq!(err.to_string(), "database unreachable");
         let rejected = StoreError::malformed("outcome", "bogus");
         assert_eq!(rejected.fate(), StoreFate::Rejected);
+        let persist = enrichd_core::messages::PersistError::from(rejected);
+        assert!(matches!(
+            persist,
+            enrichd_core::messages::PersistError::Rejected(_)
+        ));
     }
 }

@@ -204,6 +204,45 @@ impl Store {
         Ok(claims)
     }
 
+    /// Gives back this process's leases on `ip` for `providers` (and PTR when `ptr`), for
+    /// work it will not do after all (a provider parked or breaker-open): another replica or
+    /// the backfill may take it at once. Due times and backoff are untouched.
+    pub async fn release_work(
+        &self,
+        ip: CanonicalIp,
+        providers: &[ProviderId],
+        ptr: bool,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql;
+        let ip_text = ip.to_string();
+        let txn = self.begin_write().await?;
+        if ptr {
+            txn.execute_raw(sql.stmt(
+                "UPDATE enrichd_ip_state SET ptr_lease_owner = NULL, ptr_lease_until = NULL \
+                 WHERE ip = $1 AND ptr_lease_owner = $2",
+                vec![ip_text.clone().into(), self.owner.to_string().into()],
+            ))
+            .await?;
+        }
+        let mut sorted = providers.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        for provider in sorted {
+            txn.execute_raw(sql.stmt(
+                "UPDATE enrichd_provider_state SET lease_owner = NULL, lease_until = NULL \
+                 WHERE ip = $1 AND provider = $2 AND lease_owner = $3",
+                vec![
+                    ip_text.clone().into(),
+                    provider.as_str().into(),
+                    self.owner.to_string().into(),
+                ],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
     // === impl Store: the per-IP write ===
 
     /// Writes one pass's results for `ip` in one transaction (see the crate docs): fenced
