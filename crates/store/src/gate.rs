@@ -2,7 +2,7 @@
 //!
 //! A reservation locks the provider's row in a transaction and decides on the database clock,
 //! so any number of replicas together never take more slots than the rate allows. The
-//! decision itself is the pure [`decide`] function.
+//! decision itself is a pure function, unit-tested below.
 
 use std::time::Duration;
 
