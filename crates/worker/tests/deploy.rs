@@ -1148,8 +1148,13 @@ fn the_disruption_budget_selects_the_workers_and_not_the_migration() {
         .collect();
     assert_eq!(argv, vec!["migrate"]);
     assert_ne!(y_str(job, "spec.template.spec.restartPolicy"), "Always");
+}
 
-    // Every manifest is applied by the kustomization (a forgotten file is never deployed).
+#[test]
+fn the_kustomization_applies_every_manifest_and_the_readme_says_scale_to_zero() {
+    let kit = kit();
+    let objects = k8s_objects(&kit);
+    // A manifest the kustomization does not list is never deployed.
     let kustomization = objects
         .iter()
         .find(|(rel, _)| rel == "k8s/kustomization.yaml")
