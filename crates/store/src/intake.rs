@@ -158,7 +158,10 @@ impl Store {
 
     /// Canonical IPs with due work, newest `attackers.last_seen` first, deduplicated: IPs of
     /// attackers with no `attacker_intel` row, or whose IP has a due configured provider (not
-    /// parked) or a due PTR (when enabled); IPs leased by another live owner are left out.
+    /// parked) or a due PTR (when enabled); IPs with a live lease are left out, ours included:
+    /// our own jobs are single-flight in the Aggregator, and a lease we keep after a provider
+    /// turned out unavailable must hold the address back until it lapses, or the backfill
+    /// would spin on it.
     /// Unmapped attacker rows are mapped first.
     pub async fn backlog(
         &self,
@@ -184,7 +187,6 @@ impl Store {
             .collect();
         let mut values: Vec<Value> = vec![
             sql.ts(now),
-            self.owner.to_string().into(),
             i64::from(limit).into(),
             i64::try_from(providers.len()).unwrap_or(0).into(),
         ];
@@ -199,7 +201,7 @@ impl Store {
             format!(
                 "(SELECT COUNT(*) FROM enrichd_provider_state ps WHERE ps.ip = m.ip \
                  AND ps.provider IN ({}) AND ps.outcome IS NOT NULL \
-                 AND (ps.next_attempt_at IS NULL OR ps.next_attempt_at > $1)) < $4",
+                 AND (ps.next_attempt_at IS NULL OR ps.next_attempt_at > $1)) < $3",
                 list.join(", ")
             )
         };
@@ -214,12 +216,12 @@ impl Store {
              LEFT JOIN enrichd_ip_state s ON s.ip = m.ip \
              WHERE m.ip IS NOT NULL \
              AND NOT (s.ip IS NOT NULL AND s.ptr_lease_until IS NOT NULL \
-                  AND s.ptr_lease_until >= $1 AND COALESCE(s.ptr_lease_owner, '') <> $2) \
+                  AND s.ptr_lease_until >= $1) \
              AND NOT EXISTS (SELECT 1 FROM enrichd_provider_state pl WHERE pl.ip = m.ip \
-                 AND pl.lease_until >= $1 AND pl.lease_owner <> $2) \
+                 AND pl.lease_until >= $1) \
              AND (NOT EXISTS (SELECT 1 FROM attacker_intel ai WHERE ai.attacker_uuid = a.uuid) \
                   OR ((s.scope IS NULL OR s.scope = 'global') AND ({ptr_due} OR {provider_due}))) \
-             GROUP BY m.ip ORDER BY newest DESC, m.ip LIMIT $3"
+             GROUP BY m.ip ORDER BY newest DESC, m.ip LIMIT $2"
         );
         let rows = self.read.query_all_raw(sql.stmt(statement, values)).await?;
         let mut ips = Vec::with_capacity(rows.len());
