@@ -38,21 +38,27 @@ impl fmt::Display for JobId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeliveryTag(pub u64);
 
-/// Where an enrichment request came from; decides who hears about its completion.
+/// Where an enrichment request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// A bus delivery, settled once the address's state is durable.
+    /// A bus delivery: the event is recorded (attacker rows found or created) first.
     Bus(DeliveryTag),
-    /// The backfill loop.
+    /// The backfill loop: the address comes from stored attacker rows.
     Backfill,
-    /// `enrichd lookup`.
-    Lookup,
+    /// `enrichd lookup`: never creates attacker rows; `refresh` asks again even when fresh.
+    Lookup {
+        /// Claim everything not leased elsewhere, not only what is due.
+        refresh: bool,
+    },
 }
 
-/// Enrich one address. Sent by `BusListener` and the backfill to `Aggregator`, which
-/// coalesces concurrent requests for one address into one job.
+/// Enrich one address. Sent by `BusListener`, the backfill and `lookup` to `Aggregator`,
+/// which coalesces concurrent requests for one address into one job.
+///
+/// The reply comes once the address's state is durable (its work committed as leased by this
+/// live process, or as due, or already fresh), which is when a bus delivery may be acked.
 #[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), PersistError>")]
 pub struct EnrichIp {
     /// The job.
     pub job_id: JobId,
@@ -60,7 +66,9 @@ pub struct EnrichIp {
     pub ip: CanonicalIp,
     /// The attacker row the event named, when it named one.
     pub attacker_uuid: Option<String>,
-    /// Who to tell when the state is durable.
+    /// The event's `first_seen`, used when enrichd creates the attacker row.
+    pub first_seen: Option<DateTime<Utc>>,
+    /// Who asked; decides whether the event is recorded and what is claimed.
     pub origin: Origin,
 }
 
@@ -107,48 +115,16 @@ pub struct QueryProvider {
     pub ip: CanonicalIp,
 }
 
-/// Why persisting failed, as the bus needs to know it.
+/// Why a request could not be made durable, as the bus needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PersistError {
-    /// The store is unreachable or busy: pause intake and retry; never dead-letter.
+    /// The store is unreachable or busy: keep the delivery unacked (intake pauses) and retry;
+    /// never dead-letter.
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// The write itself is impossible; the address is recorded as an error with backoff.
     #[error("write rejected: {0}")]
     Rejected(String),
-}
-
-/// Persist one address's results in one transaction. `Aggregator` → `RepositoryWriter`.
-#[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "Result<(), PersistError>")]
-pub struct PersistReport {
-    /// The job.
-    pub job_id: JobId,
-    /// The address.
-    pub ip: CanonicalIp,
-    /// The PTR result, when PTR work was done.
-    pub ptr: Option<PtrReport>,
-    /// Provider results of this pass.
-    pub providers: Vec<ProviderReport>,
-}
-
-/// What happens to a bus delivery. Decided in one place (`runtime::settle`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryFate {
-    /// The address's state is durable.
-    Ack,
-    /// Undecodable: republish to the dead-letter exchange with this reason, then ack.
-    DeadLetter(String),
-}
-
-/// Settle one delivery. `Aggregator`/`RepositoryWriter` → `BusListener`.
-#[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "()")]
-pub struct Settle {
-    /// The delivery.
-    pub delivery_tag: DeliveryTag,
-    /// Its fate.
-    pub fate: DeliveryFate,
 }
 
 /// Stop consuming (cancel the consumer); deliveries in flight are still settled.
@@ -161,7 +137,8 @@ pub struct StopIntake;
 #[rtype(result = "()")]
 pub struct Drain;
 
-/// Commit buffered writes and settle their deliveries.
+/// Finish outstanding writes (the outbox relay's last round) and release this process's
+/// leases so other replicas can take the work at once.
 #[derive(Debug, Clone, Copy, actix::Message)]
 #[rtype(result = "()")]
 pub struct Flush;

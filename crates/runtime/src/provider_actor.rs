@@ -114,6 +114,8 @@ struct CallPanicked;
 pub struct ProviderActor<P: ProviderHooks, G: ProviderGate> {
     shared: Arc<Shared<P, G>>,
     restarts: u32,
+    /// Restart budget; `None` restarts without limit (tests).
+    restart_policy: Option<crate::supervision::RestartPolicy>,
 }
 
 /// What the actor and its calls in flight share.
@@ -169,7 +171,15 @@ impl<P: ProviderHooks, G: ProviderGate> ProviderActor<P, G> {
                 local: Mutex::new(Local::default()),
             }),
             restarts: 0,
+            restart_policy: None,
         }
+    }
+
+    /// Limits restarts to `policy`'s budget.
+    #[must_use]
+    pub fn with_restart_policy(mut self, policy: crate::supervision::RestartPolicy) -> Self {
+        self.restart_policy = Some(policy);
+        self
     }
 
     /// The provider this actor asks.
@@ -183,8 +193,11 @@ impl<P: ProviderHooks, G: ProviderGate> Actor for ProviderActor<P, G> {
 }
 
 impl<P: ProviderHooks, G: ProviderGate> Supervised for ProviderActor<P, G> {
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         self.restarts += 1;
+        if let Some(policy) = self.restart_policy.as_mut() {
+            policy.on_restart(ctx);
+        }
         warn!(
             actor = "ProviderActor",
             provider = %self.shared.id,

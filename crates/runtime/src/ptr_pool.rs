@@ -41,6 +41,8 @@ pub struct PtrResolverPool<R: PtrResolver> {
     /// Bumped on every rebuild, so several lookups panicking on one resolver cause one
     /// restart, not one each.
     generation: u64,
+    /// Restart budget; `None` restarts without limit (tests).
+    restart_policy: Option<crate::supervision::RestartPolicy>,
 }
 
 impl<R: PtrResolver> fmt::Debug for PtrResolverPool<R> {
@@ -59,6 +61,7 @@ impl<R: PtrResolver> PtrResolverPool<R> {
             resolver,
             factory: None,
             generation: 0,
+            restart_policy: None,
         }
     }
 
@@ -72,7 +75,15 @@ impl<R: PtrResolver> PtrResolverPool<R> {
             resolver,
             factory: Some(factory),
             generation: 0,
+            restart_policy: None,
         })
+    }
+
+    /// Limits restarts to `policy`'s budget.
+    #[must_use]
+    pub fn with_restart_policy(mut self, policy: crate::supervision::RestartPolicy) -> Self {
+        self.restart_policy = Some(policy);
+        self
     }
 
     /// How many times the resolver has been rebuilt.
@@ -86,8 +97,11 @@ impl<R: PtrResolver> Actor for PtrResolverPool<R> {
 }
 
 impl<R: PtrResolver> Supervised for PtrResolverPool<R> {
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
+        if let Some(policy) = self.restart_policy.as_mut() {
+            policy.on_restart(ctx);
+        }
         let Some(factory) = self.factory.as_mut() else {
             return;
         };

@@ -290,7 +290,15 @@ pub(crate) fn merge(
     now: DateTime<Utc>,
 ) -> Merged {
     let ptr_record = ptr.name.clone();
-    let ptr_outcome = ptr.outcome.map(|o| o.as_str().to_owned());
+    // Never asked: say why rather than leave the reader guessing.
+    let unasked = if !scope.is_global() {
+        Some(PtrOutcome::SkippedNonGlobal)
+    } else if !ctx.ptr_enabled {
+        Some(PtrOutcome::Disabled)
+    } else {
+        None
+    };
+    let ptr_outcome = ptr.outcome.or(unasked).map(|o| o.as_str().to_owned());
     if !scope.is_global() {
         let columns = IntelColumns::empty(ip, now, now + NON_GLOBAL_VALIDITY);
         let provider_outcomes = ctx

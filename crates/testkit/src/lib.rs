@@ -8,7 +8,11 @@
 //! - [`tracing`]: a test-writer subscriber, installed once.
 //! - [`eventually`]: wait for a condition instead of sleeping.
 
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "test support: a failure is a test failure")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failure is a test failure"
+)]
 
 pub mod db;
 pub mod dns;

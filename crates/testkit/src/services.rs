@@ -9,7 +9,8 @@ use std::time::Duration;
 /// PostgreSQL server URL without a database (`IT_DATABASE_URL`'s server part), default
 /// `postgres://postgres@127.0.0.1:5432`.
 pub fn postgres_server_url() -> String {
-    std::env::var("IT_PG_SERVER_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("IT_PG_SERVER_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// AMQP URL of the broker (`IT_AMQP_URL`), default `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -35,7 +36,10 @@ pub fn require(service: &str, addr: &str) -> bool {
     if reachable {
         return true;
     }
-    assert!(!in_ci(), "{service} at {addr} is required under CI=true but is unreachable");
+    assert!(
+        !in_ci(),
+        "{service} at {addr} is required under CI=true but is unreachable"
+    );
     eprintln!("skipping: {service} at {addr} is unreachable (allowed outside CI only)");
     false
 }

@@ -7,6 +7,7 @@
 //! - [`telemetry`]: the tracing subscriber (JSON when not on a terminal).
 //! - [`lock`]: one `enrichd run` per SQLite file.
 //! - [`signal`]: the shutdown signals (SIGTERM, SIGINT).
+//! - [`wiring`]: settings → running actors.
 //! - [`commands`]: `migrate`, `check`, `run`, ….
 
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod lock;
 pub mod signal;
 pub mod telemetry;
+pub mod wiring;
 
 /// Process exit codes (sysexits where one fits).
 pub mod exit {

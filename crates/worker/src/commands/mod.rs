@@ -1,6 +1,9 @@
 //! The subcommands. Each returns the process exit code; errors are reported here, once.
 
+mod backfill;
 mod check;
+mod dlq;
+mod lookup;
 mod migrate;
 mod run;
 
@@ -16,10 +19,11 @@ pub async fn dispatch(command: Command, settings: Settings) -> u8 {
         Command::Run => run::run(&settings).await,
         Command::Migrate => migrate::migrate(&settings).await,
         Command::Check => check::check(&settings).await,
-        Command::Lookup { .. } | Command::Backfill | Command::Dlq { .. } => {
-            eprintln!("error: this command is not available in this build yet");
-            exit::FAILURE
+        Command::Lookup { ips, json, refresh } => {
+            lookup::lookup(&settings, &ips, json, refresh).await
         }
+        Command::Backfill => backfill::backfill(&settings).await,
+        Command::Dlq { action } => dlq::dlq(&settings, &action).await,
     }
 }
 

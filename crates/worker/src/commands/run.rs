@@ -1,7 +1,17 @@
 //! `enrichd run`: the worker.
 
+use std::sync::Arc;
+
+use actix::{Actor, AsyncContext};
+use enrichd_bus::Topology;
+use enrichd_runtime::backfill::{Backfill, BackfillConfig, BackfillStats};
+use enrichd_runtime::bus_listener::{BusConfig, BusDeps, BusListener, BusStats};
+use enrichd_runtime::coordinator::{AttachBus, Coordinator, Shutdown};
+use enrichd_runtime::health::HealthSource;
+use tokio::sync::{Notify, oneshot, watch};
+
 use crate::config::Settings;
-use crate::{exit, lock};
+use crate::{exit, lock, wiring};
 
 pub(super) async fn run(settings: &Settings) -> u8 {
     // Taken before anything else touches the file, so a second run fails fast and clearly.
@@ -14,12 +24,101 @@ pub(super) async fn run(settings: &Settings) -> u8 {
         Some(Ok(held)) => Some(held),
         None => None,
     };
-    let _store = match super::open_current_store(settings).await {
+    let store = match super::open_current_store(settings).await {
         Ok(store) => store,
         Err(code) => return code,
     };
-    tracing::info!("Worker started; waiting for a stop signal.");
-    crate::signal::shutdown().await;
-    tracing::info!("Stopped.");
-    exit::OK
+    let instance = instance_id();
+
+    let (exit_tx, exit_rx) = oneshot::channel();
+    let (backfill_stop, backfill_stop_rx) = watch::channel(false);
+    // The Coordinator needs the aggregator and the actors need the Coordinator (for a spent
+    // restart budget): start it first and attach the rest. The core lives as long as `run`:
+    // its arbiters are the provider threads.
+    let mut core_slot = None;
+    let coordinator = Coordinator::create(|ctx| {
+        let give_up = ctx.address().recipient();
+        let core = wiring::start_core(settings, &store, Some(&give_up));
+        let backfill_wake = Arc::new(Notify::new());
+        let backfill_stats = Arc::new(BackfillStats::default());
+        let backfill = Backfill {
+            store: store.clone(),
+            aggregator: core.aggregator.clone(),
+            ctx: core.deps.ctx.clone(),
+            config: BackfillConfig {
+                poll_interval: settings.poll_interval,
+                ..BackfillConfig::default()
+            },
+            wake: Arc::clone(&backfill_wake),
+            stats: Arc::clone(&backfill_stats),
+        };
+        actix::spawn(backfill.run(backfill_stop_rx));
+        if let Some(bus) = &settings.bus {
+            let health = HealthSource {
+                instance: instance.clone(),
+                started: tokio::time::Instant::now(),
+                aggregator: Arc::clone(&core.stats),
+                backfill: Arc::clone(&backfill_stats),
+                providers: core.provider_status.clone(),
+            };
+            let listener = BusListener::new(
+                BusConfig {
+                    url: bus.amqp_url.clone(),
+                    topology: Topology::new(&bus.exchange, &bus.queue),
+                    prefetch: bus.prefetch,
+                    instance: instance.clone(),
+                },
+                BusDeps {
+                    aggregator: core.aggregator.clone(),
+                    store: store.clone(),
+                    outbox_wake: Arc::clone(&core.outbox_wake),
+                    backfill_wake,
+                    health,
+                    coordinator: ctx.address().recipient(),
+                    stats: Arc::new(BusStats::default()),
+                },
+            )
+            .start();
+            ctx.notify(AttachBus(listener));
+        } else {
+            tracing::info!(
+                "No ENRICHD_AMQP_URL: running on the database backlog alone (poll mode)."
+            );
+        }
+        let coordinator = Coordinator::new(
+            None,
+            core.aggregator.clone(),
+            backfill_stop,
+            store.clone(),
+            settings.grace,
+            exit_tx,
+        );
+        core_slot = Some(core);
+        coordinator
+    });
+    tracing::info!(instance = %instance, "Worker started.");
+
+    let exit_rx = exit_rx;
+    tokio::pin!(exit_rx);
+    tokio::select! {
+        () = crate::signal::shutdown() => {
+            coordinator.do_send(Shutdown { exit_code: exit::OK });
+        }
+        code = &mut exit_rx => return code.unwrap_or(exit::FAILURE),
+    }
+    let code = exit_rx.await.unwrap_or(exit::FAILURE);
+    drop(core_slot);
+    tracing::info!(exit_code = code, "Stopped.");
+    code
+}
+
+/// `<host>-<pid>-<random>`: unique per process, readable in the management UI and health beats.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "enrichd".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..6])
 }

@@ -1,0 +1,261 @@
+//! `Aggregator`: one job per address at a time inside the process (single-flight), the point
+//! where bus deliveries learn that their address's state is durable, and the drain on
+//! shutdown.
+//!
+//! Concurrent requests for one address share the running job: a request arriving before the
+//! job's claims are committed waits for them; one arriving after is answered at once and marks
+//! the job for one more (cheap) write pass, so an attacker row mapped meanwhile still gets its
+//! intel row without another lookup.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use actix::prelude::*;
+use enrichd_core::CanonicalIp;
+use enrichd_core::messages::{Drain, EnrichIp, JobId, Origin, PersistError};
+use enrichd_store::{ClaimMode, StoreError, StoredScope};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::job::{JobDeps, JobSummary, enrich};
+
+/// Counters shared with the health beat and metrics.
+#[derive(Debug, Default)]
+pub struct AggregatorStats {
+    /// Jobs running now.
+    pub in_flight: AtomicUsize,
+    /// Jobs finished since start.
+    pub processed_total: AtomicU64,
+}
+
+type Waiter = oneshot::Sender<Result<(), PersistError>>;
+
+#[derive(Default)]
+struct JobState {
+    /// Claims committed: new requests are answered at once.
+    durable: bool,
+    /// Requests waiting for `durable`.
+    waiters: Vec<Waiter>,
+    /// Requests waiting for the job's end (`lookup` prints the written state).
+    done_waiters: Vec<Waiter>,
+    /// A request arrived after the claims: write once more when the job ends.
+    rerun: bool,
+}
+
+/// Single-flight job runner (see the module docs).
+pub struct Aggregator {
+    deps: JobDeps,
+    jobs: HashMap<CanonicalIp, JobState>,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+    stats: Arc<AggregatorStats>,
+}
+
+impl Aggregator {
+    /// An aggregator running passes with `deps`.
+    pub fn new(deps: JobDeps, stats: Arc<AggregatorStats>) -> Self {
+        Self {
+            deps,
+            jobs: HashMap::new(),
+            drain_waiters: Vec::new(),
+            stats,
+        }
+    }
+
+    fn start_job(
+        &mut self,
+        ip: CanonicalIp,
+        mode: ClaimMode,
+        job_id: JobId,
+        ctx: &mut Context<Self>,
+    ) {
+        self.jobs.entry(ip).or_default();
+        self.stats
+            .in_flight
+            .store(self.jobs.len(), Ordering::Relaxed);
+        let deps = self.deps.clone();
+        let me = ctx.address();
+        let job = async move {
+            let durable = move || me.do_send(JobDurable { ip });
+            match crate::supervision::contain_future(enrich(job_id, ip, mode, &deps, durable)).await
+            {
+                Ok(result) => result.map_err(|e| persist_error(&e)),
+                // A bug, not a failure mode; the work stays due and the next pass retries it.
+                Err(panic) => Err(PersistError::Rejected(panic.to_string())),
+            }
+        };
+        ctx.spawn(job.into_actor(self).map(move |result, act, ctx| {
+            act.finish(ip, job_id, &result, ctx);
+        }));
+    }
+
+    fn finish(
+        &mut self,
+        ip: CanonicalIp,
+        job_id: JobId,
+        result: &Result<JobSummary, PersistError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let state = self.jobs.remove(&ip).unwrap_or_default();
+        self.stats.processed_total.fetch_add(1, Ordering::Relaxed);
+        let reply = match result {
+            Ok(summary) => {
+                debug!(%job_id, %ip, asked = summary.asked.len(), events = summary.applied.events, "Job done.");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(%job_id, %ip, error = %e, "Job failed; its work stays due.");
+                Err(e.clone())
+            }
+        };
+        for waiter in state.waiters.into_iter().chain(state.done_waiters) {
+            // A waiter that went away (its delivery was already settled) needs no answer.
+            let _ = waiter.send(reply.clone());
+        }
+        if state.rerun && result.is_ok() {
+            self.start_job(ip, ClaimMode::Due, JobId::new(), ctx);
+        }
+        self.stats
+            .in_flight
+            .store(self.jobs.len(), Ordering::Relaxed);
+        if self.jobs.is_empty() {
+            for waiter in self.drain_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Joins the running job for `ip` or starts one; the receiver answers when durable.
+    fn join_or_start(
+        &mut self,
+        ip: CanonicalIp,
+        origin: Origin,
+        job_id: JobId,
+        ctx: &mut Context<Self>,
+    ) -> oneshot::Receiver<Result<(), PersistError>> {
+        let (tx, rx) = oneshot::channel();
+        let wants_end = matches!(origin, Origin::Lookup { .. });
+        if let Some(state) = self.jobs.get_mut(&ip) {
+            if wants_end {
+                // Its claims may predate this request; one more pass after it is cheap.
+                state.rerun = true;
+                state.done_waiters.push(tx);
+            } else if state.durable {
+                state.rerun = true;
+                let _ = tx.send(Ok(()));
+            } else {
+                state.waiters.push(tx);
+            }
+            return rx;
+        }
+        let mode = match origin {
+            Origin::Lookup { refresh: true } => ClaimMode::Refresh,
+            _ => ClaimMode::Due,
+        };
+        let state = if wants_end {
+            JobState {
+                done_waiters: vec![tx],
+                ..JobState::default()
+            }
+        } else {
+            JobState {
+                waiters: vec![tx],
+                ..JobState::default()
+            }
+        };
+        self.jobs.insert(ip, state);
+        self.start_job(ip, mode, job_id, ctx);
+        rx
+    }
+}
+
+/// The one place that turns a store failure into what the bus does about it.
+fn persist_error(err: &StoreError) -> PersistError {
+    let text = enrichd_core::error::chain(err);
+    if err.is_unavailable() {
+        PersistError::Unavailable(text)
+    } else {
+        PersistError::Rejected(text)
+    }
+}
+
+impl Actor for Aggregator {
+    type Context = Context<Self>;
+}
+
+/// The job for `ip` committed its claims. Sent by the job to its own aggregator; losing it
+/// only delays the answers until the job ends, so `do_send` is fine.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+struct JobDurable {
+    ip: CanonicalIp,
+}
+
+impl Handler<JobDurable> for Aggregator {
+    type Result = ();
+
+    fn handle(&mut self, msg: JobDurable, _ctx: &mut Context<Self>) {
+        if let Some(state) = self.jobs.get_mut(&msg.ip) {
+            state.durable = true;
+            for waiter in state.waiters.drain(..) {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+}
+
+impl Handler<EnrichIp> for Aggregator {
+    type Result = ResponseActFuture<Self, Result<(), PersistError>>;
+
+    fn handle(&mut self, msg: EnrichIp, _ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.deps.store.clone();
+        let scope = StoredScope::from(self.deps.policy.scope(msg.ip));
+        let EnrichIp {
+            job_id,
+            ip,
+            attacker_uuid,
+            first_seen,
+            origin,
+        } = msg;
+        // Bus events are recorded first: the attacker row is found, mapped or (on a table we
+        // own) created, serialised per address by the store.
+        let record = async move {
+            match origin {
+                Origin::Bus(_) => store
+                    .note_event(ip, scope, attacker_uuid.as_deref(), first_seen)
+                    .await
+                    .map(drop)
+                    .map_err(|e| persist_error(&e)),
+                Origin::Backfill | Origin::Lookup { .. } => Ok(()),
+            }
+        };
+        Box::pin(record.into_actor(self).then(move |recorded, act, ctx| {
+            let receiver = recorded.map(|()| act.join_or_start(ip, origin, job_id, ctx));
+            async move {
+                match receiver {
+                    Ok(rx) => rx.await.unwrap_or_else(|_| {
+                        Err(PersistError::Unavailable("aggregator stopped".into()))
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            .into_actor(act)
+        }))
+    }
+}
+
+impl Handler<Drain> for Aggregator {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.is_empty() {
+            let _ = tx.send(());
+        } else {
+            self.drain_waiters.push(tx);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

@@ -1,0 +1,569 @@
+//! `BusListener`: the RabbitMQ side of the worker (SPEC §4).
+//!
+//! Two connections, one consuming and one publishing, so a slow publish never delays acks
+//! and the other way round. A session declares the topology and this replica's control queue,
+//! consumes with the configured prefetch, and runs the outbox relay and the health beat on the
+//! publishing connection. When the session fails (broker restart, network), the listener
+//! reconnects with backoff while the backfill keeps working from the database.
+//!
+//! Each delivery ends in exactly one of: ack once its address's state is durable; dead-letter
+//! (republish to the DLX with `x-enrichd-reason`, confirmed, then ack) when it is poison; or
+//! no settlement at all when the store is down (the prefetch window then pauses intake, and
+//! nothing is nacked, so the quorum queue's delivery limit never dead-letters good events).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use enrichd_bus::publish::{Outgoing, Publisher};
+use enrichd_bus::{Topology, connect, decode};
+use enrichd_core::Secret;
+use enrichd_core::messages::{
+    DeliveryTag, EnrichIp, Flush, JobId, Origin, PersistError, StopIntake,
+};
+use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
+use enrichd_store::Store;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use crate::aggregator::Aggregator;
+use crate::coordinator::Shutdown;
+use crate::health::HealthSource;
+use crate::relay::{RelayEnd, run_relay};
+
+/// Health beats: at start and every 30 s, expiring after 90 s.
+const HEALTH_EVERY: Duration = Duration::from_secs(30);
+const HEALTH_EXPIRATION_MS: u64 = 90_000;
+
+/// Bus settings of one replica.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// `amqp://` / `amqps://` URL (may carry credentials).
+    pub url: Secret,
+    /// Exchange and queue names.
+    pub topology: Topology,
+    /// Deliveries in flight.
+    pub prefetch: u16,
+    /// This replica's id (connection names, health beats).
+    pub instance: String,
+}
+
+/// Counters for health and metrics.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Deliveries received.
+    pub consumed: AtomicU64,
+    /// Deliveries acked.
+    pub acked: AtomicU64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// A session is up.
+    pub connected: AtomicBool,
+}
+
+/// What a session needs besides its configuration.
+#[derive(Clone)]
+pub struct BusDeps {
+    /// Where deliveries go.
+    pub aggregator: Addr<Aggregator>,
+    /// For the outbox relay.
+    pub store: Store,
+    /// Notified when the outbox has new rows.
+    pub outbox_wake: Arc<Notify>,
+    /// Notified when the bus goes down, so poll mode picks up at once.
+    pub backfill_wake: Arc<Notify>,
+    /// Health beat contents.
+    pub health: HealthSource,
+    /// Told about a cluster-wide `stop`.
+    pub coordinator: Recipient<Shutdown>,
+    /// Shared counters.
+    pub stats: Arc<BusStats>,
+}
+
+/// Close the bus after the final outbox round. Sent by the Coordinator last.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct CloseConnection;
+
+/// The actor: holds the switches of the session loop running in the background.
+pub struct BusListener {
+    config: BusConfig,
+    deps: BusDeps,
+    intake_stop: watch::Sender<bool>,
+    relay_stop: watch::Sender<bool>,
+    /// Turns true when the session loop has ended (all deliveries settled, connections closed).
+    finished: watch::Receiver<bool>,
+    finished_tx: Option<watch::Sender<bool>>,
+}
+
+impl BusListener {
+    /// A listener for `config`; it connects when started.
+    pub fn new(config: BusConfig, deps: BusDeps) -> Self {
+        let (finished_tx, finished) = watch::channel(false);
+        Self {
+            config,
+            deps,
+            intake_stop: watch::channel(false).0,
+            relay_stop: watch::channel(false).0,
+            finished,
+            finished_tx: Some(finished_tx),
+        }
+    }
+}
+
+impl Actor for BusListener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        let Some(finished_tx) = self.finished_tx.take() else {
+            return;
+        };
+        let config = self.config.clone();
+        let deps = self.deps.clone();
+        let intake_stop = self.intake_stop.subscribe();
+        let relay_stop = self.relay_stop.subscribe();
+        actix::spawn(async move {
+            session_loop(config, deps, intake_stop, relay_stop).await;
+            let _ = finished_tx.send(true);
+        });
+    }
+}
+
+impl Handler<StopIntake> for BusListener {
+    type Result = ResponseFuture<()>;
+
+    /// Cancels the consumers; replies once every delivery in flight is settled.
+    fn handle(&mut self, _msg: StopIntake, _ctx: &mut Context<Self>) -> Self::Result {
+        let _ = self.intake_stop.send(true);
+        let stats = Arc::clone(&self.deps.stats);
+        let mut finished = self.finished.clone();
+        Box::pin(async move {
+            // In a session, intake stops when its consumers are cancelled and its deliveries
+            // settled (signalled by `connected` turning false); without one it is already off.
+            while stats.connected.load(Ordering::Relaxed) && !*finished.borrow() {
+                if tokio::time::timeout(Duration::from_millis(50), finished.changed())
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        })
+    }
+}
+
+impl Handler<Flush> for BusListener {
+    type Result = ();
+
+    /// Nothing to do: the relay keeps publishing until `CloseConnection`.
+    fn handle(&mut self, _msg: Flush, _ctx: &mut Context<Self>) {}
+}
+
+impl Handler<CloseConnection> for BusListener {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: CloseConnection, _ctx: &mut Context<Self>) -> Self::Result {
+        let _ = self.intake_stop.send(true);
+        let _ = self.relay_stop.send(true);
+        let mut finished = self.finished.clone();
+        Box::pin(async move {
+            let _ = finished.wait_for(|done| *done).await;
+        })
+    }
+}
+
+// === the session loop ===
+
+enum SessionEnd {
+    Stopped,
+    Failed(String),
+}
+
+async fn session_loop(
+    config: BusConfig,
+    deps: BusDeps,
+    intake_stop: watch::Receiver<bool>,
+    mut relay_stop: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        if *relay_stop.borrow() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        match session(&config, &deps, intake_stop.clone(), relay_stop.clone()).await {
+            SessionEnd::Stopped => return,
+            SessionEnd::Failed(reason) => {
+                deps.stats.connected.store(false, Ordering::Relaxed);
+                deps.backfill_wake.notify_one();
+                if started.elapsed() > Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                attempt += 1;
+                let wait =
+                    crate::supervision::jittered_backoff(attempt + 3).min(Duration::from_secs(30));
+                warn!(error = %reason, attempt, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "Bus unavailable; running on the backlog and reconnecting.");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = relay_stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// An open session: both connections, the publisher, and the two consumers.
+struct Session {
+    consume_conn: lapin::Connection,
+    publish_conn: lapin::Connection,
+    publisher: Publisher,
+    consume_ch: lapin::Channel,
+    work: lapin::Consumer,
+    work_tag: String,
+    control: lapin::Consumer,
+    control_tag: String,
+}
+
+async fn open_session(config: &BusConfig) -> Result<Session, String> {
+    let chain = |e: enrichd_bus::BusError| enrichd_core::error::chain(&e);
+    let consume_conn = connect(&config.url, &format!("enrichd-consume {}", config.instance))
+        .await
+        .map_err(chain)?;
+    let publish_conn = connect(&config.url, &format!("enrichd-publish {}", config.instance))
+        .await
+        .map_err(chain)?;
+    let publisher = Publisher::open(&publish_conn).await.map_err(chain)?;
+    config
+        .topology
+        .declare(publisher.channel())
+        .await
+        .map_err(chain)?;
+    let consume_ch = consume_conn
+        .create_channel()
+        .await
+        .map_err(|e| format!("open consume channel: {e}"))?;
+    consume_ch
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| format!("set prefetch: {e}"))?;
+    let control_queue = config
+        .topology
+        .declare_control_queue(&consume_ch)
+        .await
+        .map_err(chain)?;
+    let work_tag = format!("enrichd-{}", config.instance);
+    let work = consume_ch
+        .basic_consume(
+            config.topology.queue.as_str().into(),
+            work_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("consume work queue: {e}"))?;
+    let control_tag = format!("enrichd-control-{}", config.instance);
+    let control = consume_ch
+        .basic_consume(
+            control_queue.as_str().into(),
+            control_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("consume control queue: {e}"))?;
+    Ok(Session {
+        consume_conn,
+        publish_conn,
+        publisher,
+        consume_ch,
+        work,
+        work_tag,
+        control,
+        control_tag,
+    })
+}
+
+/// The relay and the health beat, on the publishing connection. Each task ends `true` when
+/// the connection failed.
+fn start_background(
+    config: &BusConfig,
+    deps: &BusDeps,
+    publisher: &Publisher,
+    relay_stop: &watch::Receiver<bool>,
+) -> JoinSet<bool> {
+    let mut background = JoinSet::new();
+    background.spawn({
+        let (store, publisher, exchange, wake, stop) = (
+            deps.store.clone(),
+            publisher.clone(),
+            config.topology.exchange.clone(),
+            Arc::clone(&deps.outbox_wake),
+            relay_stop.clone(),
+        );
+        async move { run_relay(store, publisher, exchange, wake, stop).await == RelayEnd::BusFailed }
+    });
+    background.spawn({
+        let (publisher, exchange, health, mut stop) = (
+            publisher.clone(),
+            config.topology.exchange.clone(),
+            deps.health.clone(),
+            relay_stop.clone(),
+        );
+        async move {
+            loop {
+                if let Err(e) = publish_health(&publisher, &exchange, &health).await {
+                    debug!(error = %e, "Health beat not published.");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(HEALTH_EVERY) => {}
+                    _ = stop.changed() => return false,
+                }
+            }
+        }
+    });
+    background
+}
+
+async fn session(
+    config: &BusConfig,
+    deps: &BusDeps,
+    mut intake_stop: watch::Receiver<bool>,
+    relay_stop: watch::Receiver<bool>,
+) -> SessionEnd {
+    let Session {
+        consume_conn,
+        publish_conn,
+        publisher,
+        consume_ch,
+        mut work,
+        work_tag,
+        mut control,
+        control_tag,
+    } = match open_session(config).await {
+        Ok(session) => session,
+        Err(reason) => return SessionEnd::Failed(reason),
+    };
+    deps.stats.connected.store(true, Ordering::Relaxed);
+    info!(queue = %config.topology.queue, prefetch = config.prefetch, "Connected to the bus.");
+    let mut background = start_background(config, deps, &publisher, &relay_stop);
+
+    let mut deliveries: JoinSet<()> = JoinSet::new();
+    let mut intake_open = !*intake_stop.borrow();
+    let end = loop {
+        tokio::select! {
+            next = work.next(), if intake_open => match next {
+                Some(Ok(delivery)) => {
+                    deps.stats.consumed.fetch_add(1, Ordering::Relaxed);
+                    let (deps, publisher, topology, stop) =
+                        (deps.clone(), publisher.clone(), config.topology.clone(), intake_stop.clone());
+                    deliveries.spawn(async move { settle(delivery, &deps, &publisher, &topology, stop).await });
+                }
+                Some(Err(e)) => break SessionEnd::Failed(format!("consumer: {e}")),
+                None => break SessionEnd::Failed("consumer cancelled by the broker".into()),
+            },
+            next = control.next(), if intake_open => if let Some(Ok(delivery)) = next {
+                on_control(&delivery, deps);
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            },
+            _ = intake_stop.changed(), if intake_open => {
+                intake_open = false;
+                let _ = consume_ch.basic_cancel(work_tag.as_str().into(), BasicCancelOptions::default()).await;
+                let _ = consume_ch.basic_cancel(control_tag.as_str().into(), BasicCancelOptions::default()).await;
+                // Deliveries in flight still settle; then intake is off.
+                while deliveries.join_next().await.is_some() {}
+                deps.stats.connected.store(false, Ordering::Relaxed);
+                info!("Intake stopped.");
+            },
+            Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {},
+            Some(joined) = background.join_next() => {
+                if matches!(joined, Ok(true)) {
+                    break SessionEnd::Failed("publishing connection failed".into());
+                }
+                if !intake_open && background.is_empty() {
+                    break SessionEnd::Stopped;
+                }
+            },
+        }
+    };
+    background.abort_all();
+    deliveries.abort_all();
+    let _ = consume_conn.close(200, "bye".into()).await;
+    let _ = publish_conn.close(200, "bye".into()).await;
+    end
+}
+
+/// Decides and applies the fate of one delivery (the only place that does).
+async fn settle(
+    delivery: Delivery,
+    deps: &BusDeps,
+    publisher: &Publisher,
+    topology: &Topology,
+    mut stop: watch::Receiver<bool>,
+) {
+    let request = match decode(&delivery.data, delivery.routing_key.as_str()) {
+        Ok(request) => request,
+        Err(poison) => {
+            dead_letter(&delivery, deps, publisher, topology, &poison.to_string()).await;
+            return;
+        }
+    };
+    let first_seen = request.first_seen.as_deref().and_then(parse_first_seen);
+    let mut attempt = 0u32;
+    loop {
+        let answer = deps
+            .aggregator
+            .send(EnrichIp {
+                job_id: JobId::new(),
+                ip: request.ip,
+                attacker_uuid: request.attacker_uuid.clone(),
+                first_seen,
+                origin: Origin::Bus(DeliveryTag(delivery.delivery_tag)),
+            })
+            .await;
+        match answer {
+            Ok(Ok(())) => {
+                if delivery.ack(BasicAckOptions::default()).await.is_ok() {
+                    deps.stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            Ok(Err(PersistError::Rejected(reason))) => {
+                let reason = format!(
+                    "store rejected: {}",
+                    reason.chars().take(200).collect::<String>()
+                );
+                dead_letter(&delivery, deps, publisher, topology, &reason).await;
+                return;
+            }
+            Ok(Err(PersistError::Unavailable(reason))) => {
+                attempt += 1;
+                if attempt == 1 {
+                    warn!(ip = %request.ip, error = %reason, "Store unavailable; intake paused until it is back.");
+                }
+                let wait =
+                    crate::supervision::jittered_backoff(attempt + 2).min(Duration::from_secs(10));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    // Shutting down: leave it unacked; the broker redelivers it.
+                    _ = stop.changed() => if *stop.borrow() { return },
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "Aggregator unreachable; delivery left for redelivery.");
+                return;
+            }
+        }
+    }
+}
+
+async fn dead_letter(
+    delivery: &Delivery,
+    deps: &BusDeps,
+    publisher: &Publisher,
+    topology: &Topology,
+    reason: &str,
+) {
+    match publisher
+        .dead_letter(
+            &topology.dead_letter_exchange,
+            &topology.dead_queue,
+            delivery,
+            reason,
+        )
+        .await
+    {
+        Ok(()) => {
+            if delivery.ack(BasicAckOptions::default()).await.is_ok() {
+                deps.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+            warn!(reason, "Delivery dead-lettered.");
+        }
+        Err(e) => {
+            warn!(error = %enrichd_core::error::chain(&e), "Dead-lettering failed; delivery left for redelivery.");
+        }
+    }
+}
+
+/// `first_seen` as the reference writes it: RFC 3339, or naive `YYYY-MM-DD[T ]HH:MM:SS[.f]` in UTC.
+fn parse_first_seen(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+        .map(|n| n.and_utc())
+}
+
+fn on_control(delivery: &Delivery, deps: &BusDeps) {
+    let value: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+    let payload = match value.get("payload") {
+        Some(p) if p.is_object() => p,
+        _ => &value,
+    };
+    let action = payload
+        .get("action")
+        .and_then(|a| a.as_str())
+        .unwrap_or_default();
+    let requested_by = payload
+        .get("requested_by")
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    if action == "stop" {
+        info!(requested_by = %requested_by, "Cluster-wide stop requested; draining.");
+        deps.coordinator.do_send(Shutdown { exit_code: 0 });
+    } else {
+        info!(action = %action.chars().take(64).collect::<String>(), "Control action ignored.");
+    }
+}
+
+async fn publish_health(
+    publisher: &Publisher,
+    exchange: &str,
+    health: &HealthSource,
+) -> Result<(), String> {
+    let payload = health.snapshot().await;
+    let ts = crate::health::epoch_seconds();
+    let envelope = Envelope::new(TOPIC_HEALTH, "health", ts, payload);
+    let body = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
+    publisher
+        .publish(Outgoing {
+            exchange,
+            routing_key: TOPIC_HEALTH,
+            body: &body,
+            message_id: Some(&envelope.id),
+            persistent: false,
+            expiration_ms: Some(HEALTH_EXPIRATION_MS),
+            headers: None,
+        })
+        .await
+        .map_err(|e| enrichd_core::error::chain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_seen_accepts_the_reference_shapes() {
+        let expected = DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for text in [
+            "2026-11-23T10:00:00Z",
+            "2026-11-23T10:00:00+00:00",
+            "2026-11-23T10:00:00",
+            "2026-11-23 10:00:00.000000",
+        ] {
+            assert_eq!(parse_first_seen(text), Some(expected), "{text}");
+        }
+        assert_eq!(parse_first_seen("yesterday"), None);
+    }
+}

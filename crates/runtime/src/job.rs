@@ -1,0 +1,187 @@
+//! One enrichment pass for one address: claim what is due, ask PTR and providers in parallel,
+//! write the results in one transaction.
+//!
+//! The pass reports "durable" as soon as its claims are committed: from then on the address's
+//! work is either leased by this live process or recorded as due, so a bus delivery can be
+//! acked (SPEC §1.7) and a crash loses nothing: the lease lapses and any replica's backfill
+//! finishes the work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Recipient;
+use enrichd_core::messages::{JobId, ProviderUnavailable, QueryProvider, ResolvePtr};
+use enrichd_core::ports::PtrReport;
+use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
+use enrichd_store::{
+    ApplyContext, ApplyOutcome, ClaimMode, Claims, Lease, Store, StoreError, StoredScope,
+};
+use futures::future::join_all;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+/// Slack on top of a provider's own deadlines before we stop waiting for its actor.
+const MAILBOX_SLACK: Duration = Duration::from_secs(5);
+
+/// What a pass needs; cheap to clone (handles and recipients).
+#[derive(Clone)]
+pub struct JobDeps {
+    /// The store.
+    pub store: Store,
+    /// Global predicate plus exclusions.
+    pub policy: AddressPolicy,
+    /// Configured providers, TTL, bus and PTR switches.
+    pub ctx: ApplyContext,
+    /// Provider actors, one per usable provider, in contract order.
+    pub providers: Vec<(ProviderId, Recipient<QueryProvider>)>,
+    /// The PTR pool; `None` when PTR is disabled (then no DNS traffic at all).
+    pub ptr: Option<Recipient<ResolvePtr>>,
+    /// A provider lease: the longest reservation wait, the call deadline and 20 s of slack.
+    pub provider_lease: Duration,
+    /// A PTR lease: the lookup deadline plus 20 s.
+    pub ptr_lease: Duration,
+    /// Notified when a pass wrote outbox rows, so the relay publishes without polling.
+    pub outbox_wake: Option<Arc<Notify>>,
+}
+
+impl std::fmt::Debug for JobDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobDeps")
+            .field(
+                "providers",
+                &self.providers.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            )
+            .field("ptr", &self.ptr.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one pass did, for logs, metrics and `lookup`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobSummary {
+    /// Providers asked in this pass.
+    pub asked: Vec<ProviderId>,
+    /// Providers that could not be asked (parked, breaker open, stale, unreachable).
+    pub unavailable: Vec<(ProviderId, ProviderUnavailable)>,
+    /// Whether PTR was resolved in this pass.
+    pub ptr_resolved: bool,
+    /// What the write did.
+    pub applied: ApplyOutcome,
+}
+
+/// Runs one pass for `ip`. `on_durable` is called once the claims are committed.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be read or written; nothing was lost (leases lapse).
+pub async fn enrich(
+    job_id: JobId,
+    ip: CanonicalIp,
+    mode: ClaimMode,
+    deps: &JobDeps,
+    on_durable: impl FnOnce(),
+) -> Result<JobSummary, StoreError> {
+    let scope = StoredScope::from(deps.policy.scope(ip));
+    if !scope.is_global() {
+        // Recorded as skipped (every provider column empty, aggregate NULL, no event); nothing
+        // is sent anywhere.
+        let applied = deps
+            .store
+            .apply(ip, scope, None, Vec::new(), &deps.ctx)
+            .await?;
+        on_durable();
+        return Ok(JobSummary {
+            applied,
+            ..JobSummary::default()
+        });
+    }
+
+    let provider_ids: Vec<ProviderId> = deps.providers.iter().map(|(id, _)| *id).collect();
+    let claims = deps
+        .store
+        .claim_work(
+            ip,
+            &provider_ids,
+            deps.ptr.is_some(),
+            deps.provider_lease.max(deps.ptr_lease),
+            mode,
+        )
+        .await?;
+    on_durable();
+    debug!(%job_id, %ip, providers = claims.providers.len(), ptr = claims.ptr.is_some(), "Claimed work.");
+
+    let (ptr, reports, unavailable) = ask(job_id, ip, &claims, deps).await;
+    let summary_asked: Vec<ProviderId> = reports.iter().map(|(_, r)| r.provider).collect();
+    let ptr_resolved = ptr.is_some();
+    // Even with nothing new, the write recomputes every attacker row of the address from the
+    // stored state: an attacker row that appeared since the last pass gets its intel row.
+    let applied = deps.store.apply(ip, scope, ptr, reports, &deps.ctx).await?;
+    if applied.events > 0
+        && let Some(wake) = &deps.outbox_wake
+    {
+        wake.notify_one();
+    }
+    Ok(JobSummary {
+        asked: summary_asked,
+        unavailable,
+        ptr_resolved,
+        applied,
+    })
+}
+
+type Asked = (
+    Option<(Lease, PtrReport)>,
+    Vec<(Lease, ProviderReport)>,
+    Vec<(ProviderId, ProviderUnavailable)>,
+);
+
+/// Asks PTR and every claimed provider at once; each answers within its own deadline.
+async fn ask(job_id: JobId, ip: CanonicalIp, claims: &Claims, deps: &JobDeps) -> Asked {
+    let ptr_future = async {
+        let (Some(lease), Some(pool)) = (claims.ptr, deps.ptr.as_ref()) else {
+            return None;
+        };
+        let deadline = deps.ptr_lease.saturating_sub(Duration::from_secs(20)) + MAILBOX_SLACK;
+        match pool.send(ResolvePtr { job_id, ip }).timeout(deadline).await {
+            Ok(report) => Some((lease, report)),
+            Err(e) => {
+                // The lease lapses and the work is retried; a failure never replaces a name.
+                warn!(%job_id, %ip, error = %e, "PTR pool did not answer.");
+                None
+            }
+        }
+    };
+    let provider_futures = claims.providers.iter().filter_map(|(id, lease)| {
+        let recipient = deps
+            .providers
+            .iter()
+            .find(|(p, _)| p == id)
+            .map(|(_, r)| r.clone())?;
+        let timeout = deps.provider_lease.saturating_sub(Duration::from_secs(20)) + MAILBOX_SLACK;
+        let (id, lease) = (*id, *lease);
+        Some(async move {
+            let answer = recipient
+                .send(QueryProvider {
+                    job_id,
+                    provider: id,
+                    ip,
+                })
+                .timeout(timeout)
+                .await
+                .unwrap_or(Err(ProviderUnavailable::Unreachable));
+            (id, lease, answer)
+        })
+    });
+    let (ptr, answers) = futures::future::join(ptr_future, join_all(provider_futures)).await;
+    let mut reports = Vec::new();
+    let mut unavailable = Vec::new();
+    for (id, lease, answer) in answers {
+        match answer {
+            Ok(report) => reports.push((lease, report)),
+            Err(reason) => {
+                debug!(%job_id, %ip, provider = %id, reason = %reason, "Provider unavailable; work stays due.");
+                unavailable.push((id, reason));
+            }
+        }
+    }
+    (ptr, reports, unavailable)
+}
