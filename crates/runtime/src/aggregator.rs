@@ -259,3 +259,14 @@ impl Handler<Drain> for Aggregator {
         })
     }
 }
+
+/// Liveness probe: answered by the actor itself, so a reply means the actor system runs.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+impl Handler<Ping> for Aggregator {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Ping, _ctx: &mut Context<Self>) {}
+}

@@ -23,6 +23,7 @@ use enrichd_core::Secret;
 use enrichd_core::messages::{
     DeliveryTag, EnrichIp, Flush, JobId, Origin, PersistError, StopIntake,
 };
+use enrichd_core::metric_names;
 use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
 use enrichd_store::Store;
 use futures::StreamExt;
@@ -361,6 +362,7 @@ async fn session(
             next = work.next(), if intake_open => match next {
                 Some(Ok(delivery)) => {
                     deps.stats.consumed.fetch_add(1, Ordering::Relaxed);
+                    enrichd_metrics::global().counter(metric_names::EVENTS_CONSUMED, &[]).inc();
                     let (deps, publisher, topology, stop) =
                         (deps.clone(), publisher.clone(), config.topology.clone(), intake_stop.clone());
                     deliveries.spawn(async move { settle(delivery, &deps, &publisher, &topology, stop).await });
@@ -431,6 +433,9 @@ async fn settle(
             Ok(Ok(())) => {
                 if delivery.ack(BasicAckOptions::default()).await.is_ok() {
                     deps.stats.acked.fetch_add(1, Ordering::Relaxed);
+                    enrichd_metrics::global()
+                        .counter(metric_names::EVENTS_ACKED, &[])
+                        .inc();
                 }
                 return;
             }
@@ -482,6 +487,11 @@ async fn dead_letter(
         Ok(()) => {
             if delivery.ack(BasicAckOptions::default()).await.is_ok() {
                 deps.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                // The reason without its details keeps the label set small and fixed.
+                let kind = reason.split([':', '(']).next().unwrap_or("other").trim();
+                enrichd_metrics::global()
+                    .counter(metric_names::EVENTS_DEAD_LETTERED, &[("reason", kind)])
+                    .inc();
             }
             warn!(reason, "Delivery dead-lettered.");
         }

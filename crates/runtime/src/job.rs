@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use actix::Recipient;
 use enrichd_core::messages::{JobId, ProviderUnavailable, QueryProvider, ResolvePtr};
+use enrichd_core::metric_names;
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
 use enrichd_store::{
@@ -108,6 +109,7 @@ pub async fn enrich(
         .await?;
     on_durable();
     debug!(%job_id, %ip, providers = claims.providers.len(), ptr = claims.ptr.is_some(), "Claimed work.");
+    record_cache_hits(&provider_ids, deps.ptr.is_some(), &claims);
 
     let (ptr, reports, unavailable) = ask(job_id, ip, &claims, deps).await;
     let summary_asked: Vec<ProviderId> = reports.iter().map(|(_, r)| r.provider).collect();
@@ -126,6 +128,23 @@ pub async fn enrich(
         ptr_resolved,
         applied,
     })
+}
+
+/// Work that was configured but not claimed was fresh (or leased elsewhere): no lookup spent.
+fn record_cache_hits(providers: &[ProviderId], ptr_enabled: bool, claims: &Claims) {
+    let registry = enrichd_metrics::global();
+    for id in providers {
+        if !claims.providers.iter().any(|(claimed, _)| claimed == id) {
+            registry
+                .counter(metric_names::CACHE_HITS, &[("provider", id.as_str())])
+                .inc();
+        }
+    }
+    if ptr_enabled && claims.ptr.is_none() {
+        registry
+            .counter(metric_names::CACHE_HITS, &[("provider", "ptr")])
+            .inc();
+    }
 }
 
 type Asked = (
@@ -172,6 +191,14 @@ async fn ask(job_id: JobId, ip: CanonicalIp, claims: &Claims, deps: &JobDeps) ->
         })
     });
     let (ptr, answers) = futures::future::join(ptr_future, join_all(provider_futures)).await;
+    if let Some((_, report)) = &ptr {
+        enrichd_metrics::global()
+            .counter(
+                metric_names::PTR_LOOKUPS,
+                &[("outcome", report.outcome.as_str())],
+            )
+            .inc();
+    }
     let mut reports = Vec::new();
     let mut unavailable = Vec::new();
     for (id, lease, answer) in answers {

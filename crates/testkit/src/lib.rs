@@ -4,6 +4,7 @@
 //! - [`db`]: a fresh PostgreSQL database or SQLite file per test.
 //! - [`dns`]: an in-process authoritative DNS server on a loopback port.
 //! - [`http`]: a scriptable HTTP/1.1 server speaking a provider's wire contract.
+//! - [`proxy`]: a TCP proxy a test can cut, to take a service away from one process.
 //! - [`services`]: whether the real PostgreSQL / RabbitMQ are reachable, and what to do if not.
 //! - [`tracing`]: a test-writer subscriber, installed once.
 //! - [`eventually`]: wait for a condition instead of sleeping.
@@ -17,6 +18,7 @@
 pub mod db;
 pub mod dns;
 pub mod http;
+pub mod proxy;
 pub mod services;
 pub mod tracing;
 

@@ -5,6 +5,7 @@
 //! - [`cli`]: the clap command line and its exit codes.
 //! - [`config`]: file + environment → validated [`config::Settings`].
 //! - [`telemetry`]: the tracing subscriber (JSON when not on a terminal).
+//! - [`observe`]: probes and gauges for `/metrics`, `/healthz`, `/readyz`.
 //! - [`lock`]: one `enrichd run` per SQLite file.
 //! - [`signal`]: the shutdown signals (SIGTERM, SIGINT).
 //! - [`wiring`]: settings → running actors.
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod lock;
+pub mod observe;
 pub mod signal;
 pub mod telemetry;
 pub mod wiring;

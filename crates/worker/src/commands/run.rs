@@ -2,16 +2,18 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, AsyncContext};
+use actix::{Actor, Addr, AsyncContext, Context};
 use enrichd_bus::Topology;
 use enrichd_runtime::backfill::{Backfill, BackfillConfig, BackfillStats};
 use enrichd_runtime::bus_listener::{BusConfig, BusDeps, BusListener, BusStats};
 use enrichd_runtime::coordinator::{AttachBus, Coordinator, Shutdown};
 use enrichd_runtime::health::HealthSource;
+use enrichd_store::Store;
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::config::Settings;
-use crate::{exit, lock, wiring};
+use crate::wiring::Core;
+use crate::{exit, lock, observe, wiring};
 
 pub(super) async fn run(settings: &Settings) -> u8 {
     // Taken before anything else touches the file, so a second run fails fast and clearly.
@@ -33,7 +35,7 @@ pub(super) async fn run(settings: &Settings) -> u8 {
     let (exit_tx, exit_rx) = oneshot::channel();
     let (backfill_stop, backfill_stop_rx) = watch::channel(false);
     // The Coordinator needs the aggregator and the actors need the Coordinator (for a spent
-    // restart budget): start it first and attach the rest. The core lives as long as `run`:
+    // restart budget): create it first and attach the rest. The core lives as long as `run`:
     // its arbiters are the provider threads.
     let mut core_slot = None;
     let coordinator = Coordinator::create(|ctx| {
@@ -53,33 +55,22 @@ pub(super) async fn run(settings: &Settings) -> u8 {
             stats: Arc::clone(&backfill_stats),
         };
         actix::spawn(backfill.run(backfill_stop_rx));
-        if let Some(bus) = &settings.bus {
-            let health = HealthSource {
-                instance: instance.clone(),
-                started: tokio::time::Instant::now(),
-                aggregator: Arc::clone(&core.stats),
-                backfill: Arc::clone(&backfill_stats),
-                providers: core.provider_status.clone(),
-            };
-            let listener = BusListener::new(
-                BusConfig {
-                    url: bus.amqp_url.clone(),
-                    topology: Topology::new(&bus.exchange, &bus.queue),
-                    prefetch: bus.prefetch,
-                    instance: instance.clone(),
-                },
-                BusDeps {
-                    aggregator: core.aggregator.clone(),
-                    store: store.clone(),
-                    outbox_wake: Arc::clone(&core.outbox_wake),
-                    backfill_wake,
-                    health,
-                    coordinator: ctx.address().recipient(),
-                    stats: Arc::new(BusStats::default()),
-                },
-            )
-            .start();
-            ctx.notify(AttachBus(listener));
+        actix::spawn(observe::refresh_gauges(observe::GaugeSources {
+            store: store.clone(),
+            aggregator: Arc::clone(&core.stats),
+            backfill: Arc::clone(&backfill_stats),
+            providers: core.provider_status.clone(),
+        }));
+        if settings.bus.is_some() {
+            start_bus(
+                settings,
+                &store,
+                &core,
+                &instance,
+                backfill_wake,
+                backfill_stats,
+                ctx,
+            );
         } else {
             tracing::info!(
                 "No ENRICHD_AMQP_URL: running on the database backlog alone (poll mode)."
@@ -97,19 +88,79 @@ pub(super) async fn run(settings: &Settings) -> u8 {
         coordinator
     });
     tracing::info!(instance = %instance, "Worker started.");
+    let _metrics_server = match &core_slot {
+        Some(core) => serve_metrics(settings, core.aggregator.clone(), store.clone()).await,
+        None => None,
+    };
 
-    let exit_rx = exit_rx;
     tokio::pin!(exit_rx);
     tokio::select! {
-        () = crate::signal::shutdown() => {
-            coordinator.do_send(Shutdown { exit_code: exit::OK });
-        }
+        () = crate::signal::shutdown() => coordinator.do_send(Shutdown { exit_code: exit::OK }),
         code = &mut exit_rx => return code.unwrap_or(exit::FAILURE),
     }
     let code = exit_rx.await.unwrap_or(exit::FAILURE);
     drop(core_slot);
     tracing::info!(exit_code = code, "Stopped.");
     code
+}
+
+/// Starts the bus listener and attaches it to the Coordinator being created.
+fn start_bus(
+    settings: &Settings,
+    store: &Store,
+    core: &Core,
+    instance: &str,
+    backfill_wake: Arc<Notify>,
+    backfill_stats: Arc<BackfillStats>,
+    ctx: &mut Context<Coordinator>,
+) {
+    let Some(bus) = &settings.bus else { return };
+    let health = HealthSource {
+        instance: instance.to_owned(),
+        started: tokio::time::Instant::now(),
+        aggregator: Arc::clone(&core.stats),
+        backfill: backfill_stats,
+        providers: core.provider_status.clone(),
+    };
+    let listener = BusListener::new(
+        BusConfig {
+            url: bus.amqp_url.clone(),
+            topology: Topology::new(&bus.exchange, &bus.queue),
+            prefetch: bus.prefetch,
+            instance: instance.to_owned(),
+        },
+        BusDeps {
+            aggregator: core.aggregator.clone(),
+            store: store.clone(),
+            outbox_wake: Arc::clone(&core.outbox_wake),
+            backfill_wake,
+            health,
+            coordinator: ctx.address().recipient(),
+            stats: Arc::new(BusStats::default()),
+        },
+    )
+    .start();
+    ctx.notify(AttachBus(listener));
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz`; a failure to bind is logged, never fatal.
+async fn serve_metrics(
+    settings: &Settings,
+    aggregator: Addr<enrichd_runtime::aggregator::Aggregator>,
+    store: Store,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let probes = Arc::new(observe::WorkerProbes { aggregator, store });
+    match enrichd_metrics::serve(settings.metrics_addr, probes).await {
+        Ok((addr, task)) => {
+            tracing::info!(addr = %addr, "Serving /metrics, /healthz and /readyz.");
+            Some(task)
+        }
+        Err(e) => {
+            // Observability must not take the worker down; the probes' absence says enough.
+            tracing::error!(addr = %settings.metrics_addr, error = %e, "Cannot serve metrics.");
+            None
+        }
+    }
 }
 
 /// `<host>-<pid>-<random>`: unique per process, readable in the management UI and health beats.

@@ -1,0 +1,209 @@
+//! Supervision across actors: a faulting provider is restarted behind the same address while
+//! another keeps answering, and a spent restart budget makes the Coordinator exit 1.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failure is a test failure"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Supervisor};
+use enrichd_core::messages::{JobId, QueryProvider};
+use enrichd_core::ports::{GateEvent, IntelProvider, ProviderGate, ProviderLimits, Reservation};
+use enrichd_core::{
+    AddressPolicy, CanonicalIp, ProviderError, ProviderFields, ProviderId, ProviderOutcome,
+    ProviderReport, Verdict,
+};
+use enrichd_intel::ProviderHooks;
+use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
+use enrichd_runtime::coordinator::Coordinator;
+use enrichd_runtime::job::JobDeps;
+use enrichd_runtime::provider_actor::{
+    GetProviderStatus, InjectFault, ProviderActor, ProviderActorConfig,
+};
+use enrichd_runtime::supervision::{RestartBudget, RestartPolicy};
+use enrichd_store::{ApplyContext, Store};
+use enrichd_testkit::db::TestDb;
+use enrichd_testkit::eventually;
+use tokio::sync::{oneshot, watch};
+
+struct Answers(ProviderId);
+
+impl IntelProvider for Answers {
+    fn id(&self) -> ProviderId {
+        self.0
+    }
+
+    async fn lookup(&self, _ip: CanonicalIp) -> Result<ProviderReport, ProviderError> {
+        Ok(ProviderReport::answer(
+            ProviderOutcome::Ok,
+            Some(Verdict::Benign),
+            ProviderFields::Feodo {
+                listed: false,
+                malware_family: None,
+            },
+            serde_json::json!({}),
+        ))
+    }
+}
+
+impl ProviderHooks for Answers {
+    fn metered(&self) -> bool {
+        false
+    }
+}
+
+struct OpenGate;
+
+impl ProviderGate for OpenGate {
+    type Error = std::io::Error;
+
+    async fn reserve(
+        &self,
+        _provider: ProviderId,
+        _limits: &ProviderLimits,
+    ) -> Result<Reservation, Self::Error> {
+        Ok(Reservation::Granted {
+            wait: Duration::ZERO,
+            quota_remaining: None,
+        })
+    }
+
+    async fn record(&self, _provider: ProviderId, _event: GateEvent) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+fn limits() -> ProviderLimits {
+    ProviderLimits {
+        rate_per_sec: 0.0,
+        daily_quota: 0,
+        key_fingerprint: None,
+    }
+}
+
+fn start_provider(
+    id: ProviderId,
+    policy: Option<RestartPolicy>,
+) -> Addr<ProviderActor<Answers, OpenGate>> {
+    Supervisor::start(move |_| {
+        let actor = ProviderActor::new(
+            Arc::new(Answers(id)),
+            Arc::new(OpenGate),
+            limits(),
+            ProviderActorConfig::default(),
+        );
+        match policy {
+            Some(p) => actor.with_restart_policy(p),
+            None => actor,
+        }
+    })
+}
+
+async fn ask<A>(addr: &Addr<A>, provider: ProviderId) -> Result<ProviderReport, String>
+where
+    A: actix::Handler<QueryProvider>,
+    A::Context: actix::dev::ToEnvelope<A, QueryProvider>,
+{
+    let ip = CanonicalIp::parse("8.8.8.8").unwrap();
+    addr.send(QueryProvider {
+        job_id: JobId::new(),
+        provider,
+        ip,
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+async fn sqlite_store(db: &TestDb) -> Store {
+    let store = Store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+#[actix::test]
+async fn a_faulting_provider_restarts_behind_the_same_address_and_the_others_keep_working() {
+    let (gave_up_tx, _gave_up_rx) = oneshot::channel::<u8>();
+    let db = TestDb::sqlite();
+    let store = sqlite_store(&db).await;
+    let coordinator = coordinator(&store, gave_up_tx);
+    let faulty = start_provider(
+        ProviderId::Greynoise,
+        Some(RestartPolicy::new(
+            "ProviderActor",
+            RestartBudget::new(5, Duration::from_secs(60)),
+            coordinator.recipient(),
+        )),
+    );
+    let healthy = start_provider(ProviderId::Feodo, None);
+
+    for round in 1..=3u32 {
+        faulty.send(InjectFault).await.unwrap();
+        let restarted = eventually(Duration::from_secs(10), || {
+            let faulty = faulty.clone();
+            async move { faulty.send(GetProviderStatus).await.unwrap().restarts == round }
+        })
+        .await;
+        assert!(restarted, "restart {round}");
+        assert!(
+            ask(&healthy, ProviderId::Feodo).await.is_ok(),
+            "the other provider answers"
+        );
+    }
+    // Same address, still answering after three restarts.
+    let report = ask(&faulty, ProviderId::Greynoise).await.unwrap();
+    assert_eq!(report.outcome, ProviderOutcome::Ok);
+    assert_eq!(faulty.send(GetProviderStatus).await.unwrap().restarts, 3);
+}
+
+#[actix::test]
+async fn a_spent_restart_budget_makes_the_coordinator_exit_1() {
+    let (exit_tx, exit_rx) = oneshot::channel::<u8>();
+    let db = TestDb::sqlite();
+    let store = sqlite_store(&db).await;
+    let coordinator = coordinator(&store, exit_tx);
+    let faulty = start_provider(
+        ProviderId::Greynoise,
+        Some(RestartPolicy::new(
+            "ProviderActor",
+            RestartBudget::new(2, Duration::from_secs(60)),
+            coordinator.recipient(),
+        )),
+    );
+    for _ in 0..3 {
+        // Each fault stops the actor; the third restart exceeds a budget of two.
+        let _ = faulty.send(InjectFault).await;
+    }
+    let code = tokio::time::timeout(Duration::from_secs(20), exit_rx)
+        .await
+        .expect("exit in time");
+    assert_eq!(code.unwrap(), 1);
+}
+
+fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
+    let deps = JobDeps {
+        store: store.clone(),
+        policy: AddressPolicy::default(),
+        ctx: ApplyContext::default(),
+        providers: Vec::new(),
+        ptr: None,
+        provider_lease: Duration::from_secs(30),
+        ptr_lease: Duration::from_secs(22),
+        outbox_wake: None,
+    };
+    let aggregator = Aggregator::new(deps, Arc::new(AggregatorStats::default())).start();
+    let (backfill_stop, _) = watch::channel(false);
+    Coordinator::new(
+        None,
+        aggregator,
+        backfill_stop,
+        store.clone(),
+        Duration::from_secs(5),
+        exit,
+    )
+    .start()
+}

@@ -1,0 +1,482 @@
+//! The worker end to end (issue #5): the real binary, the real RabbitMQ and PostgreSQL (a
+//! database and uniquely named exchange/queues per test), fake providers, a loopback DNS server.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failure is a test failure"
+)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::{FakeProviders, TestBus, Worker, dns_for, scalar, topology};
+use enrichd_testkit::db::TestDb;
+use enrichd_testkit::eventually;
+use enrichd_testkit::proxy::TcpProxy;
+use enrichd_testkit::services::{amqp_url, require_postgres, require_rabbitmq};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn ips(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}.{}", i + 1)).collect()
+}
+
+fn parsed(ips: &[String]) -> Vec<IpAddr> {
+    ips.iter().map(|ip| ip.parse().unwrap()).collect()
+}
+
+fn services_up() -> bool {
+    require_postgres() && require_rabbitmq()
+}
+
+fn bus_env(env: &mut Vec<(String, String)>, bus: &TestBus, amqp: &str) {
+    env.push(("ENRICHD_AMQP_URL".into(), amqp.to_owned()));
+    env.push(("ENRICHD_EXCHANGE".into(), bus.topology.exchange.clone()));
+    env.push(("ENRICHD_QUEUE".into(), bus.topology.queue.clone()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scored_envelope_becomes_a_compatible_row_and_an_enriched_event() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let dns = dns_for(&parsed(&["45.155.205.233".to_owned()]));
+    let bus = TestBus::start(topology("happy")).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    let worker = Worker::start("happy", &env).await;
+
+    bus.publish_scored("45.155.205.233").await;
+    assert!(
+        eventually(WAIT, || async { bus.result_count().await >= 1 }).await,
+        "{}",
+        worker.log_text()
+    );
+
+    let (message_id, envelope) = bus.results.lock().await[0].clone();
+    assert_eq!(envelope["v"], 1);
+    assert_eq!(envelope["topic"], "attacker.intel.enriched");
+    assert_eq!(envelope["type"], "intel.enriched");
+    assert!(envelope["ts"].is_f64());
+    let id = envelope["id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert_eq!(
+        message_id.as_deref(),
+        Some(id),
+        "message_id is the envelope id"
+    );
+    let p = &envelope["payload"];
+    let uuid = p["attacker_uuid"].as_str().unwrap();
+    assert_eq!(uuid.len(), 36, "uuid4 with dashes");
+    assert_eq!(p["attacker_ip"], "45.155.205.233");
+    assert_eq!(p["aggregate_verdict"], "malicious");
+    assert_eq!(p["providers"], serde_json::json!(["greynoise", "feodo"]));
+    assert!(p["abuseipdb_score"].is_null());
+    assert_eq!(p["abuseipdb_categories"], serde_json::json!([]));
+    assert_eq!(p["greynoise_classification"], "malicious");
+    assert_eq!(p["greynoise_name"], "Mirai");
+    assert_eq!(
+        p["greynoise_tags"],
+        serde_json::json!(["telnet_bruteforcer"])
+    );
+    assert_eq!(p["feodo_listed"], true);
+    assert_eq!(p["feodo_malware_family"], "QakBot");
+    assert!(p["threatfox_listed"].is_null());
+    for key in [
+        "threatfox_threat_types",
+        "threatfox_ioc_types",
+        "threatfox_malware_families",
+    ] {
+        assert_eq!(p[key], serde_json::json!([]), "{key}");
+    }
+    assert_eq!(p["ptr_record"], "h0.fake.test");
+    assert_eq!(p["ptr_outcome"], "ok");
+    assert_eq!(
+        p["provider_outcomes"],
+        serde_json::json!({"greynoise": "ok", "feodo": "ok"})
+    );
+    for forbidden in enrichd_core::payload::FORBIDDEN_PAYLOAD_KEYS {
+        assert!(p.get(forbidden).is_none(), "{forbidden}");
+    }
+
+    let conn = db.connect().await;
+    assert_eq!(scalar(&conn, "SELECT COUNT(*) FROM attackers").await, 1);
+    assert_eq!(
+        scalar(
+            &conn,
+            &format!(
+                "SELECT COUNT(*) FROM attacker_intel WHERE attacker_uuid = '{uuid}' \
+            AND aggregate_verdict = 'malicious' AND feodo_listed AND length(uuid) = 32 \
+            AND greynoise_classification = 'malicious' AND abuseipdb_score IS NULL"
+            )
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar(&conn, &format!("SELECT COUNT(*) FROM attackers WHERE uuid = '{uuid}' AND ptr_record = 'h0.fake.test'")).await,
+        1
+    );
+    assert_eq!(fakes.greynoise_calls().get("45.155.205.233"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let fakes = FakeProviders::start(Duration::from_millis(20)).await;
+    let addresses = ips("8.8.9", 50);
+    let dns = dns_for(&parsed(&addresses));
+    let bus = TestBus::start(topology("fifty")).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    let worker = Worker::start("fifty", &env).await;
+
+    for round in 0..20 {
+        for ip in &addresses {
+            let _ = round;
+            bus.publish_scored(ip).await;
+        }
+    }
+    let acked = eventually(WAIT, || async {
+        worker.counter("enrichd_events_acked_total").await >= 1000
+    })
+    .await;
+    assert!(acked, "{}", worker.log_text());
+    let conn = db.connect().await;
+    let enriched = eventually(WAIT, || async {
+        scalar(
+            &conn,
+            "SELECT COUNT(*) FROM attacker_intel WHERE greynoise_classification IS NOT NULL",
+        )
+        .await
+            == 50
+    })
+    .await;
+    assert!(enriched, "{}", worker.log_text());
+    assert_eq!(
+        scalar(&conn, "SELECT COUNT(*) FROM attackers").await,
+        50,
+        "one attacker row per address"
+    );
+    let calls = fakes.greynoise_calls();
+    assert_eq!(calls.len(), 50);
+    assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_twice_gives_one_row_one_event_and_one_lookup() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let dns = dns_for(&parsed(&["1.1.1.7".to_owned()]));
+    let bus = TestBus::start(topology("twice")).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    let worker = Worker::start("twice", &env).await;
+
+    let body = common::scored_envelope("1.1.1.7");
+    bus.publish_raw("attacker.scored", body.as_bytes()).await;
+    assert!(eventually(WAIT, || async { bus.result_count().await == 1 }).await);
+    bus.publish_raw("attacker.scored", body.as_bytes()).await;
+    assert!(
+        eventually(WAIT, || async {
+            worker.counter("enrichd_events_acked_total").await == 2
+        })
+        .await
+    );
+    let conn = db.connect().await;
+    // The second pass is durable once acked; its write (if any) has happened when the outbox
+    // is empty and no job is in flight.
+    assert!(
+        eventually(WAIT, || async {
+            worker.counter("enrichd_in_flight").await == 0
+                && scalar(&conn, "SELECT COUNT(*) FROM enrichd_outbox").await == 0
+        })
+        .await
+    );
+    assert_eq!(
+        scalar(&conn, "SELECT COUNT(*) FROM attacker_intel").await,
+        1
+    );
+    assert_eq!(scalar(&conn, "SELECT COUNT(*) FROM attackers").await, 1);
+    assert_eq!(
+        bus.result_count().await,
+        1,
+        "an unchanged payload publishes no second event"
+    );
+    assert_eq!(fakes.greynoise_calls().get("1.1.1.7"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_with_its_reason_and_consumption_goes_on() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let dns = dns_for(&parsed(&["9.9.9.10".to_owned()]));
+    let bus = TestBus::start(topology("poison")).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    let worker = Worker::start("poison", &env).await;
+
+    bus.publish_raw("attacker.observed", b"this is not json")
+        .await;
+    bus.publish_raw("attacker.observed", br#"{"attacker_ip":"1.2.3.4:22"}"#)
+        .await;
+    bus.publish_raw("attacker.scored", br#"[1,2]"#).await;
+    bus.publish_scored("9.9.9.10").await;
+    assert!(
+        eventually(WAIT, || async { bus.result_count().await == 1 }).await,
+        "{}",
+        worker.log_text()
+    );
+    assert!(
+        eventually(WAIT, || async {
+            bus.queue_depth(&bus.topology.dead_queue).await == 3
+        })
+        .await
+    );
+    assert_eq!(
+        worker.counter("enrichd_events_dead_lettered_total").await,
+        3
+    );
+
+    // Read the dead letters and their reasons.
+    let channel = bus.connection.create_channel().await.unwrap();
+    let mut reasons = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            bus.topology.dead_queue.as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+    {
+        let headers = message.delivery.properties.headers().clone().unwrap();
+        if let Some(lapin::types::AMQPValue::LongString(reason)) =
+            headers.inner().get("x-enrichd-reason")
+        {
+            reasons.push(String::from_utf8_lossy(reason.as_bytes()).into_owned());
+        }
+    }
+    assert_eq!(reasons.len(), 3);
+    let all = reasons.join("|");
+    assert!(
+        all.contains("not json")
+            && all.contains("attacker_ip rejected")
+            && all.contains("not a json object"),
+        "{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_pauses_intake_and_loses_nothing() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap(), true).await;
+    let proxied_url = db
+        .url()
+        .replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let addresses = ips("8.8.10", 20);
+    let dns = dns_for(&parsed(&addresses));
+    let bus = TestBus::start(topology("outage")).await;
+    let mut env = Worker::env(&proxied_url, &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    let worker = Worker::start("outage", &env).await;
+
+    proxy.set_open(false);
+    for ip in &addresses {
+        bus.publish_scored(ip).await;
+    }
+    // The deliveries arrive but cannot become durable: none is acked or dead-lettered.
+    assert!(
+        eventually(WAIT, || async {
+            worker.counter("enrichd_events_consumed_total").await >= 20
+        })
+        .await
+    );
+    assert_eq!(worker.counter("enrichd_events_acked_total").await, 0);
+    proxy.set_open(true);
+
+    let conn = db.connect().await;
+    let enriched = eventually(Duration::from_secs(90), || async {
+        scalar(
+            &conn,
+            "SELECT COUNT(*) FROM attacker_intel WHERE greynoise_classification IS NOT NULL",
+        )
+        .await
+            == 20
+    })
+    .await;
+    assert!(enriched, "{}", worker.log_text());
+    assert_eq!(
+        worker.counter("enrichd_events_dead_lettered_total").await,
+        0
+    );
+    assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 0);
+    assert_eq!(scalar(&conn, "SELECT COUNT(*) FROM attackers").await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_work_loses_nothing_and_duplicates_nothing() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    // Slow providers so the signal lands while lookups are in flight.
+    let fakes = FakeProviders::start(Duration::from_millis(300)).await;
+    let addresses = ips("8.8.11", 100);
+    let dns = dns_for(&parsed(&addresses));
+    let bus = TestBus::start(topology("sigterm")).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    env.push(("ENRICHD_GREYNOISE_CONCURRENCY".into(), "4".into()));
+    bus_env(&mut env, &bus, &amqp_url());
+    let mut worker = Worker::start("sigterm", &env).await;
+    for ip in &addresses {
+        bus.publish_scored(ip).await;
+    }
+    assert!(eventually(WAIT, || async { fakes.greynoise_calls().len() >= 5 }).await);
+    worker.signal("TERM");
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        worker.log_text()
+    );
+
+    let worker = Worker::start("sigterm-2", &env).await;
+    let conn = db.connect().await;
+    let done = eventually(Duration::from_secs(120), || async {
+        scalar(
+            &conn,
+            "SELECT COUNT(*) FROM attacker_intel WHERE greynoise_classification IS NOT NULL",
+        )
+        .await
+            == 100
+    })
+    .await;
+    assert!(done, "{}", worker.log_text());
+    assert_eq!(
+        scalar(&conn, "SELECT COUNT(*) FROM attackers").await,
+        100,
+        "no duplicate attacker rows"
+    );
+    assert_eq!(
+        scalar(&conn, "SELECT COUNT(*) FROM attacker_intel").await,
+        100,
+        "no duplicate intel rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let broker = TcpProxy::start("127.0.0.1:5672".parse().unwrap(), false).await;
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let addresses = ips("8.8.12", 6);
+    let dns = dns_for(&parsed(&addresses));
+    let bus = TestBus::start(topology("pollmode")).await;
+
+    // A backlog: attacker rows the reference's profiler would have written.
+    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
+        .arg("migrate")
+        .env_clear()
+        .env("ENRICHD_DATABASE_URL", db.url())
+        .status()
+        .await
+        .unwrap();
+    assert!(migrate.success());
+    let conn = db.connect().await;
+    for (i, ip) in addresses.iter().take(5).enumerate() {
+        scalar(
+            &conn,
+            &format!(
+                "WITH i AS (INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at) VALUES \
+                 ('00000000-0000-4000-8000-00000000000{i}', '{ip}', now(), now(), now()) RETURNING 1) \
+                 SELECT COUNT(*) FROM i"
+            ),
+        )
+        .await;
+    }
+    let proxied_amqp = amqp_url().replace("127.0.0.1:5672", &broker.addr().to_string());
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &proxied_amqp);
+    let worker = Worker::start("pollmode", &env).await;
+
+    let backlog_done = eventually(WAIT, || async {
+        scalar(
+            &conn,
+            "SELECT COUNT(*) FROM attacker_intel WHERE greynoise_classification IS NOT NULL",
+        )
+        .await
+            == 5
+    })
+    .await;
+    assert!(backlog_done, "{}", worker.log_text());
+    assert_eq!(worker.counter("enrichd_events_consumed_total").await, 0);
+
+    broker.set_open(true);
+    bus.publish_scored(&addresses[5]).await;
+    let consumed = eventually(Duration::from_secs(90), || async {
+        scalar(
+            &conn,
+            "SELECT COUNT(*) FROM attacker_intel WHERE greynoise_classification IS NOT NULL",
+        )
+        .await
+            == 6
+    })
+    .await;
+    assert!(consumed, "{}", worker.log_text());
+    assert!(worker.counter("enrichd_events_acked_total").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_on_the_control_topic_drains_and_exits_zero() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let dns = dns_for(&[]);
+    let bus = TestBus::start(topology("stop")).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    let mut worker = Worker::start("stop", &env).await;
+    // The control queue is declared once the session is up; a health beat proves that.
+    assert!(
+        eventually(WAIT, || async {
+            worker.log_text().contains("Connected to the bus")
+        })
+        .await
+    );
+    let stop = serde_json::json!({
+        "v": 1, "id": uuid::Uuid::new_v4().simple().to_string(), "topic": "system.enrich.control",
+        "type": "control", "ts": 1.0,
+        "payload": {"action": "stop", "requested_by": "test", "ts": 1.0}
+    });
+    bus.publish_raw("system.enrich.control", stop.to_string().as_bytes())
+        .await;
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        worker.log_text()
+    );
+}
