@@ -60,6 +60,9 @@ impl TcpProxy {
     }
 
     /// Opens or closes the proxy; closing cuts every connection in flight.
+    ///
+    /// # Panics
+    /// When a connection task panicked while holding the link list (a bug in this proxy).
     pub fn set_open(&self, open: bool) {
         self.open.store(open, Ordering::SeqCst);
         if !open {
