@@ -157,7 +157,8 @@ impl Store {
     }
 
     /// Canonical IPs with due work, newest `attackers.last_seen` first, deduplicated: IPs of
-    /// attackers with no `attacker_intel` row, or whose IP has a due configured provider (not
+    /// attackers with no `attacker_intel` row or whose `ptr_record` was nulled behind our back
+    /// while we hold a good name, or whose IP has a due configured provider (not
     /// parked) or a due PTR (when enabled); IPs with a live lease are left out, ours included:
     /// our own jobs are single-flight in the Aggregator, and a lease we keep after a provider
     /// turned out unavailable must hold the address back until it lapses, or the backfill
@@ -220,6 +221,7 @@ impl Store {
              AND NOT EXISTS (SELECT 1 FROM enrichd_provider_state pl WHERE pl.ip = m.ip \
                  AND pl.lease_until >= $1) \
              AND (NOT EXISTS (SELECT 1 FROM attacker_intel ai WHERE ai.attacker_uuid = a.uuid) \
+                  OR (s.ptr_name IS NOT NULL AND a.ptr_record IS NULL) \
                   OR ((s.scope IS NULL OR s.scope = 'global') AND ({ptr_due} OR {provider_due}))) \
              GROUP BY m.ip ORDER BY newest DESC, m.ip LIMIT $2"
         );

@@ -234,7 +234,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_consumption_goes_on() {
         .await;
     bus.publish_raw("attacker.observed", br#"{"attacker_ip":"1.2.3.4:22"}"#)
         .await;
-    bus.publish_raw("attacker.scored", br#"[1,2]"#).await;
+    bus.publish_raw("attacker.scored", b"[1,2]").await;
     bus.publish_scored("9.9.9.10").await;
     assert!(
         eventually(WAIT, || async { bus.result_count().await == 1 }).await,
@@ -405,12 +405,11 @@ async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed(
     assert!(migrate.success());
     let conn = db.connect().await;
     for (i, ip) in addresses.iter().take(5).enumerate() {
-        scalar(
+        common::exec(
             &conn,
             &format!(
-                "WITH i AS (INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at) VALUES \
-                 ('00000000-0000-4000-8000-00000000000{i}', '{ip}', now(), now(), now()) RETURNING 1) \
-                 SELECT COUNT(*) FROM i"
+                "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at) VALUES \
+                 ('00000000-0000-4000-8000-00000000000{i}', '{ip}', now(), now(), now())"
             ),
         )
         .await;

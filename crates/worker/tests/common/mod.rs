@@ -87,12 +87,15 @@ pub fn topology(test: &str) -> Topology {
     )
 }
 
+/// Received `attacker.intel.enriched` messages: (AMQP `message_id`, envelope).
+pub type Results = Arc<Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+
 /// The test's side of the bus: publishes events and collects `attacker.intel.enriched`.
 pub struct TestBus {
     pub topology: Topology,
     pub publisher: Publisher,
     pub connection: lapin::Connection,
-    pub results: Arc<Mutex<Vec<(Option<String>, serde_json::Value)>>>,
+    pub results: Results,
 }
 
 impl TestBus {
@@ -137,7 +140,7 @@ impl TestBus {
             )
             .await
             .expect("consume results");
-        let results: Arc<Mutex<Vec<(Option<String>, serde_json::Value)>>> = Arc::default();
+        let results: Results = Arc::default();
         let sink = Arc::clone(&results);
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
@@ -197,8 +200,7 @@ impl TestBus {
                 FieldTable::default(),
             )
             .await
-            .map(|q| q.message_count())
-            .unwrap_or(u32::MAX)
+            .map_or(u32::MAX, |q| q.message_count())
     }
 }
 
@@ -298,7 +300,15 @@ impl Worker {
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter(|l| l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
+            .map(|v| {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "counters are whole, non-negative numbers"
+                )]
+                let whole = v as u64;
+                whole
+            })
             .sum()
     }
 
@@ -354,4 +364,8 @@ pub async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
         .expect("query")
         .expect("a row");
     row.try_get_by_index::<i64>(0).expect("an integer")
+}
+
+pub async fn exec(db: &DatabaseConnection, sql: &str) {
+    db.execute_unprepared(sql).await.expect("statement");
 }
