@@ -13,10 +13,11 @@ echo "== cargo fmt"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== doc tests"
+cargo test --locked --workspace --doc
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast
 else
   cargo test --locked --workspace --no-fail-fast
 fi
-cargo test --locked --workspace --doc

@@ -132,6 +132,25 @@ impl HickoryPtrResolver {
         Self::new(config).map(Arc::new)
     }
 
+    /// Asks the nameservers for the root zone's NS records, for `enrichd check`: a question
+    /// about no address at all, so nothing about attackers leaves the machine. Any answer,
+    /// NXDOMAIN included, proves a server is there.
+    ///
+    /// # Errors
+    /// A short reason when no server answered within the deadline.
+    pub async fn probe(&self) -> Result<(), String> {
+        let query = self.resolver.lookup(Name::root(), RecordType::NS);
+        match tokio::time::timeout(self.timeout, query).await {
+            Err(_elapsed) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) if error.is_no_records_found() => Ok(()),
+            Ok(Err(error)) => match classify(&error) {
+                PtrOutcome::Timeout => Err("timed out".to_owned()),
+                _ => Err(error.to_string()),
+            },
+        }
+    }
+
     async fn lookup(&self, ip: CanonicalIp, deadline: Instant) -> PtrReport {
         let lookup = match timeout_at(deadline, self.resolver.reverse_lookup(ip.addr())).await {
             Err(_elapsed) => return PtrReport::without_name(PtrOutcome::Timeout),

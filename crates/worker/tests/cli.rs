@@ -102,7 +102,11 @@ fn migrate_creates_a_fresh_sqlite_file_and_check_reports_it() {
     let out = run(enrichd().arg("migrate").env("ENRICHD_DATABASE_URL", &url));
     assert_eq!(out.status.code(), Some(0));
 
-    let out = run(enrichd().arg("check").env("ENRICHD_DATABASE_URL", &url));
+    let out = run(enrichd()
+        .arg("check")
+        .env("ENRICHD_DATABASE_URL", &url)
+        .env("ENRICHD_PROVIDERS", "abuseipdb")
+        .env("ENRICHD_PTR_ENABLED", "false"));
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -228,3 +228,59 @@ async fn backfill_enriches_attackers_and_restores_a_nulled_ptr_record() {
         "restored from stored state, not asked again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reaches_dns_and_providers_without_spending_quota() {
+    let db = TestDb::sqlite();
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let dns = dns_for(&[]);
+    let env = common::Worker::env(db.url(), &fakes, &dns);
+    assert_eq!(enrichd(&["migrate"], &env).await.status.code(), Some(0));
+    let out = enrichd(&["check"], &env).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in ["database", "dns", "greynoise", "feodo"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_default();
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("reachable"),
+            "{row}: {stdout}"
+        );
+    }
+    assert_eq!(
+        fakes.server.request_count(),
+        0,
+        "no request, so no quota spent"
+    );
+    assert!(
+        dns.queries() >= 1,
+        "the DNS server was asked (about the root zone)"
+    );
+
+    // A provider whose endpoint is down makes the check fail and says which.
+    let mut broken = env.clone();
+    broken.push((
+        "ENRICHD_GREYNOISE_BASE_URL".into(),
+        enrichd_testkit::http::refused_url().await,
+    ));
+    let out = enrichd(&["check"], &broken).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("greynoise"))
+        .unwrap_or_default();
+    assert_eq!(
+        line.split_whitespace().nth(1),
+        Some("unreachable"),
+        "{stdout}"
+    );
+}

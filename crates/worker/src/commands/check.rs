@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::Duration;
 
-use enrichd_store::SchemaStatus;
+use enrichd_store::{SchemaStatus, Store};
 
 use crate::config::{Settings, redact_url};
 use crate::exit;
@@ -33,10 +33,10 @@ pub(super) async fn check(settings: &Settings) -> u8 {
         ..Report::default()
     };
     report.row("config", "ok", "valid");
-    check_database(settings, &mut report).await;
+    let store = check_database(settings, &mut report).await;
     check_bus(settings, &mut report).await;
-    check_dns(settings, &mut report);
-    check_providers(settings, &mut report);
+    check_dns(settings, &mut report).await;
+    check_providers(settings, store.as_ref(), &mut report).await;
 
     let mut stdout = std::io::stdout().lock();
     if stdout
@@ -53,11 +53,12 @@ pub(super) async fn check(settings: &Settings) -> u8 {
     }
 }
 
-async fn check_database(settings: &Settings, report: &mut Report) {
+/// The database row; returns the store when it is reachable, for the provider rows.
+async fn check_database(settings: &Settings, report: &mut Report) -> Option<Store> {
     let database = redact_url(&settings.database_url);
     let Ok(store) = super::open_store(settings, false).await else {
         report.fail("database", "unreachable", &database);
-        return;
+        return None;
     };
     match store.schema_status().await {
         Ok(SchemaStatus::Current) => {
@@ -92,6 +93,7 @@ async fn check_database(settings: &Settings, report: &mut Report) {
             &format!("{database}: {}", enrichd_core::error::chain(&e)),
         ),
     }
+    Some(store)
 }
 
 async fn check_bus(settings: &Settings, report: &mut Report) {
@@ -107,7 +109,7 @@ async fn check_bus(settings: &Settings, report: &mut Report) {
     }
 }
 
-fn check_dns(settings: &Settings, report: &mut Report) {
+async fn check_dns(settings: &Settings, report: &mut Report) {
     if !settings.dns.ptr_enabled {
         report.row(
             "dns",
@@ -119,43 +121,109 @@ fn check_dns(settings: &Settings, report: &mut Report) {
     let servers = if settings.dns.servers.is_empty() {
         "system resolvers".to_owned()
     } else {
-        settings
+        let list: Vec<String> = settings
             .dns
             .servers
             .iter()
             .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+            .collect();
+        list.join(", ")
     };
     let detail = format!(
         "{servers}, deadline {} ms",
         settings.dns.timeout.as_millis()
     );
-    report.row("dns", "enabled", &detail);
+    let config = enrichd_dns::DnsConfig {
+        servers: settings.dns.servers.clone(),
+        timeout: settings.dns.timeout,
+        concurrency: settings.dns.concurrency,
+        fcrdns: settings.dns.fcrdns,
+    };
+    match enrichd_dns::HickoryPtrResolver::new(&config) {
+        Ok(resolver) => match resolver.probe().await {
+            Ok(()) => report.row("dns", "reachable", &detail),
+            Err(reason) => report.fail("dns", "unreachable", &format!("{detail}: {reason}")),
+        },
+        Err(e) => report.fail("dns", "error", &enrichd_core::error::chain(&e)),
+    }
 }
 
-fn check_providers(settings: &Settings, report: &mut Report) {
+/// Per provider: configured or disabled, whether its endpoint accepts a TCP connection (no
+/// request is sent, so no quota is spent), and the cluster-wide park and quota state. Breaker
+/// state lives in each running worker; it is on `/metrics` (`enrichd_breaker_state`) and in
+/// the health beats, not here.
+async fn check_providers(settings: &Settings, store: Option<&Store>, report: &mut Report) {
     if settings.providers.is_empty() {
         report.row("providers", "none", "ENRICHD_PROVIDERS is empty");
     }
     for provider in &settings.providers {
+        if let Some(reason) = provider.disabled_reason() {
+            report.row(provider.id.as_str(), "disabled", &reason);
+            continue;
+        }
         let key = if provider.api_key.is_some() {
             "key set"
         } else {
             "no key"
         };
-        match provider.disabled_reason() {
-            Some(reason) => report.row(provider.id.as_str(), "disabled", &reason),
-            None => report.row(
-                provider.id.as_str(),
-                "configured",
-                &format!(
-                    "{} ({key}, {:.2}/s)",
-                    provider.base_url, provider.rate_per_sec
-                ),
-            ),
+        let mut detail = format!(
+            "{} ({key}, {:.2}/s)",
+            provider.base_url, provider.rate_per_sec
+        );
+        if let Some(store) = store {
+            let limits = enrichd_core::ports::ProviderLimits {
+                rate_per_sec: provider.rate_per_sec,
+                daily_quota: provider.daily_quota,
+                key_fingerprint: provider
+                    .api_key
+                    .as_ref()
+                    .map(enrichd_intel::key_fingerprint),
+            };
+            if let Ok(status) = store.provider_status(provider.id, &limits).await {
+                if let Some(until) = status.parked_until {
+                    let _ = write!(detail, ", parked until {until}");
+                }
+                if status.key_rejected {
+                    detail.push_str(", key rejected");
+                }
+                if let Some(remaining) = status.quota_remaining {
+                    let _ = write!(detail, ", quota left {remaining}");
+                }
+            }
+        }
+        if url_reachable(&provider.base_url).await {
+            report.row(provider.id.as_str(), "reachable", &detail);
+        } else {
+            report.fail(provider.id.as_str(), "unreachable", &detail);
         }
     }
+}
+
+/// Whether the URL's host:port accepts TCP (a name is resolved as the HTTP client would).
+async fn url_reachable(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let default_port = if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        80
+    };
+    let target = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
 }
 
 /// Whether the broker's host:port accepts TCP, without logging in.
