@@ -10,12 +10,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use actix::prelude::*;
 use enrichd_core::CanonicalIp;
 use enrichd_core::messages::{Drain, EnrichIp, JobId, Origin, PersistError};
 use enrichd_store::{ClaimMode, StoreError, StoredScope};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::job::{JobDeps, JobSummary, enrich};
@@ -31,6 +33,20 @@ pub struct AggregatorStats {
 
 type Waiter = oneshot::Sender<Result<(), PersistError>>;
 
+/// How long a finished address answers repeated bus events from memory. Short, because an
+/// attacker row created meanwhile without a uuid in the event is only noticed by the next
+/// database pass (or the backfill); long enough to absorb the profiler's repetition.
+const RECENT_FOR: Duration = Duration::from_secs(30);
+/// Bound on remembered addresses; expired entries are dropped when it is reached.
+const RECENT_CAP: usize = 200_000;
+
+/// An address whose job just finished: events naming it (and only attacker rows we already
+/// mapped to it) need no database work until `until`.
+struct Recent {
+    until: Instant,
+    attacker_uuids: Vec<String>,
+}
+
 #[derive(Default)]
 struct JobState {
     /// Claims committed: new requests are answered at once.
@@ -41,12 +57,16 @@ struct JobState {
     done_waiters: Vec<Waiter>,
     /// A request arrived after the claims: write once more when the job ends.
     rerun: bool,
+    /// Attacker rows the events of this job mapped to the address.
+    attacker_uuids: Vec<String>,
 }
 
 /// Single-flight job runner (see the module docs).
 pub struct Aggregator {
     deps: JobDeps,
     jobs: HashMap<CanonicalIp, JobState>,
+    /// Addresses finished moments ago (see [`Recent`]).
+    recent: HashMap<CanonicalIp, Recent>,
     drain_waiters: Vec<oneshot::Sender<()>>,
     stats: Arc<AggregatorStats>,
 }
@@ -57,6 +77,7 @@ impl Aggregator {
         Self {
             deps,
             jobs: HashMap::new(),
+            recent: HashMap::new(),
             drain_waiters: Vec::new(),
             stats,
         }
@@ -98,6 +119,9 @@ impl Aggregator {
     ) {
         let state = self.jobs.remove(&ip).unwrap_or_default();
         self.stats.processed_total.fetch_add(1, Ordering::Relaxed);
+        if result.is_ok() {
+            self.remember(ip, state.attacker_uuids.clone());
+        }
         let reply = match result {
             Ok(summary) => {
                 debug!(%job_id, %ip, asked = summary.asked.len(), events = summary.applied.events, "Job done.");
@@ -131,11 +155,17 @@ impl Aggregator {
         ip: CanonicalIp,
         origin: Origin,
         job_id: JobId,
+        attacker_uuids: Vec<String>,
         ctx: &mut Context<Self>,
     ) -> oneshot::Receiver<Result<(), PersistError>> {
         let (tx, rx) = oneshot::channel();
         let wants_end = matches!(origin, Origin::Lookup { .. });
         if let Some(state) = self.jobs.get_mut(&ip) {
+            for uuid in attacker_uuids {
+                if !state.attacker_uuids.contains(&uuid) {
+                    state.attacker_uuids.push(uuid);
+                }
+            }
             if wants_end {
                 // Its claims may predate this request; one more pass after it is cheap.
                 state.rerun = true;
@@ -166,6 +196,33 @@ impl Aggregator {
         self.jobs.insert(ip, state);
         self.start_job(ip, mode, job_id, ctx);
         rx
+    }
+}
+
+impl Aggregator {
+    fn remember(&mut self, ip: CanonicalIp, attacker_uuids: Vec<String>) {
+        let now = Instant::now();
+        if self.recent.len() >= RECENT_CAP {
+            self.recent.retain(|_, r| r.until > now);
+        }
+        if self.recent.len() < RECENT_CAP {
+            self.recent.insert(
+                ip,
+                Recent {
+                    until: now + RECENT_FOR,
+                    attacker_uuids,
+                },
+            );
+        }
+    }
+
+    /// Whether a bus event for `ip` naming `attacker_uuid` is already fully handled: the
+    /// address finished moments ago and the event names no attacker row we have not mapped.
+    fn recently_done(&self, ip: CanonicalIp, attacker_uuid: Option<&str>) -> bool {
+        self.recent.get(&ip).is_some_and(|r| {
+            r.until > Instant::now()
+                && attacker_uuid.is_none_or(|uuid| r.attacker_uuids.iter().any(|u| u == uuid))
+        })
     }
 }
 
@@ -217,6 +274,16 @@ impl Handler<EnrichIp> for Aggregator {
             first_seen,
             origin,
         } = msg;
+        if matches!(origin, Origin::Bus(_)) && self.recently_done(ip, attacker_uuid.as_deref()) {
+            // The profiler repeats every attacker on every tick: answer from memory.
+            enrichd_metrics::global()
+                .counter(
+                    enrichd_core::metric_names::CACHE_HITS,
+                    &[("provider", "event")],
+                )
+                .inc();
+            return Box::pin(fut::ready(Ok(())));
+        }
         // Bus events are recorded first: the attacker row is found, mapped or (on a table we
         // own) created, serialised per address by the store.
         let record = async move {
@@ -224,13 +291,13 @@ impl Handler<EnrichIp> for Aggregator {
                 Origin::Bus(_) => store
                     .note_event(ip, scope, attacker_uuid.as_deref(), first_seen)
                     .await
-                    .map(drop)
+                    .map(|intake| intake.attacker_uuids)
                     .map_err(|e| persist_error(&e)),
-                Origin::Backfill | Origin::Lookup { .. } => Ok(()),
+                Origin::Backfill | Origin::Lookup { .. } => Ok(Vec::new()),
             }
         };
         Box::pin(record.into_actor(self).then(move |recorded, act, ctx| {
-            let receiver = recorded.map(|()| act.join_or_start(ip, origin, job_id, ctx));
+            let receiver = recorded.map(|uuids| act.join_or_start(ip, origin, job_id, uuids, ctx));
             async move {
                 match receiver {
                     Ok(rx) => rx.await.unwrap_or_else(|_| {

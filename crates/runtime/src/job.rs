@@ -130,6 +130,19 @@ pub async fn enrich(
     })
 }
 
+/// A provider answered (in any outcome): count it and how long the call took.
+fn record_lookup(id: ProviderId, report: &ProviderReport, elapsed: Duration) {
+    let registry = enrichd_metrics::global();
+    let labels = [
+        ("provider", id.as_str()),
+        ("outcome", report.outcome.as_str()),
+    ];
+    registry.counter(metric_names::LOOKUPS, &labels).inc();
+    registry
+        .histogram(metric_names::PROVIDER_LATENCY, &[("provider", id.as_str())])
+        .observe(elapsed);
+}
+
 /// Work that was configured but not claimed was fresh (or leased elsewhere): no lookup spent.
 fn record_cache_hits(providers: &[ProviderId], ptr_enabled: bool, claims: &Claims) {
     let registry = enrichd_metrics::global();
@@ -178,6 +191,7 @@ async fn ask(job_id: JobId, ip: CanonicalIp, claims: &Claims, deps: &JobDeps) ->
         let timeout = deps.provider_lease.saturating_sub(Duration::from_secs(20)) + MAILBOX_SLACK;
         let (id, lease) = (*id, *lease);
         Some(async move {
+            let started = tokio::time::Instant::now();
             let answer = recipient
                 .send(QueryProvider {
                     job_id,
@@ -187,6 +201,9 @@ async fn ask(job_id: JobId, ip: CanonicalIp, claims: &Claims, deps: &JobDeps) ->
                 .timeout(timeout)
                 .await
                 .unwrap_or(Err(ProviderUnavailable::Unreachable));
+            if let Ok(report) = &answer {
+                record_lookup(id, report, started.elapsed());
+            }
             (id, lease, answer)
         })
     });

@@ -169,6 +169,49 @@ async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
     let calls = fakes.greynoise_calls();
     assert_eq!(calls.len(), 50);
     assert!(calls.values().all(|n| *n == 1), "{calls:?}");
+
+    // The metrics add up to what happened.
+    assert_eq!(worker.counter("enrichd_events_consumed_total").await, 1000);
+    assert_eq!(worker.counter("enrichd_events_acked_total").await, 1000);
+    assert_eq!(
+        worker.counter("enrichd_events_dead_lettered_total").await,
+        0
+    );
+    assert_eq!(
+        worker
+            .series(r#"enrichd_lookups_total{outcome="ok",provider="greynoise"}"#)
+            .await,
+        50
+    );
+    assert_eq!(
+        worker
+            .series(r#"enrichd_ptr_lookups_total{outcome="ok"}"#)
+            .await,
+        50
+    );
+    assert_eq!(
+        worker
+            .series(r#"enrichd_provider_latency_seconds_count{provider="greynoise"}"#)
+            .await,
+        50
+    );
+    assert_eq!(
+        usize::try_from(
+            worker
+                .series(r#"enrichd_ptr_lookups_total{outcome="ok"}"#)
+                .await
+        )
+        .unwrap(),
+        dns.queries(),
+        "every PTR lookup counted is a query the DNS server saw"
+    );
+    // Repetition was answered from memory (and from fresh stored state), never by a lookup.
+    assert!(
+        worker
+            .series(r#"enrichd_cache_hits_total{provider="event"}"#)
+            .await
+            > 0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

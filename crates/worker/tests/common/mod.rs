@@ -312,6 +312,20 @@ impl Worker {
             .sum()
     }
 
+    /// One series' value: `series` is the exact text before the value, labels included
+    /// (`enrichd_lookups_total{outcome="ok",provider="greynoise"}`); 0 when absent.
+    pub async fn series(&self, series: &str) -> u64 {
+        let text = self.scrape().await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
