@@ -2,8 +2,11 @@
 //!
 //! A reservation locks the provider's row in a transaction and decides on the database clock,
 //! so any number of replicas together never take more slots than the rate allows. The
-//! decision itself is a pure function, unit-tested below.
+//! decision itself is a pure function, unit-tested below. Unmetered providers (no rate, no
+//! daily quota) skip the lock: see [`GateCache`].
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Days, NaiveTime, Utc};
@@ -31,6 +34,88 @@ pub(crate) struct LimitsRow {
     pub(crate) quota_reset_at: Option<DateTime<Utc>>,
     pub(crate) parked_until: Option<DateTime<Utc>>,
     pub(crate) rejected_key_fingerprint: Option<String>,
+}
+
+/// How long an unmetered provider's limits row is reused before it is read again. A park or
+/// key rejection recorded by another replica reaches this one within this time; one recorded
+/// here invalidates it at once.
+const UNMETERED_RECHECK: Duration = Duration::from_millis(250);
+
+/// Limits rows of unmetered providers (no rate, no daily quota), read at most every
+/// [`UNMETERED_RECHECK`]: their reservation only checks parks, key rejection and the quota a
+/// provider's headers reported, so it needs no write and no lock, and the cluster-wide limits
+/// row stops being the one row every call serialises on.
+#[derive(Clone, Default)]
+pub(crate) struct GateCache(Arc<Mutex<HashMap<ProviderId, CachedLimits>>>);
+
+#[derive(Clone)]
+struct CachedLimits {
+    fetched: tokio::time::Instant,
+    db_now: DateTime<Utc>,
+    row: LimitsRow,
+}
+
+impl GateCache {
+    fn get(&self, provider: ProviderId) -> Option<(DateTime<Utc>, LimitsRow)> {
+        let cache = self.0.lock().ok()?;
+        let entry = cache.get(&provider)?;
+        let age = entry.fetched.elapsed();
+        (age < UNMETERED_RECHECK).then(|| {
+            (
+                entry.db_now + chrono::Duration::from_std(age).unwrap_or_default(),
+                entry.row.clone(),
+            )
+        })
+    }
+
+    fn put(&self, provider: ProviderId, db_now: DateTime<Utc>, row: LimitsRow) {
+        if let Ok(mut cache) = self.0.lock() {
+            cache.insert(
+                provider,
+                CachedLimits {
+                    fetched: tokio::time::Instant::now(),
+                    db_now,
+                    row,
+                },
+            );
+        }
+    }
+
+    fn forget(&self, provider: ProviderId) {
+        if let Ok(mut cache) = self.0.lock() {
+            cache.remove(&provider);
+        }
+    }
+}
+
+/// Whether `limits` carries a key other than the rejected one, which lifts the rejection.
+fn clears_rejection(row: &LimitsRow, limits: &ProviderLimits) -> bool {
+    row.rejected_key_fingerprint.is_some()
+        && row.rejected_key_fingerprint.as_deref() != limits.key_fingerprint.as_deref()
+}
+
+/// The reservation of an unmetered provider: parks, key rejection and header quota only.
+fn decide_unmetered(row: &LimitsRow, limits: &ProviderLimits, now: DateTime<Utc>) -> Reservation {
+    if let Some(until) = row.parked_until.filter(|u| *u > now) {
+        return Reservation::Parked { until };
+    }
+    if row.rejected_key_fingerprint.is_some()
+        && row.rejected_key_fingerprint.as_deref() == limits.key_fingerprint.as_deref()
+    {
+        return Reservation::KeyRejected;
+    }
+    let reset_passed = row.quota_reset_at.is_some_and(|reset| now >= reset);
+    match row.quota_remaining {
+        Some(left) if left <= 0 && !reset_passed => Reservation::QuotaExhausted {
+            reset_at: quota_reset(row, now),
+        },
+        left => Reservation::Granted {
+            wait: Duration::ZERO,
+            quota_remaining: left
+                .filter(|_| !reset_passed)
+                .map(|l| u32::try_from(l).unwrap_or(0)),
+        },
+    }
 }
 
 /// Rate and quota state of one provider, for health beats and `enrichd check`.
@@ -245,6 +330,39 @@ impl Store {
         Ok(decision)
     }
 
+    /// See [`GateCache`]: a plain read of the limits row at most every 250 ms, nothing written.
+    async fn reserve_unmetered(
+        &self,
+        provider: ProviderId,
+        limits: &ProviderLimits,
+    ) -> Result<Reservation, StoreError> {
+        if let Some((now, row)) = self.gate_cache.get(provider)
+            && !clears_rejection(&row, limits)
+        {
+            return Ok(decide_unmetered(&row, limits, now));
+        }
+        let sql = self.sql;
+        let now = self.db_now().await?;
+        let row = self
+            .read
+            .query_one_raw(sql.stmt(
+                "SELECT * FROM enrichd_provider_limits WHERE provider = $1",
+                vec![provider.as_str().into()],
+            ))
+            .await?;
+        let row = match row {
+            Some(row) => self.limits_from(&row)?,
+            None => LimitsRow::default(),
+        };
+        if clears_rejection(&row, limits) {
+            // A new key replaces a rejected one: record that once, under the lock.
+            self.gate_cache.forget(provider);
+            return self.reserve_once(provider, limits).await;
+        }
+        self.gate_cache.put(provider, now, row.clone());
+        Ok(decide_unmetered(&row, limits, now))
+    }
+
     async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
         let txn = self.begin_write().await?;
         let now = self.sql.now(&txn).await?;
@@ -313,6 +431,10 @@ impl ProviderGate for Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<Reservation, StoreError> {
+        let rate_limited = limits.rate_per_sec.is_finite() && limits.rate_per_sec > 0.0;
+        if !rate_limited && limits.daily_quota == 0 {
+            return self.reserve_unmetered(provider, limits).await;
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -324,6 +446,7 @@ impl ProviderGate for Store {
     }
 
     async fn record(&self, provider: ProviderId, event: GateEvent) -> Result<(), StoreError> {
+        self.gate_cache.forget(provider);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -339,6 +462,64 @@ impl ProviderGate for Store {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn unmetered_reservations_honour_parks_rejections_and_header_quota() {
+        let now = now();
+        let limits = limits(0.0, 0);
+        let granted = Reservation::Granted {
+            wait: Duration::ZERO,
+            quota_remaining: None,
+        };
+        assert_eq!(
+            decide_unmetered(&LimitsRow::default(), &limits, now),
+            granted
+        );
+        let parked = LimitsRow {
+            parked_until: Some(now + chrono::Duration::seconds(5)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide_unmetered(&parked, &limits, now),
+            Reservation::Parked { .. }
+        ));
+        let lapsed = LimitsRow {
+            parked_until: Some(now - chrono::Duration::seconds(5)),
+            ..Default::default()
+        };
+        assert_eq!(decide_unmetered(&lapsed, &limits, now), granted);
+        let spent = LimitsRow {
+            quota_remaining: Some(0),
+            quota_reset_at: Some(now + chrono::Duration::hours(1)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide_unmetered(&spent, &limits, now),
+            Reservation::QuotaExhausted { .. }
+        ));
+        let reset = LimitsRow {
+            quota_reset_at: Some(now - chrono::Duration::seconds(1)),
+            ..spent
+        };
+        assert_eq!(decide_unmetered(&reset, &limits, now), granted);
+        let keyed = ProviderLimits {
+            key_fingerprint: Some("abc".into()),
+            ..limits.clone()
+        };
+        let rejected = LimitsRow {
+            rejected_key_fingerprint: Some("abc".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            decide_unmetered(&rejected, &keyed, now),
+            Reservation::KeyRejected
+        );
+        let other = ProviderLimits {
+            key_fingerprint: Some("new".into()),
+            ..limits
+        };
+        assert_eq!(decide_unmetered(&rejected, &other, now), granted);
+    }
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()

@@ -59,6 +59,8 @@ pub struct Store {
     pub(crate) owner: Arc<str>,
     /// Kept to open the dedicated migration connection; never printed (it may hold a password).
     url: Arc<str>,
+    /// Recently read limits rows of unmetered providers (see `gate`).
+    pub(crate) gate_cache: crate::gate::GateCache,
 }
 
 impl fmt::Debug for Store {
@@ -137,6 +139,7 @@ impl Store {
             sql: Sql(backend),
             owner: uuid::Uuid::new_v4().simple().to_string().into(),
             url: url.into(),
+            gate_cache: crate::gate::GateCache::default(),
         })
     }
 
