@@ -38,10 +38,17 @@ pub async fn run_relay(
     mut stop: watch::Receiver<bool>,
 ) -> RelayEnd {
     loop {
-        if *stop.borrow() {
-            return RelayEnd::Stopped;
+        let stopping = *stop.borrow();
+        let round = relay_once(&store, &publisher, &exchange).await;
+        if stopping {
+            // The drained jobs' last rows went out in this final round (what did not stays in
+            // the outbox for the next relay, of any replica).
+            return match round {
+                Err(RelayError::Bus) => RelayEnd::BusFailed,
+                _ => RelayEnd::Stopped,
+            };
         }
-        match relay_once(&store, &publisher, &exchange).await {
+        match round {
             Ok(n) if n >= BATCH as usize => continue,
             Ok(_) => {}
             Err(RelayError::Bus) => return RelayEnd::BusFailed,
