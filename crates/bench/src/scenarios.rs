@@ -1,0 +1,911 @@
+//! The scenarios of issue 7, each pushing its figures into a [`ScenarioReport`] as it goes,
+//! so a scenario cut short by its time cap still reports what it measured.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use enrichd_bus::Topology;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::amqp::{self, Bus};
+use crate::db::{self, Target as Db};
+use crate::enrichd::{self, BusEnv, Launcher, PER_IP_PROVIDERS, Watch};
+use crate::fakes::{Fakes, Stats};
+use crate::procs::{self, CpuSnapshot, Profiler, round3};
+use crate::report::{Figure, ScenarioReport, Target};
+
+/// Prefetch enrichd uses by default (SPEC §4), used by the bare consumer too.
+const PREFETCH: u16 = 500;
+/// Events excluded from the latency percentiles while pools and caches warm up.
+const LATENCY_WARMUP: usize = 500;
+
+/// Sizes and knobs of the run.
+#[derive(Debug, Clone)]
+pub(crate) struct Sizes {
+    pub latency_ms: u64,
+    pub backfill_attackers: usize,
+    pub ingest_events: usize,
+    pub ingest_ips: usize,
+    pub ceiling_messages: usize,
+    pub ceiling_rows: usize,
+    pub latency_events: usize,
+    pub latency_rate: u32,
+    pub rss_ips: usize,
+}
+
+/// Everything the scenarios share.
+pub(crate) struct Ctx {
+    pub run_id: String,
+    pub sizes: Sizes,
+    pub launcher: Launcher,
+    pub fakes: Fakes,
+    pub pg_server: String,
+    pub amqp_url: String,
+    pub work_dir: PathBuf,
+    pub ticks: f64,
+    pub perf: bool,
+    /// The bare consumer's rate from the ceilings, the yardstick of ingestion.
+    pub bare_consumer_rate: Mutex<Option<f64>>,
+    /// Databases and topologies to remove at the end.
+    pub cleanup: Mutex<Cleanup>,
+}
+
+/// What the run created.
+#[derive(Default)]
+pub(crate) struct Cleanup {
+    pub databases: Vec<Db>,
+    pub topologies: Vec<Topology>,
+}
+
+/// Addresses `first_octet.x.y.z` counting up from `.0.0.1`: global unicast space (45/8 and
+/// its neighbours hold no special-purpose block), distinct per scenario.
+pub(crate) fn ips(first_octet: u8, n: usize) -> Vec<Ipv4Addr> {
+    let base = u32::from(first_octet) << 24;
+    (1..=n)
+        .map(|i| Ipv4Addr::from(base + u32::try_from(i).unwrap_or(u32::MAX)))
+        .collect()
+}
+
+fn per_sec(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
+impl Ctx {
+    async fn pg(&self, label: &str) -> anyhow::Result<Db> {
+        let target = Db::Postgres {
+            server: self.pg_server.clone(),
+            name: format!("enrichd_bench_{}_{label}", self.run_id),
+        };
+        target.create().await?;
+        self.cleanup.lock().await.databases.push(target.clone());
+        Ok(target)
+    }
+
+    async fn sqlite(&self, label: &str) -> anyhow::Result<Db> {
+        let target = Db::Sqlite {
+            path: self.work_dir.join(format!("{label}.db")),
+        };
+        target.create().await?;
+        self.cleanup.lock().await.databases.push(target.clone());
+        Ok(target)
+    }
+
+    async fn topology(&self, bus: &Bus, label: &str) -> anyhow::Result<Topology> {
+        let topology = Topology::new(
+            &format!("enrichd-bench.{}.{label}", self.run_id),
+            &format!("enrichd-bench.{}.{label}.work", self.run_id),
+        );
+        bus.declare(&topology).await?;
+        self.cleanup.lock().await.topologies.push(topology.clone());
+        Ok(topology)
+    }
+
+    fn bus_env(&self, topology: &Topology) -> BusEnv {
+        BusEnv {
+            url: self.amqp_url.clone(),
+            exchange: topology.exchange.clone(),
+            queue: topology.queue.clone(),
+        }
+    }
+
+    fn snapshot(&self, enrichd_pid: Option<u32>) -> CpuSnapshot {
+        let mut pids = vec![("fakes", self.fakes.pid)];
+        if let Some(pid) = enrichd_pid {
+            pids.push(("enrichd", pid));
+        }
+        procs::cpu_snapshot(&pids)
+    }
+
+    fn profiler(&self, pid: u32, label: &str) -> Option<Profiler> {
+        self.perf.then(|| {
+            Profiler::attach(
+                pid,
+                &self.work_dir.join(format!("{label}.perf.data")),
+                &self.work_dir.join(format!("{label}.perf.log")),
+            )
+        })?
+    }
+}
+
+// === (a) ceilings ===
+
+/// The machine's own ceilings: a bare lapin consumer with per-message acks on enrichd's kind
+/// of queue, and batched upserts and small transactions on the same databases.
+pub(crate) async fn ceilings(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
+    let sizes = &ctx.sizes;
+    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench ceiling").await?;
+    let topology = ctx.topology(&bus, "ceiling").await?;
+    let addresses = ips(44, sizes.ingest_ips);
+    let n = sizes.ceiling_messages;
+    let bodies = (0..n).map(|i| amqp::scored_envelope(addresses[i % addresses.len()], i as u64));
+    let publish_rate = bus.publish_all(&topology.exchange, bodies).await?;
+    report.figures.push(Figure::info(
+        "publish_confirmed_per_sec",
+        publish_rate,
+        "msg/s",
+        format!(
+            "{n} persistent attacker.scored envelopes into a quorum queue, confirms, 1000 in flight"
+        ),
+    ));
+    let before = ctx.snapshot(None);
+    let (consumed, secs) = amqp::bare_consume(
+        &bus,
+        &topology.queue,
+        PREFETCH,
+        n as u64,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let cpu = before.until(&ctx.snapshot(None), ctx.ticks);
+    let rate = per_sec(usize::try_from(consumed).unwrap_or(0), secs);
+    let mut figure = Figure::info(
+        "bare_consumer_per_sec",
+        rate,
+        "msg/s",
+        format!(
+            "lapin, prefetch {PREFETCH}, enrichd's decode, one ack per message; {consumed} messages"
+        ),
+    );
+    if consumed != n as u64 {
+        figure.status = crate::report::Status::Incomplete;
+    }
+    report.figures.push(figure);
+    *ctx.bare_consumer_rate.lock().await = Some(rate);
+    report.details["bare_consumer_cpu"] = json!(cpu);
+    bus.delete(&topology).await;
+    bus.close().await;
+
+    let pg = ctx.pg("ceiling").await?;
+    let (insert, upsert) = db::upsert_ceiling(&pg, sizes.ceiling_rows).await?;
+    report.figures.push(Figure::info(
+        "pg_batched_insert_rows_per_sec",
+        insert,
+        "rows/s",
+        format!(
+            "{} rows, 500-row INSERT, autocommit, one connection",
+            sizes.ceiling_rows
+        ),
+    ));
+    report.figures.push(Figure::info(
+        "pg_batched_upsert_rows_per_sec",
+        upsert,
+        "rows/s",
+        "the same keys again: every row conflicts and updates",
+    ));
+    let tx = db::transaction_ceiling(&pg, 2000, 8).await?;
+    report.figures.push(Figure::info(
+        "pg_small_transactions_per_sec",
+        tx,
+        "tx/s",
+        "BEGIN; SELECT .. FOR UPDATE; UPDATE; COMMIT over 8 connections (enrichd's pool size)",
+    ));
+    let lite = ctx.sqlite("ceiling").await?;
+    let (insert, upsert) = db::upsert_ceiling(&lite, sizes.ceiling_rows).await?;
+    report.figures.push(Figure::info(
+        "sqlite_batched_insert_rows_per_sec",
+        insert,
+        "rows/s",
+        "WAL, synchronous=NORMAL, 500-row INSERT",
+    ));
+    report.figures.push(Figure::info(
+        "sqlite_batched_upsert_rows_per_sec",
+        upsert,
+        "rows/s",
+        "WAL, synchronous=NORMAL, every row conflicts and updates",
+    ));
+    let tx = db::transaction_ceiling(&lite, 2000, 1).await?;
+    report.figures.push(Figure::info(
+        "sqlite_small_transactions_per_sec",
+        tx,
+        "tx/s",
+        "one writer connection, autocommit-free BEGIN/SELECT/UPDATE/COMMIT",
+    ));
+    Ok(())
+}
+
+// === (b), (f) backfill ===
+
+/// `enrichd backfill` over attackers inserted directly into a database enrichd migrated.
+pub(crate) async fn backfill(
+    ctx: &Ctx,
+    report: &mut ScenarioReport,
+    target: &Db,
+    label: &str,
+    first_octet: u8,
+) -> anyhow::Result<()> {
+    let n = ctx.sizes.backfill_attackers;
+    let env = ctx.launcher.env(&target.url(), None, enrichd::free_port()?);
+    ctx.launcher.migrate(label, &env).await?;
+    db::insert_attackers(target, &ips(first_octet, n)).await?;
+    ctx.fakes.reset().await?;
+
+    let activity = db::ActivitySampler::start(target);
+    let started = Instant::now();
+    let mut child = ctx.launcher.start("backfill", label, &env)?;
+    let before = ctx.snapshot(Some(child.pid));
+    let watch = Watch::start(child.pid, ctx.ticks);
+    let profiler = ctx.profiler(child.pid, label);
+    let exit = tokio::time::timeout(Duration::from_secs(240), child.child.wait()).await;
+    let wall = started.elapsed().as_secs_f64();
+    watch.stop.store(true, Ordering::Relaxed);
+    let mut cpu = before.until(&ctx.snapshot(None), ctx.ticks);
+    cpu.groups.insert("enrichd".into(), watch.cpu_secs());
+    cpu.other = round3((cpu.other - watch.cpu_secs()).max(0.0));
+    let activity = match activity {
+        Some(a) => a.finish().await,
+        None => Value::Null,
+    };
+    if let Some(p) = profiler {
+        p.stop().await;
+    }
+    let exited_ok = match exit {
+        Ok(Ok(s)) if s.success() => true,
+        Ok(Ok(s)) => bail!("enrichd backfill failed ({s}):\n{}", child.log_tail(20)),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {
+            let _ = child.terminate(Duration::from_secs(5)).await;
+            false
+        }
+    };
+    let conn = target.connect(1).await?;
+    let intel = db::scalar_i64(&conn, "SELECT COUNT(*) FROM attacker_intel").await?;
+    let with_ptr = db::scalar_i64(
+        &conn,
+        "SELECT COUNT(*) FROM attackers WHERE ptr_record IS NOT NULL",
+    )
+    .await?;
+    let _ = conn.close().await;
+    let stats = ctx.fakes.stats().await?;
+    let complete = exited_ok && usize::try_from(intel).unwrap_or(0) == n;
+
+    report.figures.push(Figure::judged(
+        "attackers_per_sec",
+        per_sec(n, wall),
+        "attackers/s",
+        Target::AtLeast(1000.0),
+        complete,
+        format!(
+            "{n} attackers, wall time of the `enrichd backfill` process ({wall:.2} s, start-up \
+             included); {intel} intel rows, {with_ptr} PTR names written"
+        ),
+    ));
+    if let Some((first, last)) = stats.span_ms(&PER_IP_PROVIDERS) {
+        let secs = (last.saturating_sub(first)).max(1) as f64 / 1000.0;
+        report.figures.push(Figure::info(
+            "provider_phase_attackers_per_sec",
+            per_sec(n, secs),
+            "attackers/s",
+            format!("first to last provider request at the fakes ({secs:.2} s): start-up and the last write excluded"),
+        ));
+        report.figures.push(Figure::info(
+            "startup_secs",
+            round3((first as f64 / 1000.0) - epoch_secs_at(started)),
+            "s",
+            "process start to its first provider request (migration check, pool, feed download)",
+        ));
+    }
+    push_calls_per_ip(report, &stats, n, complete);
+    report.figures.push(Figure::info(
+        "enrichd_cpu_secs",
+        watch.cpu_secs(),
+        "s",
+        "user+system CPU of enrichd (sampled every 100 ms)",
+    ));
+    report.figures.push(Figure::info(
+        "peak_rss_mib",
+        watch.hwm_mib(),
+        "MiB",
+        "VmHWM of enrichd",
+    ));
+    report.details["cpu"] = json!(cpu);
+    report.details["fakes"] = stats.summary();
+    let counters = db::pg_counters(target).await;
+    push_commits(report, &counters, n, "address");
+    report.details["database"] = counters;
+    report.details["database_activity"] = activity;
+    Ok(())
+}
+
+/// PostgreSQL commits per unit of work, from `pg_stat_database` (each commit is a WAL flush).
+fn push_commits(report: &mut ScenarioReport, counters: &Value, units: usize, unit: &str) {
+    if let Some(commits) = counters["xact_commit"].as_i64() {
+        report.figures.push(Figure::info(
+            &format!("pg_commits_per_{unit}"),
+            if units == 0 { 0.0 } else { commits as f64 / units as f64 },
+            "",
+            format!("{commits} commits in the scenario's database (migration and bench queries included)"),
+        ));
+    }
+}
+
+/// The epoch time (seconds) at which `instant` happened.
+fn epoch_secs_at(instant: Instant) -> f64 {
+    let now_epoch = chrono::Utc::now().timestamp_micros();
+    let now = now_epoch as f64 / 1e6;
+    now - instant.elapsed().as_secs_f64()
+}
+
+/// Provider calls per unique address for each per-address provider, and Feodo downloads.
+fn push_calls_per_ip(report: &mut ScenarioReport, stats: &Stats, unique: usize, complete: bool) {
+    for provider in PER_IP_PROVIDERS {
+        let k = stats.per_key(provider);
+        let ratio = if unique > 0 {
+            k.total as f64 / unique as f64
+        } else {
+            0.0
+        };
+        report.figures.push(Figure::judged(
+            &format!("{provider}_calls_per_ip"),
+            ratio,
+            "",
+            Target::Exactly(1.0),
+            complete && k.distinct == unique as u64,
+            format!(
+                "/_stats: {} calls, {} distinct addresses, at most {} per address",
+                k.total, k.distinct, k.max_per_key
+            ),
+        ));
+    }
+    report.figures.push(Figure::info(
+        "feodo_downloads",
+        stats.requests("feodo") as f64,
+        "",
+        "feed downloads (not per address)",
+    ));
+}
+
+// === helpers for `enrichd run` scenarios ===
+
+/// A running `enrichd run` with its watchers.
+struct Running {
+    child: procs::Spawned,
+    watch: Arc<Watch>,
+    metrics_port: u16,
+    before: CpuSnapshot,
+    profiler: Option<Profiler>,
+    activity: Option<db::ActivitySampler>,
+}
+
+impl Running {
+    fn start(ctx: &Ctx, target: &Db, topology: &Topology, label: &str) -> anyhow::Result<Self> {
+        let metrics_port = enrichd::free_port()?;
+        let env = ctx
+            .launcher
+            .env(&target.url(), Some(&ctx.bus_env(topology)), metrics_port);
+        let activity = db::ActivitySampler::start(target);
+        let child = ctx.launcher.start("run", label, &env)?;
+        let before = ctx.snapshot(Some(child.pid));
+        let watch = Watch::start(child.pid, ctx.ticks);
+        let profiler = ctx.profiler(child.pid, label);
+        Ok(Self {
+            child,
+            watch,
+            metrics_port,
+            before,
+            profiler,
+            activity,
+        })
+    }
+
+    fn alive(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.child.try_wait() {
+            bail!(
+                "enrichd run exited ({status}):\n{}",
+                self.child.log_tail(20)
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until enrichd consumes `queue` (it has connected and declared).
+    async fn wait_consuming(&mut self, bus: &Bus, queue: &str) -> anyhow::Result<()> {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.alive()?;
+            if bus.depth(queue).await?.1 > 0 {
+                return Ok(());
+            }
+            if Instant::now() > give_up {
+                bail!(
+                    "enrichd did not consume {queue} within 60 s:\n{}",
+                    self.child.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn acked(&self) -> Option<f64> {
+        enrichd::scrape(self.metrics_port)
+            .await
+            .and_then(|m| m.get("enrichd_events_acked_total").copied())
+    }
+
+    /// Samples once more, stops enrichd (SIGTERM) and returns the CPU split and the database
+    /// activity profile.
+    async fn stop(mut self, ctx: &Ctx) -> (Arc<Watch>, procs::CpuSplit, Value) {
+        self.watch.sample(self.child.pid, ctx.ticks);
+        let cpu = self
+            .before
+            .until(&ctx.snapshot(Some(self.child.pid)), ctx.ticks);
+        if let Some(p) = self.profiler.take() {
+            p.stop().await;
+        }
+        let activity = match self.activity.take() {
+            Some(a) => a.finish().await,
+            None => Value::Null,
+        };
+        self.watch.stop.store(true, Ordering::Relaxed);
+        let _ = self.child.terminate(Duration::from_secs(15)).await;
+        (self.watch, cpu, activity)
+    }
+}
+
+/// Polls until every provider's call count at the fakes stops moving for 2 s.
+async fn settle_providers(ctx: &Ctx, limit: Duration) -> anyhow::Result<Stats> {
+    let give_up = Instant::now() + limit;
+    let mut last = ctx.fakes.stats().await?;
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = ctx.fakes.stats().await?;
+        if now.total_requests() != last.total_requests() {
+            still_since = Instant::now();
+        }
+        last = now;
+        if still_since.elapsed() >= Duration::from_secs(2) || Instant::now() > give_up {
+            return Ok(last);
+        }
+    }
+}
+
+// === (c) ingestion ===
+
+/// 100,000 `attacker.scored` envelopes over 5,000 addresses, loaded into the work queue
+/// before one `enrichd run` starts; events per second from its first ack to its last.
+#[allow(clippy::too_many_lines, reason = "a scenario reads top to bottom")]
+pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
+    let sizes = &ctx.sizes;
+    let (n, unique) = (sizes.ingest_events, sizes.ingest_ips);
+    let target = ctx.pg("ingest").await?;
+    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench ingest").await?;
+    let topology = ctx.topology(&bus, "ingest").await?;
+    let addresses = ips(46, unique);
+    // Round robin, as the profiler scores every attacker on every tick.
+    let bodies = (0..n).map(|i| amqp::scored_envelope(addresses[i % unique], (i / unique) as u64));
+    bus.publish_all(&topology.exchange, bodies).await?;
+    let (ready, _) = bus.depth(&topology.queue).await?;
+    if ready as usize != n {
+        bail!("the work queue holds {ready} messages, not {n}");
+    }
+    ctx.fakes.reset().await?;
+
+    let mut running = Running::start(ctx, &target, &topology, "ingest")?;
+    let give_up = Instant::now() + Duration::from_secs(240);
+    // (time, acked) at the first and last progress seen; by metrics when enrichd serves them,
+    // else by the work queue's depth.
+    let mut first: Option<(Instant, f64)> = None;
+    let mut last: Option<(Instant, f64)> = None;
+    let mut method = "";
+    let total = n as f64;
+    let launched = Instant::now();
+    let mut series: Vec<(f64, f64)> = Vec::new();
+    loop {
+        running.alive()?;
+        let now = Instant::now();
+        let progress = if let Some(acked) = running.acked().await {
+            method = "metrics";
+            Some(acked)
+        } else if method == "metrics" || launched.elapsed() < Duration::from_secs(5) {
+            // Starting up, or one scrape missed.
+            None
+        } else {
+            method = "queue depth";
+            let (ready, _) = bus.depth(&topology.queue).await?;
+            // Ready messages only: up to one prefetch window is in flight, unseen.
+            Some(total - f64::from(ready) - f64::from(PREFETCH))
+                .filter(|_| (ready as usize) < n)
+                .map(|v| v.max(0.0))
+        };
+        if let Some(done) = progress {
+            if first.is_none() && done > 0.0 {
+                first = Some((now, done));
+            }
+            if first.is_some() {
+                last = Some((now, done));
+            }
+            let secs = round3(launched.elapsed().as_secs_f64());
+            if series.last().is_none_or(|(t, _)| secs - t >= 1.0) {
+                series.push((secs, done));
+            }
+            let finished = if method == "metrics" {
+                done >= total
+            } else {
+                done >= total - f64::from(PREFETCH)
+            };
+            if finished {
+                break;
+            }
+        }
+        if now > give_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (rate, complete, consumed) = match (first, last) {
+        (Some((t0, a0)), Some((t1, a1))) if t1 > t0 => (
+            (a1 - a0) / t1.duration_since(t0).as_secs_f64(),
+            a1 >= total
+                - if method == "metrics" {
+                    0.0
+                } else {
+                    f64::from(PREFETCH)
+                },
+            a1,
+        ),
+        _ => (0.0, false, 0.0),
+    };
+    let bare = *ctx.bare_consumer_rate.lock().await;
+    match bare {
+        Some(bare) if bare > 0.0 => {
+            report.figures.push(Figure::judged(
+                "events_per_sec",
+                rate,
+                "events/s",
+                Target::AtLeast(0.6 * bare),
+                complete,
+                format!(
+                    "{n} events over {unique} addresses, first to last ack ({method}); {consumed:.0} acked; \
+                     target 60 % of the bare consumer's {bare:.0}/s"
+                ),
+            ));
+            report.figures.push(Figure::info(
+                "share_of_bare_consumer",
+                rate / bare,
+                "",
+                "events/s divided by the bare consumer's rate",
+            ));
+        }
+        _ => report.figures.push(Figure::info(
+            "events_per_sec",
+            rate,
+            "events/s",
+            format!("{n} events over {unique} addresses ({method}); no bare-consumer ceiling in this run"),
+        )),
+    }
+    let stats = settle_providers(ctx, Duration::from_secs(60)).await?;
+    push_calls_per_ip(report, &stats, unique, complete);
+    let (watch, cpu, activity) = running.stop(ctx).await;
+    report.details["database_activity"] = activity;
+    report.figures.push(Figure::info(
+        "enrichd_cpu_secs",
+        watch.cpu_secs(),
+        "s",
+        "whole run",
+    ));
+    report.figures.push(Figure::info(
+        "peak_rss_mib",
+        watch.hwm_mib(),
+        "MiB",
+        "VmHWM of enrichd",
+    ));
+    report.details["cpu"] = json!(cpu);
+    report.details["fakes"] = stats.summary();
+    let counters = db::pg_counters(&target).await;
+    push_commits(report, &counters, n, "event");
+    report.details["database"] = counters;
+    report.details["acked_series"] = json!(series);
+    bus.close().await;
+    Ok(())
+}
+
+// === (d) latency ===
+
+/// New addresses at a steady rate; time from publish to the first `attacker.intel.enriched`
+/// naming the address.
+#[allow(clippy::too_many_lines, reason = "a scenario reads top to bottom")]
+pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
+    let sizes = &ctx.sizes;
+    let target = ctx.pg("latency").await?;
+    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench latency").await?;
+    let topology = ctx.topology(&bus, "latency").await?;
+    let arrivals = amqp::watch_enriched(&bus, &topology.exchange).await?;
+    ctx.fakes.reset().await?;
+    let mut running = Running::start(ctx, &target, &topology, "latency")?;
+    running.wait_consuming(&bus, &topology.queue).await?;
+    // The Feodo feed must be loaded, or the first results wait for it.
+    let feed_deadline = Instant::now() + Duration::from_secs(30);
+    while ctx.fakes.stats().await?.requests("feodo") == 0 && Instant::now() < feed_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let total = LATENCY_WARMUP + sizes.latency_events;
+    let addresses = ips(47, total);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(sizes.latency_rate.max(1)));
+    let mut sent: Vec<(String, Instant)> = Vec::with_capacity(total);
+    let start = Instant::now();
+    for (i, ip) in addresses.iter().enumerate() {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let body = amqp::scored_envelope(*ip, 0);
+        let at = Instant::now();
+        bus.publish_unconfirmed(&topology.exchange, &body).await?;
+        sent.push((ip.to_string(), at));
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let received = arrivals.lock().map_or(0, |m| m.len());
+        if received >= total || Instant::now() > give_up {
+            break;
+        }
+        running.alive()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = Instant::now();
+    // An address still waiting counts with its wait so far: the percentiles are then lower
+    // bounds, and the figure is marked incomplete.
+    let (mut latencies, missing) = {
+        let map = arrivals
+            .lock()
+            .map_err(|_| anyhow::anyhow!("arrival map poisoned"))?;
+        let mut missing = 0usize;
+        let latencies: Vec<f64> = sent
+            .iter()
+            .skip(LATENCY_WARMUP)
+            .map(|(ip, at)| {
+                let end = map.get(ip).copied().unwrap_or_else(|| {
+                    missing += 1;
+                    cut
+                });
+                end.duration_since(*at).as_secs_f64() * 1000.0
+            })
+            .collect();
+        (latencies, missing)
+    };
+    latencies.sort_by(f64::total_cmp);
+    let measured = sizes.latency_events;
+    let complete = missing == 0;
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an index into a short vector"
+        )]
+        let i = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i]
+    };
+    let rate = per_sec(total, publish_secs);
+    let note = format!(
+        "{measured} new addresses at {rate:.0}/s (after {LATENCY_WARMUP} warm-up), publish to \
+         attacker.intel.enriched received; {missing} not received within 60 s of the last \
+         publish (counted with their wait so far: lower bounds)"
+    );
+    report
+        .figures
+        .push(Figure::info("p50_ms", pct(0.50), "ms", note.clone()));
+    report
+        .figures
+        .push(Figure::info("p90_ms", pct(0.90), "ms", ""));
+    report.figures.push(Figure::judged(
+        "p99_ms",
+        pct(0.99),
+        "ms",
+        Target::AtMost(sizes.latency_ms as f64 + 50.0),
+        complete,
+        format!("target: provider latency {} ms + 50 ms", sizes.latency_ms),
+    ));
+    report
+        .figures
+        .push(Figure::info("max_ms", pct(1.0), "ms", ""));
+    let (watch, cpu, activity) = running.stop(ctx).await;
+    report.details["database_activity"] = activity;
+    report.figures.push(Figure::info(
+        "enrichd_cpu_secs",
+        watch.cpu_secs(),
+        "s",
+        "whole run",
+    ));
+    report.details["cpu"] = json!(cpu);
+    report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
+    report.details["database"] = db::pg_counters(&target).await;
+    bus.close().await;
+    Ok(())
+}
+
+// === (e) memory ===
+
+/// 100,000 distinct addresses published to one `enrichd run`; peak resident memory.
+#[allow(clippy::too_many_lines, reason = "a scenario reads top to bottom")]
+pub(crate) async fn memory(
+    ctx: &Ctx,
+    report: &mut ScenarioReport,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let n = ctx.sizes.rss_ips;
+    let target = ctx.pg("rss").await?;
+    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench rss").await?;
+    let topology = ctx.topology(&bus, "rss").await?;
+    ctx.fakes.reset().await?;
+    let mut running = Running::start(ctx, &target, &topology, "rss")?;
+    running.wait_consuming(&bus, &topology.queue).await?;
+    let started = Instant::now();
+    let give_up = started + limit;
+    let addresses = ips(49, n);
+    let publish = bus.publish_all(
+        &topology.exchange,
+        addresses.iter().map(|ip| amqp::scored_envelope(*ip, 0)),
+    );
+    let publish_rate = tokio::time::timeout(limit, publish)
+        .await
+        .context("publishing did not finish within the cap")??;
+    let conn = target.connect(1).await?;
+    let total = n as f64;
+    let mut all_acked_at: Option<(f64, f64)> = None;
+    // (seconds, addresses seen, intel rows, VmRSS MiB)
+    let mut series: Vec<(f64, f64, f64, f64)> = Vec::new();
+    let intel = loop {
+        running.alive()?;
+        let acked = running.acked().await;
+        let ready = bus.depth(&topology.queue).await?.0;
+        let seen_all = acked.map_or(ready == 0, |a| a >= total);
+        if seen_all && all_acked_at.is_none() {
+            all_acked_at = Some((started.elapsed().as_secs_f64(), running.watch.hwm_mib()));
+        }
+        let intel = db::scalar_i64(&conn, "SELECT COUNT(*) FROM attacker_intel").await?;
+        running.watch.sample(running.child.pid, ctx.ticks);
+        series.push((
+            round3(started.elapsed().as_secs_f64()),
+            acked.unwrap_or(intel as f64),
+            intel as f64,
+            round3(running.watch.rss_kib.load(Ordering::Relaxed) as f64 / 1024.0),
+        ));
+        if usize::try_from(intel).unwrap_or(0) >= n || Instant::now() > give_up {
+            break intel;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let _ = conn.close().await;
+    let enriched_secs = started.elapsed().as_secs_f64();
+    let (watch, cpu, activity) = running.stop(ctx).await;
+    report.details["database_activity"] = activity;
+    let complete = usize::try_from(intel).unwrap_or(0) >= n;
+    report.figures.push(Figure::judged(
+        "peak_rss_mib",
+        watch.hwm_mib(),
+        "MiB",
+        Target::AtMost(100.0),
+        complete,
+        format!(
+            "VmHWM of enrichd after {n} distinct addresses published ({publish_rate:.0}/s); \
+             {intel} enriched when measured"
+        ),
+    ));
+    if let Some((secs, hwm)) = all_acked_at {
+        report.figures.push(Figure::info(
+            "peak_rss_when_all_acked_mib",
+            hwm,
+            "MiB",
+            format!("all {n} events acked after {secs:.1} s"),
+        ));
+    }
+    if !complete && let Some(projected) = project(&series, total) {
+        report.figures.push(Figure::judged(
+            "projected_rss_at_all_mib",
+            projected,
+            "MiB",
+            Target::AtMost(100.0),
+            true,
+            format!(
+                "VmRSS fitted linearly against addresses seen over the later half of the run, \
+                 extrapolated to {n}: the run could not see them all in its time cap"
+            ),
+        ));
+    }
+    report.figures.push(Figure::info(
+        "new_addresses_per_sec",
+        intel as f64 / enriched_secs,
+        "addresses/s",
+        "attacker_intel rows written per second through the bus (new addresses, 4 providers + PTR each)",
+    ));
+    report.figures.push(Figure::info(
+        "enrichd_cpu_secs",
+        watch.cpu_secs(),
+        "s",
+        "whole run",
+    ));
+    report.details["cpu"] = json!(cpu);
+    report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
+    let counters = db::pg_counters(&target).await;
+    push_commits(
+        report,
+        &counters,
+        usize::try_from(intel).unwrap_or(0),
+        "address",
+    );
+    report.details["database"] = counters;
+    report.details["series_secs_seen_enriched_rss"] = json!(series);
+    bus.close().await;
+    Ok(())
+}
+
+/// Least-squares line of resident memory against addresses seen, over the samples from half
+/// the final count on, evaluated at `at`.
+fn project(series: &[(f64, f64, f64, f64)], at: f64) -> Option<f64> {
+    let last_seen = series.last()?.1;
+    let points: Vec<(f64, f64)> = series
+        .iter()
+        .filter(|s| s.1 >= last_seen / 2.0)
+        .map(|s| (s.1, s.3))
+        .collect();
+    if points.len() < 3 {
+        return None;
+    }
+    let k = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / k;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / k;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    let slope = sxy / sxx;
+    Some(round3(mean_y + slope * (at - mean_x)))
+}
+
+/// The SQLite and PostgreSQL targets of the backfill scenarios.
+pub(crate) async fn backfill_target(ctx: &Ctx, sqlite: bool) -> anyhow::Result<Db> {
+    if sqlite {
+        ctx.sqlite("backfill").await
+    } else {
+        ctx.pg("backfill").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projection_extends_the_later_trend() {
+        // 10 MiB + 1 MiB per 1000 addresses.
+        let series: Vec<_> = (1..=10)
+            .map(|i| {
+                let seen = f64::from(i) * 1000.0;
+                (f64::from(i), seen, seen, 10.0 + seen / 1000.0)
+            })
+            .collect();
+        let at = project(&series, 100_000.0).unwrap();
+        assert!((at - 110.0).abs() < 1e-6, "{at}");
+        assert_eq!(project(&series[..2], 100_000.0), None);
+    }
+}
