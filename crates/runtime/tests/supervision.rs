@@ -207,3 +207,67 @@ fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
     )
     .start()
 }
+
+#[actix::test]
+async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory() {
+    use enrichd_core::messages::{DeliveryTag, EnrichIp, Origin};
+    let db = TestDb::sqlite();
+    let store = sqlite_store(&db).await;
+    let deps = JobDeps {
+        store: store.clone(),
+        policy: AddressPolicy::default(),
+        ctx: ApplyContext {
+            providers: Vec::new(),
+            ptr_enabled: false,
+            ..ApplyContext::default()
+        },
+        providers: Vec::new(),
+        ptr: None,
+        provider_lease: Duration::from_secs(30),
+        ptr_lease: Duration::from_secs(22),
+        outbox_wake: None,
+    };
+    let stats = Arc::new(AggregatorStats::default());
+    let aggregator = Aggregator::new(deps, Arc::clone(&stats)).start();
+    let event = || EnrichIp {
+        job_id: JobId::new(),
+        ip: CanonicalIp::parse("8.8.8.8").unwrap(),
+        attacker_uuid: None,
+        first_seen: None,
+        origin: Origin::Bus(DeliveryTag(1)),
+    };
+    let hits = || {
+        enrichd_metrics::global().counter_value(
+            enrichd_core::metric_names::CACHE_HITS,
+            &[("provider", "event")],
+        )
+    };
+    aggregator.send(event()).await.unwrap().unwrap();
+    let finished = eventually(Duration::from_secs(10), || {
+        let stats = Arc::clone(&stats);
+        async move {
+            stats
+                .processed_total
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1
+                && stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+        }
+    })
+    .await;
+    assert!(finished);
+    let before = hits();
+    aggregator.send(event()).await.unwrap().unwrap();
+    assert_eq!(hits(), before + 1, "answered from memory");
+    assert_eq!(
+        stats
+            .processed_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "no second job"
+    );
+    // An event naming an attacker row not mapped to the address goes to the database.
+    let mut named = event();
+    named.attacker_uuid = Some("0b7c4a36-6f53-4c44-a9f1-2a3b5e1f0c11".into());
+    aggregator.send(named).await.unwrap().unwrap();
+    assert_eq!(hits(), before + 1);
+}
