@@ -467,8 +467,10 @@ impl Running {
     }
 }
 
-/// Polls until every provider's call count at the fakes stops moving for 2 s.
-async fn settle_providers(ctx: &Ctx, limit: Duration) -> anyhow::Result<Stats> {
+/// Polls until every per-address provider has been asked about `unique` addresses and the
+/// call counts stop moving for 2 s, or `limit` passes (work left due waits for enrichd's next
+/// backfill poll, 60 s by default).
+async fn settle_providers(ctx: &Ctx, unique: u64, limit: Duration) -> anyhow::Result<Stats> {
     let give_up = Instant::now() + limit;
     let mut last = ctx.fakes.stats().await?;
     let mut still_since = Instant::now();
@@ -479,7 +481,12 @@ async fn settle_providers(ctx: &Ctx, limit: Duration) -> anyhow::Result<Stats> {
             still_since = Instant::now();
         }
         last = now;
-        if still_since.elapsed() >= Duration::from_secs(2) || Instant::now() > give_up {
+        let all_asked = PER_IP_PROVIDERS
+            .iter()
+            .all(|p| last.per_key(p).distinct >= unique);
+        if (all_asked && still_since.elapsed() >= Duration::from_secs(2))
+            || Instant::now() > give_up
+        {
             return Ok(last);
         }
     }
@@ -599,7 +606,7 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
             format!("{n} events over {unique} addresses ({method}); no bare-consumer ceiling in this run"),
         )),
     }
-    let stats = settle_providers(ctx, Duration::from_secs(60)).await?;
+    let stats = settle_providers(ctx, unique as u64, Duration::from_secs(75)).await?;
     push_calls_per_ip(report, &stats, unique, complete);
     let (watch, cpu, activity) = running.stop(ctx).await;
     report.details["database_activity"] = activity;
