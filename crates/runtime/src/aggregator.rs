@@ -39,6 +39,11 @@ type Waiter = oneshot::Sender<Result<(), PersistError>>;
 const RECENT_FOR: Duration = Duration::from_secs(30);
 /// Bound on remembered addresses; expired entries are dropped when it is reached.
 const RECENT_CAP: usize = 200_000;
+/// Jobs running their claims, calls and write at once in one process. More wait before they
+/// claim anything: a job that has called its providers and then waits for one of the store's
+/// few connections past its deadlines loses the answers it paid for (the leases lapse and
+/// the calls are made again), while a job that has not claimed yet loses nothing by waiting.
+const MAX_RUNNING_JOBS: usize = 32;
 
 /// An address whose job just finished: events naming it (and only attacker rows we already
 /// mapped to it) need no database work until `until`.
@@ -69,12 +74,15 @@ pub struct Aggregator {
     recent: HashMap<CanonicalIp, Recent>,
     drain_waiters: Vec<oneshot::Sender<()>>,
     stats: Arc<AggregatorStats>,
+    /// Permits to run (see [`MAX_RUNNING_JOBS`]).
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 impl Aggregator {
     /// An aggregator running passes with `deps`.
     pub fn new(deps: JobDeps, stats: Arc<AggregatorStats>) -> Self {
         Self {
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_JOBS)),
             deps,
             jobs: HashMap::new(),
             recent: HashMap::new(),
@@ -96,7 +104,10 @@ impl Aggregator {
             .store(self.jobs.len(), Ordering::Relaxed);
         let deps = self.deps.clone();
         let me = ctx.address();
+        let running = Arc::clone(&self.running);
         let job = async move {
+            // Never closed, so the permit always comes.
+            let _permit = running.acquire_owned().await;
             let durable = move || me.do_send(JobDurable { ip });
             match crate::supervision::contain_future(enrich(job_id, ip, mode, &deps, durable)).await
             {
