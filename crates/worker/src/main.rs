@@ -37,6 +37,11 @@ fn main() -> ExitCode {
         tracing::warn!(variable = %name, "Unknown ENRICHD_ variable ignored.");
     }
 
-    let code = actix_rt::System::new().block_on(commands::dispatch(cli.command, settings));
-    ExitCode::from(code)
+    let system = actix_rt::System::new();
+    let code = system.block_on(commands::dispatch(cli.command, settings));
+    // Work cut off by the grace period may still hold pooled database connections, and their
+    // destructors need a live runtime: dropping it here made sqlx panic inside a destructor,
+    // which aborts the process (SIGABRT instead of the exit code). What is durable is
+    // committed and the rest is redelivered or leased, so leave without tearing it down.
+    std::process::exit(i32::from(code))
 }
