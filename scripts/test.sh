@@ -21,3 +21,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --no-fail-fast
 fi
+# Last and on its own: it restarts PostgreSQL and RabbitMQ under live replicas.
+echo "== fault suite"
+bash scripts/faults.sh

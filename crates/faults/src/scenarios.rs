@@ -1,0 +1,726 @@
+//! The scenarios. Each builds its own world, drives it, and records figures and checks; every
+//! wait is on observed state (database rows, queue depths, consumers, fake counters) with a
+//! deadline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::pg;
+use crate::report::Report;
+use crate::services::poll;
+use crate::world::{Ctx, Limits, World, ips};
+
+/// Providers called per address (Feodo is a feed: it counts downloads).
+const PER_IP: [&str; 3] = ["greynoise", "abuseipdb", "threatfox"];
+
+/// A scenario: name, what it does.
+pub(crate) const ALL: [(&str, &str); 5] = [
+    (
+        "lifted",
+        "limits lifted, 3 replicas, 20,000 events over 2,000 IPs: every attacker enriched, one call per (IP, provider)",
+    ),
+    (
+        "kill9",
+        "limits lifted, 3 replicas, kill -9 of one mid-run: nothing lost, no duplicate rows, duplicate calls within its leases",
+    ),
+    (
+        "rabbitmq-restart",
+        "limits lifted, 3 replicas, RabbitMQ restarted mid-run: every replica reconnects and the run completes",
+    ),
+    (
+        "postgres-restart",
+        "limits lifted, 3 replicas, PostgreSQL restarted mid-run: nothing lost",
+    ),
+    (
+        "default-limits-faults",
+        "default limits, 3 replicas, providers answering 10 % errors and 3 % 429s: cluster-wide rate, parks, retries",
+    ),
+];
+
+/// Runs scenario `name`; setup errors are returned, check results go to `report`.
+pub(crate) async fn run(name: &str, ctx: &Ctx, report: &mut Report) -> Result<()> {
+    let (fake_args, limits): (&[&str], Limits) = match name {
+        "lifted" => (&[], Limits::Lifted),
+        "kill9" | "rabbitmq-restart" | "postgres-restart" => {
+            // Slow enough answers that "mid-run" is a wide target and leases are held.
+            (&["--latency-ms", "40"], Limits::Lifted)
+        }
+        "default-limits-faults" => (
+            &[
+                "--error-rate",
+                "0.10",
+                "--rate-limit-rate",
+                "0.03",
+                "--seed",
+                "20261123",
+            ],
+            Limits::Default,
+        ),
+        other => anyhow::bail!("no scenario named {other:?}"),
+    };
+    let mut world = World::create(ctx, name, fake_args, limits).await?;
+    let result = match name {
+        "lifted" => lifted(&mut world, report).await,
+        "kill9" => kill9(&mut world, report).await,
+        "rabbitmq-restart" => rabbitmq_restart(ctx, &mut world, report).await,
+        "postgres-restart" => postgres_restart(ctx, &mut world, report).await,
+        _ => default_limits_faults(&mut world, report).await,
+    };
+    if result.is_err() || !report.passed() {
+        for line in world.log_tails(8) {
+            Report::progress(&line);
+        }
+    }
+    world.teardown().await;
+    result
+}
+
+// === shared pieces ===
+
+/// `(distinct, max_per_key, total)` of `provider` in `/_stats`.
+fn per_key(stats: &Value, provider: &str) -> (u64, u64, u64) {
+    let p = &stats["per_key"][provider];
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    (n("distinct"), n("max_per_key"), n("total"))
+}
+
+/// Calls beyond the first per (IP, provider), summed over the per-address providers.
+fn duplicate_calls(stats: &Value) -> u64 {
+    PER_IP
+        .iter()
+        .map(|p| {
+            let (distinct, _, total) = per_key(stats, p);
+            total - distinct
+        })
+        .sum()
+}
+
+fn per_key_figure(stats: &Value) -> String {
+    PER_IP
+        .iter()
+        .chain(&["feodo"])
+        .map(|p| {
+            let (distinct, max, total) = per_key(stats, p);
+            format!("{p} {total} calls/{distinct} keys/max {max}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Every attacker has an intel row with all four providers and a PTR name.
+fn check_enriched(report: &mut Report, p: &crate::world::Progress, ips: usize, done: bool) {
+    let n = i64::try_from(ips).unwrap_or(i64::MAX);
+    report.check(
+        "every attacker enriched",
+        done && p.attackers == n && p.intel == n && p.enriched == n,
+        format!(
+            "attackers {} for {ips} IPs, intel rows {}, with all four providers {}",
+            p.attackers, p.intel, p.enriched
+        ),
+    );
+    report.check(
+        "every attacker has its PTR name",
+        p.ptr == n,
+        format!("{} of {n}", p.ptr),
+    );
+}
+
+/// One attacker row per address and one intel row per attacker.
+async fn check_no_duplicate_rows(world: &World<'_>, report: &mut Report) -> Result<()> {
+    let n = pg::numbers(
+        &world.db,
+        "SELECT (SELECT count(*) FROM attackers), (SELECT count(DISTINCT ip) FROM attackers), \
+                (SELECT count(*) FROM attacker_intel), \
+                (SELECT count(DISTINCT attacker_uuid) FROM attacker_intel)",
+    )
+    .await?;
+    report.check(
+        "no duplicate rows",
+        n[0] == n[1] && n[2] == n[3] && n[2] == n[0],
+        format!(
+            "attackers {} over {} IPs, intel rows {} for {} attackers",
+            n[0], n[1], n[2], n[3]
+        ),
+    );
+    Ok(())
+}
+
+async fn check_drained(world: &World<'_>, report: &mut Report) {
+    let ((work, dead), drained) = world.wait_drained(Duration::from_secs(180)).await;
+    report.check(
+        "every event acked, none dead-lettered",
+        drained && dead == 0,
+        format!("work queue {work}, dead-letter queue {dead}"),
+    );
+}
+
+async fn check_clean_exit(world: &mut World<'_>, report: &mut Report, expected: usize) {
+    let alive = world.alive();
+    let codes = world.stop_all().await;
+    let text = codes
+        .iter()
+        .map(|(name, code)| format!("{name} {code:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    report.check(
+        "replicas alive to the end and exit 0 on SIGTERM",
+        alive == expected && codes.iter().all(|(_, c)| *c == Some(0)),
+        format!("{alive} of {expected} running; exits {text}"),
+    );
+}
+
+/// Publishes, then waits until `trigger` attackers are enriched; returns the publish time.
+async fn publish_and_wait(
+    world: &mut World<'_>,
+    ips: &[String],
+    per_ip: usize,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let events = world.publish(ips, per_ip).await?;
+    let took = started.elapsed();
+    Report::figure(
+        "published",
+        format!(
+            "{events} events over {} IPs in {:.1} s",
+            ips.len(),
+            took.as_secs_f64()
+        ),
+    );
+    Ok(took)
+}
+
+// === scenarios ===
+
+async fn lifted(world: &mut World<'_>, report: &mut Report) -> Result<()> {
+    let ips = ips(2_000);
+    world.start_replicas(3).await?;
+    let started = Instant::now();
+    publish_and_wait(world, &ips, 10).await?;
+    let n = i64::try_from(ips.len())?;
+    let (p, done) = world
+        .wait_for("every attacker enriched", Duration::from_secs(300), |p| {
+            p.enriched >= n && p.ptr >= n
+        })
+        .await?;
+    let took = started.elapsed().as_secs_f64();
+    Report::figure(
+        "enriched",
+        format!(
+            "{} attackers in {took:.1} s ({:.0} IPs/s, {:.0} events/s)",
+            p.enriched,
+            p.enriched as f64 / took,
+            20_000.0 / took
+        ),
+    );
+    check_enriched(report, &p, ips.len(), done);
+    check_drained(world, report).await;
+    Report::figure("events acked/lookups per replica", world.spread().await);
+    let stats = world.fakes.stats().await?;
+    Report::figure("provider calls", per_key_figure(&stats));
+    Report::figure("DNS queries", &stats["dns"]["queries"]);
+    for provider in PER_IP {
+        let (distinct, max, total) = per_key(&stats, provider);
+        report.check(
+            &format!("{provider}: exactly one call per IP"),
+            distinct == ips.len() as u64 && max == 1,
+            format!("{total} calls, {distinct} distinct IPs, at most {max} per IP"),
+        );
+    }
+    check_no_duplicate_rows(world, report).await?;
+    check_clean_exit(world, report, 3).await;
+    Ok(())
+}
+
+/// The provider leases `owner`-by-owner: `(owner, ip, provider, lease_until)`.
+async fn live_leases(db: &str) -> Result<Vec<(String, String, String, String)>> {
+    let rows = pg::psql(
+        db,
+        "SELECT lease_owner, ip, provider, lease_until FROM enrichd_provider_state \
+         WHERE lease_owner IS NOT NULL AND lease_until > (now() AT TIME ZONE 'UTC')",
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.len() == 4)
+        .map(|r| (r[0].clone(), r[1].clone(), r[2].clone(), r[3].clone()))
+        .collect())
+}
+
+/// The leases the killed replica held. Taken right after the kill: the dead owner's leases
+/// stay exactly as they were until they lapse, while every live owner's leases of that moment
+/// are applied (cleared) within seconds. Returns the count held by owners whose leases never
+/// changed once every other owner's did (0 if every owner's changed).
+async fn victim_leases(db: &str) -> Result<(u64, usize)> {
+    let at_kill = live_leases(db).await?;
+    let mut by_owner: BTreeMap<&str, Vec<&(String, String, String, String)>> = BTreeMap::new();
+    for lease in &at_kill {
+        by_owner.entry(lease.0.as_str()).or_default().push(lease);
+    }
+    let owners = by_owner.len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = live_leases(db).await.unwrap_or_default();
+        let unchanged: Vec<usize> = by_owner
+            .values()
+            .filter(|leases| leases.iter().all(|l| now.contains(l)))
+            .map(Vec::len)
+            .collect();
+        if unchanged.len() <= 1 || Instant::now() >= deadline {
+            return Ok((unchanged.iter().sum::<usize>() as u64, owners));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn kill9(world: &mut World<'_>, report: &mut Report) -> Result<()> {
+    let ips = ips(1_000);
+    let n = i64::try_from(ips.len())?;
+    world.start_replicas(3).await?;
+    publish_and_wait(world, &ips, 10).await?;
+    let (at_kill, reached) = world
+        .wait_for("a quarter enriched", Duration::from_secs(120), |p| {
+            p.enriched >= n / 4
+        })
+        .await?;
+    anyhow::ensure!(reached, "the run never got a quarter done: {at_kill:?}");
+    let victim = &mut world.replicas[1];
+    victim.kill9().await?;
+    let killed = Instant::now();
+    let (held, owners) = victim_leases(&world.db).await?;
+    Report::figure(
+        "kill -9",
+        format!(
+            "r2 at {} of {n} enriched; it held {held} provider leases ({owners} owners held leases then)",
+            at_kill.enriched
+        ),
+    );
+    let (p, done) = world
+        .wait_for("every attacker enriched", Duration::from_secs(240), |p| {
+            p.enriched >= n && p.ptr >= n
+        })
+        .await?;
+    Report::figure(
+        "completed after the kill",
+        format!(
+            "{:.1} s (leases lapse after about 32 s)",
+            killed.elapsed().as_secs_f64()
+        ),
+    );
+    check_enriched(report, &p, ips.len(), done);
+    check_drained(world, report).await;
+    check_no_duplicate_rows(world, report).await?;
+    let stats = world.fakes.stats().await?;
+    Report::figure("provider calls", per_key_figure(&stats));
+    let duplicates = duplicate_calls(&stats);
+    report.check(
+        "duplicate provider calls at most the killed replica's leases",
+        duplicates <= held,
+        format!("{duplicates} duplicate calls, {held} leases held"),
+    );
+    let every_ip = PER_IP
+        .iter()
+        .all(|p| per_key(&stats, p).0 == ips.len() as u64);
+    report.check(
+        "every (IP, provider) asked",
+        every_ip,
+        PER_IP
+            .iter()
+            .map(|p| format!("{p} {}", per_key(&stats, p).0))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    Report::figure("events acked/lookups per replica", world.spread().await);
+    check_clean_exit(world, report, 2).await;
+    Ok(())
+}
+
+async fn rabbitmq_restart(ctx: &Ctx, world: &mut World<'_>, report: &mut Report) -> Result<()> {
+    let ips = ips(1_000);
+    let n = i64::try_from(ips.len())?;
+    world.start_replicas(3).await?;
+    let before: Vec<String> = world.vhost.work_consumers().await?;
+    publish_and_wait(world, &ips, 10).await?;
+    let (at, reached) = world
+        .wait_for("a fifth enriched", Duration::from_secs(120), |p| {
+            p.enriched >= n / 5
+        })
+        .await?;
+    anyhow::ensure!(reached, "the run never got a fifth done: {at:?}");
+    let away = ctx.services.restart_rabbitmq().await?;
+    let back = Instant::now();
+    Report::figure(
+        "RabbitMQ restart",
+        format!(
+            "at {} of {n} enriched; stop_app + start_app took {:.1} s",
+            at.enriched,
+            away.as_secs_f64()
+        ),
+    );
+    let vhost = &world.vhost;
+    let (consumers, reconnected) = poll(
+        Duration::from_secs(120),
+        || async { vhost.work_consumers().await.ok() },
+        |consumers| consumers.len() >= 3,
+    )
+    .await;
+    let consumers = consumers.unwrap_or_default();
+    report.check(
+        "every replica reconnected and consumes again",
+        reconnected && consumers.len() == 3,
+        format!(
+            "{} consumers {:.1} s after the broker came back (before: {})",
+            consumers.len(),
+            back.elapsed().as_secs_f64(),
+            before.len()
+        ),
+    );
+    let (p, done) = world
+        .wait_for("every attacker enriched", Duration::from_secs(240), |p| {
+            p.enriched >= n && p.ptr >= n
+        })
+        .await?;
+    check_enriched(report, &p, ips.len(), done);
+    check_drained(world, report).await;
+    check_no_duplicate_rows(world, report).await?;
+    let stats = world.fakes.stats().await?;
+    Report::figure("provider calls", per_key_figure(&stats));
+    report.check(
+        "redelivery repeated no lookup",
+        PER_IP
+            .iter()
+            .all(|p| per_key(&stats, p) == (ips.len() as u64, 1, ips.len() as u64)),
+        format!("{} duplicate calls", duplicate_calls(&stats)),
+    );
+    Report::figure("events acked/lookups per replica", world.spread().await);
+    check_clean_exit(world, report, 3).await;
+    Ok(())
+}
+
+async fn postgres_restart(ctx: &Ctx, world: &mut World<'_>, report: &mut Report) -> Result<()> {
+    let ips = ips(1_000);
+    let n = i64::try_from(ips.len())?;
+    world.start_replicas(3).await?;
+    publish_and_wait(world, &ips, 10).await?;
+    let (at, reached) = world
+        .wait_for("a fifth enriched", Duration::from_secs(120), |p| {
+            p.enriched >= n / 5
+        })
+        .await?;
+    anyhow::ensure!(reached, "the run never got a fifth done: {at:?}");
+    let away = ctx.services.restart_postgres().await?;
+    let back = Instant::now();
+    Report::figure(
+        "PostgreSQL restart",
+        format!(
+            "at {} of {n} enriched; restart took {:.1} s",
+            at.enriched,
+            away.as_secs_f64()
+        ),
+    );
+    let (p, done) = world
+        .wait_for("every attacker enriched", Duration::from_secs(240), |p| {
+            p.enriched >= n && p.ptr >= n
+        })
+        .await?;
+    Report::figure(
+        "completed after the restart",
+        format!("{:.1} s", back.elapsed().as_secs_f64()),
+    );
+    check_enriched(report, &p, ips.len(), done);
+    check_drained(world, report).await;
+    check_no_duplicate_rows(world, report).await?;
+    let stats = world.fakes.stats().await?;
+    Report::figure("provider calls", per_key_figure(&stats));
+    Report::figure(
+        "duplicate provider calls (answers lost with the restart are asked again)",
+        duplicate_calls(&stats),
+    );
+    Report::figure("events acked/lookups per replica", world.spread().await);
+    check_clean_exit(world, report, 3).await;
+    Ok(())
+}
+
+// === default limits with faults ===
+
+/// Most requests of `timeline` (epoch ms, any order) inside any half-open window of
+/// `window_ms`.
+fn max_in_window(timeline: &[u64], window_ms: u64) -> usize {
+    let mut sorted = timeline.to_vec();
+    sorted.sort_unstable();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end] - sorted[start] >= window_ms {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+fn timeline(stats: &Value, key: &str, provider: &str) -> Vec<u64> {
+    stats[key][provider]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+/// Requests of a provider that arrived while it was parked by a 429 sent at `t`
+/// (`Retry-After: 2`): in `(t + grace, t + 2 s - 100 ms)`. `grace` covers requests already
+/// on the wire when the 429 left the fake.
+fn requests_while_parked(parks: &[u64], requests: &[u64], grace_ms: u64) -> Vec<(u64, u64)> {
+    let mut hits = Vec::new();
+    for t in parks {
+        for r in requests {
+            if *r > t + grace_ms && *r < t + 1_900 {
+                hits.push((*t, *r));
+            }
+        }
+    }
+    hits
+}
+
+async fn default_limits_faults(world: &mut World<'_>, report: &mut Report) -> Result<()> {
+    let ips = ips(40);
+    let n = ips.len();
+    world.start_replicas(3).await?;
+    let started = Instant::now();
+    publish_and_wait(world, &ips, 3).await?;
+    // Settled: every (IP, provider) has a final outcome for this run: an answer, or an error
+    // whose retry is minutes away. Rate-limited work is retried after its 2 s park.
+    let db = world.db.clone();
+    let expected = i64::try_from(n * PER_IP.len())?;
+    let settle_sql = "SELECT (SELECT count(*) FROM enrichd_provider_state \
+           WHERE provider IN ('greynoise', 'abuseipdb', 'threatfox') \
+             AND outcome IN ('ok', 'not_found', 'error')), \
+          (SELECT count(*) FROM attacker_intel)";
+    let rows = i64::try_from(n)?;
+    let (last, settled) = poll(
+        Duration::from_secs(240),
+        || async { pg::numbers(&db, settle_sql).await.ok() },
+        |last| last.len() == 2 && last[0] >= expected && last[1] >= rows,
+    )
+    .await;
+    let last = last.filter(|l| l.len() == 2).unwrap_or_else(|| vec![0, 0]);
+    Report::figure(
+        "settled",
+        format!(
+            "{} of {expected} (IP, provider) final, {} intel rows, in {:.1} s",
+            last[0],
+            last[1],
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    report.check(
+        "every attacker has its intel row and every provider a final outcome",
+        settled,
+        format!(
+            "{} of {expected} final, {} of {n} intel rows",
+            last[0], last[1]
+        ),
+    );
+
+    let stats = world.fakes.stats().await?;
+    let log = world.fakes.log().await?;
+    Report::figure("provider calls", per_key_figure(&stats));
+    check_answers_land(world, report, &log, n).await?;
+    check_parks_and_rates(report, &stats);
+    check_clean_exit(world, report, 3).await;
+    Ok(())
+}
+
+/// Every (IP, provider) ends as the fake last answered it: an answer in the intel row, or an
+/// error retried minutes later; no (IP, provider) is left on a 429.
+async fn check_answers_land(
+    world: &World<'_>,
+    report: &mut Report,
+    log: &Value,
+    n: usize,
+) -> Result<()> {
+    // What the fake answered last per (provider, IP), and whether a 429 was followed by
+    // another request.
+    let mut last_status: HashMap<(String, String), u64> = HashMap::new();
+    let mut unretried_429 = 0;
+    for provider in PER_IP {
+        let mut entries: Vec<(u64, String, u64)> = log[provider]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| {
+                        Some((e[0].as_u64()?, e[1].as_str()?.to_owned(), e[2].as_u64()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        entries.sort();
+        for (_, ip, status) in &entries {
+            last_status.insert((provider.to_owned(), ip.clone()), *status);
+        }
+        unretried_429 += last_status
+            .iter()
+            .filter(|((p, _), s)| p == provider && **s == 429)
+            .count();
+    }
+
+    let rows = pg::psql(
+        &world.db,
+        "SELECT s.ip, s.provider, coalesce(s.outcome, ''), \
+                (s.next_attempt_at > (now() AT TIME ZONE 'UTC') + interval '60 seconds')::text, \
+                (CASE s.provider WHEN 'greynoise' THEN i.greynoise_queried_at \
+                   WHEN 'abuseipdb' THEN i.abuseipdb_queried_at \
+                   ELSE i.threatfox_queried_at END IS NOT NULL)::text \
+         FROM enrichd_provider_state s LEFT JOIN attacker_intel i ON i.attacker_ip = s.ip \
+         WHERE s.provider IN ('greynoise', 'abuseipdb', 'threatfox')",
+    )
+    .await?;
+    let mut answered = 0;
+    let mut failed_later = 0;
+    let mut mismatches = Vec::new();
+    for row in rows.iter().filter(|r| r.len() == 5) {
+        let (ip, provider, outcome) = (&row[0], &row[1], row[2].as_str());
+        let retry_later = row[3] == "true";
+        let in_row = row[4] == "true";
+        let fake = last_status
+            .get(&(provider.clone(), ip.clone()))
+            .copied()
+            .unwrap_or(0);
+        let consistent = match fake {
+            200 | 404 => {
+                answered += 1;
+                matches!(outcome, "ok" | "not_found") && in_row
+            }
+            500 => {
+                failed_later += 1;
+                outcome == "error" && retry_later && !in_row
+            }
+            _ => false,
+        };
+        if !consistent {
+            mismatches.push(format!(
+                "{provider}/{ip}: fake {fake}, outcome {outcome:?}, retry later {retry_later}, in row {in_row}"
+            ));
+        }
+    }
+    report.check(
+        "every attacker ends with the providers that answered; failed ones retried later",
+        mismatches.is_empty() && answered + failed_later == n * PER_IP.len(),
+        format!(
+            "{answered} answered and in the rows, {failed_later} failed with next_attempt_at minutes away{}",
+            mismatches
+                .first()
+                .map(|m| format!("; first mismatch {m} (of {})", mismatches.len()))
+                .unwrap_or_default()
+        ),
+    );
+    report.check(
+        "every 429 was retried after its park",
+        unretried_429 == 0,
+        format!("{unretried_429} (IP, provider) left on a 429"),
+    );
+    Ok(())
+}
+
+/// No request inside a park; no 10 s window over the cluster-wide rate.
+fn check_parks_and_rates(report: &mut Report, stats: &Value) {
+    let mut parked_hits = Vec::new();
+    let mut parks_total = 0;
+    for provider in PER_IP {
+        let parks = timeline(stats, "rate_limited", provider);
+        parks_total += parks.len();
+        let requests = timeline(stats, "timeline", provider);
+        for (t, r) in requests_while_parked(&parks, &requests, 250) {
+            parked_hits.push(format!("{provider} +{} ms", r - t));
+        }
+    }
+    report.check(
+        "no request while a provider is parked",
+        parked_hits.is_empty(),
+        format!(
+            "{parks_total} parks (429 with Retry-After 2), {} requests inside one{}",
+            parked_hits.len(),
+            if parked_hits.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": {}",
+                    parked_hits
+                        .iter()
+                        .take(8)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        ),
+    );
+
+    // Rate: slots are 1/rate apart on the database clock, so a half-open 10 s window holds at
+    // most ceil(10 s x rate) of them. A request reaches the fake a little after its slot; one
+    // delivered late can share a window with the slots after it, so one more is allowed.
+    for (provider, rate) in [
+        ("greynoise", 1.0 / 1.5),
+        ("abuseipdb", 2.0),
+        ("threatfox", 2.0),
+    ] {
+        let requests = timeline(stats, "timeline", provider);
+        let worst = max_in_window(&requests, 10_000);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a small positive count"
+        )]
+        let allowed = (10.0_f64 * rate - 1e-9).ceil() as usize;
+        let span = requests
+            .iter()
+            .max()
+            .zip(requests.iter().min())
+            .map_or(0, |(a, b)| a - b);
+        report.check(
+            &format!("{provider}: no 10 s window over the cluster-wide limit"),
+            worst <= allowed + 1,
+            format!(
+                "busiest 10 s window {worst}, limit {allowed} slots (+1 late delivery); {} requests over {:.1} s",
+                requests.len(),
+                span as f64 / 1000.0
+            ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_busiest_window_counts_half_open() {
+        assert_eq!(max_in_window(&[], 10_000), 0);
+        let slots: Vec<u64> = (0..20).map(|i| 1_000 + i * 1_500).collect();
+        assert_eq!(max_in_window(&slots, 10_000), 7);
+        assert_eq!(max_in_window(&[0, 10_000, 10_001, 5], 10_000), 3);
+    }
+
+    #[test]
+    fn requests_inside_a_park_are_found() {
+        let parks = [10_000];
+        let requests = [9_990, 10_100, 10_600, 11_950, 12_500];
+        assert_eq!(
+            requests_while_parked(&parks, &requests, 250),
+            vec![(10_000, 10_600)]
+        );
+    }
+
+    #[test]
+    fn addresses_are_distinct_and_global_looking() {
+        let all = ips(2_000);
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), 2_000);
+        assert!(
+            all.iter()
+                .all(|ip| ip.starts_with("45.") && ip.parse::<std::net::Ipv4Addr>().is_ok())
+        );
+    }
+}

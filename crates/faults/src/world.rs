@@ -1,0 +1,361 @@
+//! One scenario's world: a fresh database and vhost, an `enrichd-fakes`, and replicas of
+//! `enrichd run` pointed at them; plus the observations every check is built from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use tokio::time::Instant;
+
+use crate::pg;
+use crate::procs::{Fakes, Replica, log_tail};
+use crate::rabbit::{self, Vhost};
+use crate::report::Report;
+use crate::services::{Services, poll, wait_until};
+
+/// What every scenario shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    /// The `enrichd` binary.
+    pub(crate) enrichd: PathBuf,
+    /// The `enrichd-fakes` binary.
+    pub(crate) fakes: PathBuf,
+    /// Where logs go.
+    pub(crate) logs: PathBuf,
+    /// Unique per run, part of every database and vhost name.
+    pub(crate) run_id: String,
+    /// The shared services.
+    pub(crate) services: Services,
+    /// Added to every replica's environment last (`--replica-env`).
+    pub(crate) extra_env: Vec<(String, String)>,
+}
+
+/// Provider limits for the replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limits {
+    /// No rate limit, no quota, concurrency 16 per provider and replica.
+    Lifted,
+    /// The contract's defaults (greynoise 1 per 1.5 s, abuseipdb 2/s and 1000/day,
+    /// threatfox 2/s, concurrency 4).
+    Default,
+}
+
+/// Counts read from the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// Rows in `attackers`.
+    pub(crate) attackers: i64,
+    /// Distinct IPs in `attackers`.
+    pub(crate) attacker_ips: i64,
+    /// Rows in `attacker_intel`.
+    pub(crate) intel: i64,
+    /// Intel rows with an answer from all four providers.
+    pub(crate) enriched: i64,
+    /// Attackers with a PTR name.
+    pub(crate) ptr: i64,
+}
+
+/// `n` distinct global IPv4 addresses (45.64.0.0/10 is ordinary allocated space).
+pub(crate) fn ips(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("45.{}.{}.{}", 64 + i / 62_500, (i / 250) % 250, 1 + i % 250))
+        .collect()
+}
+
+/// A scenario's world.
+#[derive(Debug)]
+pub(crate) struct World<'a> {
+    ctx: &'a Ctx,
+    /// Scenario name.
+    pub(crate) name: String,
+    /// Its database.
+    pub(crate) db: String,
+    /// Its vhost.
+    pub(crate) vhost: Vhost,
+    /// Its fake providers and DNS.
+    pub(crate) fakes: Fakes,
+    /// Its replicas, in start order.
+    pub(crate) replicas: Vec<Replica>,
+    env: Vec<(String, String)>,
+    started: Instant,
+}
+
+impl<'a> World<'a> {
+    /// Creates the database and vhost and starts `enrichd-fakes` with `fake_args`.
+    pub(crate) async fn create(
+        ctx: &'a Ctx,
+        name: &str,
+        fake_args: &[&str],
+        limits: Limits,
+    ) -> Result<Self> {
+        let unique = format!("faults_{}_{}", ctx.run_id, name.replace('-', "_"));
+        pg::create(&unique).await.context("create the database")?;
+        let vhost = match Vhost::create(&unique).await {
+            Ok(vhost) => vhost,
+            Err(e) => {
+                let _ = pg::drop(&unique).await;
+                return Err(e.context("create the vhost"));
+            }
+        };
+        let args: Vec<String> = fake_args.iter().map(|s| (*s).to_owned()).collect();
+        let fakes = match Fakes::start(
+            &ctx.fakes,
+            &args,
+            &ctx.logs.join(format!("{name}-fakes.log")),
+        )
+        .await
+        {
+            Ok(fakes) => fakes,
+            Err(e) => {
+                let _ = pg::drop(&unique).await;
+                let _ = vhost.delete().await;
+                return Err(e);
+            }
+        };
+        let mut env = Self::env(&unique, &vhost, &fakes, limits);
+        env.extend(ctx.extra_env.iter().cloned());
+        Ok(Self {
+            ctx,
+            name: name.to_owned(),
+            db: unique,
+            vhost,
+            fakes,
+            replicas: Vec::new(),
+            env,
+            started: Instant::now(),
+        })
+    }
+
+    fn env(db: &str, vhost: &Vhost, fakes: &Fakes, limits: Limits) -> Vec<(String, String)> {
+        let base = format!("http://{}", fakes.http);
+        let mut env: Vec<(String, String)> = vec![
+            ("ENRICHD_DATABASE_URL".into(), pg::url(db)),
+            ("ENRICHD_AMQP_URL".into(), vhost.url()),
+            ("ENRICHD_EXCHANGE".into(), rabbit::EXCHANGE.into()),
+            ("ENRICHD_QUEUE".into(), rabbit::QUEUE.into()),
+            ("ENRICHD_DNS_SERVERS".into(), fakes.dns.clone()),
+            ("ENRICHD_PTR_CONCURRENCY".into(), "32".into()),
+            // The backfill finishes leftover work (lapsed leases, retries) quickly.
+            ("ENRICHD_POLL_INTERVAL_SECS".into(), "2".into()),
+            ("ENRICHD_GRACE_SECS".into(), "10".into()),
+            (
+                "ENRICHD_GREYNOISE_API_KEY".into(),
+                "fake-greynoise-key".into(),
+            ),
+            (
+                "ENRICHD_ABUSEIPDB_API_KEY".into(),
+                "fake-abuseipdb-key".into(),
+            ),
+            (
+                "ENRICHD_THREATFOX_API_KEY".into(),
+                "fake-threatfox-key".into(),
+            ),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        for provider in ["GREYNOISE", "ABUSEIPDB", "FEODO", "THREATFOX"] {
+            env.push((format!("ENRICHD_{provider}_BASE_URL"), base.clone()));
+        }
+        if limits == Limits::Lifted {
+            for provider in ["GREYNOISE", "ABUSEIPDB", "THREATFOX"] {
+                env.push((format!("ENRICHD_{provider}_RATE_PER_SEC"), "0".into()));
+                env.push((format!("ENRICHD_{provider}_DAILY_QUOTA"), "0".into()));
+                env.push((format!("ENRICHD_{provider}_CONCURRENCY"), "16".into()));
+            }
+        }
+        env
+    }
+
+    /// Seconds since the world was created, for progress lines.
+    pub(crate) fn clock(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Starts `n` replicas and waits until each answers `/readyz` and consumes the queue.
+    pub(crate) async fn start_replicas(&mut self, n: usize) -> Result<()> {
+        for _ in 0..n {
+            let name = format!("r{}", self.replicas.len() + 1);
+            let log = self.ctx.logs.join(format!("{}-{name}.log", self.name));
+            self.replicas
+                .push(Replica::spawn(&self.ctx.enrichd, &name, &self.env, log)?);
+        }
+        for replica in &mut self.replicas {
+            let ready =
+                wait_until(Duration::from_secs(90), || async { replica.ready().await }).await;
+            if !ready || !replica.running() {
+                bail!(
+                    "replica {} never became ready (exit {:?}); log {}:\n{}",
+                    replica.name,
+                    replica.exit,
+                    replica.log.display(),
+                    log_tail(&replica.log, 10).join("\n")
+                );
+            }
+        }
+        let vhost = &self.vhost;
+        let consuming = wait_until(Duration::from_secs(60), || async {
+            vhost.work_consumers().await.is_ok_and(|c| c.len() >= n)
+        })
+        .await;
+        if !consuming {
+            bail!("the replicas did not all consume the work queue within 60 s");
+        }
+        Ok(())
+    }
+
+    /// Publishes `per_ip` `attacker.scored` events for every address, round-robin (so
+    /// repetition is spread over the run, as a profiler's ticks are). Returns the count.
+    pub(crate) async fn publish(&self, ips: &[String], per_ip: usize) -> Result<usize> {
+        let mut bodies = Vec::with_capacity(ips.len() * per_ip);
+        for tick in 0..per_ip {
+            for ip in ips {
+                bodies.push(rabbit::scored_envelope(ip, tick as u64));
+            }
+        }
+        let n = bodies.len();
+        self.vhost.publish_scored(bodies).await?;
+        Ok(n)
+    }
+
+    /// Counts from the database.
+    pub(crate) async fn progress(&self) -> Result<Progress> {
+        let n = pg::numbers(
+            &self.db,
+            "SELECT (SELECT count(*) FROM attackers), \
+                    (SELECT count(DISTINCT ip) FROM attackers), \
+                    (SELECT count(*) FROM attacker_intel), \
+                    (SELECT count(*) FROM attacker_intel WHERE greynoise_queried_at IS NOT NULL \
+                       AND abuseipdb_queried_at IS NOT NULL AND feodo_queried_at IS NOT NULL \
+                       AND threatfox_queried_at IS NOT NULL), \
+                    (SELECT count(*) FROM attackers WHERE ptr_record IS NOT NULL)",
+        )
+        .await?;
+        let at = |i: usize| n.get(i).copied().unwrap_or(0);
+        Ok(Progress {
+            attackers: at(0),
+            attacker_ips: at(1),
+            intel: at(2),
+            enriched: at(3),
+            ptr: at(4),
+        })
+    }
+
+    /// Replicas still running.
+    pub(crate) fn alive(&mut self) -> usize {
+        self.replicas
+            .iter_mut()
+            .map(Replica::running)
+            .filter(|up| *up)
+            .count()
+    }
+
+    /// Polls the database until `done` holds or `within` passes; returns the last progress
+    /// and whether `done` held. A database that does not answer (restarting) is polled again.
+    /// Fails early when every replica has exited.
+    pub(crate) async fn wait_for(
+        &mut self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&Progress) -> bool,
+    ) -> Result<(Progress, bool)> {
+        let deadline = Instant::now() + within;
+        let mut last = Progress::default();
+        let mut shown = Instant::now();
+        loop {
+            if let Ok(p) = self.progress().await {
+                last = p;
+                if done(&p) {
+                    return Ok((p, true));
+                }
+            }
+            if self.alive() == 0 {
+                bail!("every replica has exited while waiting for {what}");
+            }
+            if Instant::now() >= deadline {
+                return Ok((last, false));
+            }
+            if shown.elapsed() >= Duration::from_secs(10) {
+                shown = Instant::now();
+                Report::progress(&format!(
+                    "t={:.0}s waiting for {what}: attackers {}, intel {}, enriched {}, ptr {}",
+                    self.clock(),
+                    last.attackers,
+                    last.intel,
+                    last.enriched,
+                    last.ptr
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits until the work queue holds nothing (ready or unacknowledged); returns the last
+    /// depths (work, dead) and whether it drained.
+    pub(crate) async fn wait_drained(&self, within: Duration) -> ((u64, u64), bool) {
+        let vhost = &self.vhost;
+        let (last, drained) = poll(
+            within,
+            || async { vhost.queue_depths().await.ok() },
+            |depths| depths.0 == 0,
+        )
+        .await;
+        (last.unwrap_or((u64::MAX, u64::MAX)), drained)
+    }
+
+    /// `events_acked / lookups` per running replica, as a figure.
+    pub(crate) async fn spread(&mut self) -> String {
+        let mut parts = Vec::new();
+        for replica in &mut self.replicas {
+            if !replica.running() {
+                parts.push(format!("{} (gone)", replica.name));
+                continue;
+            }
+            let acked = replica.metric("enrichd_events_acked_total").await;
+            let lookups = replica.metric("enrichd_lookups_total").await;
+            parts.push(format!("{} {acked:.0}/{lookups:.0}", replica.name));
+        }
+        parts.join(", ")
+    }
+
+    /// SIGTERM to every running replica; their exit codes (`None` = did not exit cleanly).
+    pub(crate) async fn stop_all(&mut self) -> Vec<(String, Option<i32>)> {
+        let mut codes = Vec::new();
+        for replica in &mut self.replicas {
+            if replica.exit.is_some() {
+                continue;
+            }
+            let code = replica.terminate(Duration::from_secs(30)).await;
+            codes.push((replica.name.clone(), code));
+        }
+        codes
+    }
+
+    /// Warnings and errors from every replica's log (for a failed scenario).
+    pub(crate) fn log_tails(&self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for replica in &self.replicas {
+            out.push(format!("--- {} ({})", replica.name, replica.log.display()));
+            out.extend(log_tail(&replica.log, n));
+        }
+        out
+    }
+
+    /// Stops everything and removes the database and the vhost.
+    pub(crate) async fn teardown(mut self) {
+        for replica in &mut self.replicas {
+            if replica.running() {
+                let _ = replica.kill9().await;
+            }
+        }
+        // The services may still be coming back from a restart.
+        let db = self.db.clone();
+        let _ = wait_until(Duration::from_secs(30), || async {
+            pg::drop(&db).await.is_ok()
+        })
+        .await;
+        let vhost = &self.vhost;
+        let _ = wait_until(Duration::from_secs(30), || async {
+            vhost.delete().await.is_ok()
+        })
+        .await;
+    }
+}
