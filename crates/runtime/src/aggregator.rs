@@ -33,10 +33,12 @@ pub struct AggregatorStats {
 
 type Waiter = oneshot::Sender<Result<(), PersistError>>;
 
-/// How long a finished address answers repeated bus events from memory. Short, because an
-/// attacker row created meanwhile without a uuid in the event is only noticed by the next
-/// database pass (or the backfill); long enough to absorb the profiler's repetition.
-const RECENT_FOR: Duration = Duration::from_secs(30);
+/// How long a finished address answers repeated bus events from memory. An attacker row
+/// created meanwhile and named by no event's uuid is picked up by the backfill (it has no
+/// intel row) within its poll interval, so this only has to outlast the profiler's ticks and
+/// the consumption of a large backlog (100,000 queued events over 5,000 addresses took longer
+/// than 30 s to reach their repeats).
+const RECENT_FOR: Duration = Duration::from_secs(300);
 /// Bound on remembered addresses; expired entries are dropped when it is reached.
 const RECENT_CAP: usize = 200_000;
 /// Jobs running their claims, calls and write at once in one process. More wait before they

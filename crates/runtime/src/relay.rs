@@ -80,15 +80,18 @@ async fn relay_once(
     let n = rows.len();
     let confirmed = join_all(rows.iter().map(|row| publish(publisher, exchange, row))).await;
     let mut bus_failed = false;
+    let mut delivered = Vec::with_capacity(rows.len());
     for (row, ok) in rows.iter().zip(confirmed) {
-        if !ok {
+        if ok {
+            delivered.push((row.attacker_uuid.clone(), row.version));
+        } else {
             bus_failed = true;
-            continue;
         }
-        if let Err(e) = store.delete_outbox(&row.attacker_uuid, row.version).await {
-            // Published but not deleted: it will be published again after the claim lapses.
-            warn!(error = %enrichd_core::error::chain(&e), "Outbox delete failed; the event may repeat.");
-        }
+    }
+    if let Err(e) = store.delete_outbox_batch(&delivered).await {
+        // Published but not deleted: published again after the claim lapses (consumers dedupe
+        // on the envelope id).
+        warn!(error = %enrichd_core::error::chain(&e), "Outbox delete failed; events may repeat.");
     }
     if bus_failed {
         Err(RelayError::Bus)

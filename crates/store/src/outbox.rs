@@ -122,6 +122,42 @@ impl Store {
         Ok(deleted == 1)
     }
 
+    /// [`Store::delete_outbox`] for a whole published batch in one transaction: the relay
+    /// confirms a batch at once, and a commit per row would cost more than the publishing.
+    /// Returns how many rows were deleted.
+    pub async fn delete_outbox_batch(&self, rows: &[(String, i64)]) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let sql = self.sql;
+        let mut sorted: Vec<&(String, i64)> = rows.iter().collect();
+        // One lock order for every writer (G4 / deadlocks).
+        sorted.sort();
+        let txn = self.begin_write().await?;
+        let mut deleted_total = 0;
+        for (attacker_uuid, version) in sorted {
+            let deleted = txn
+                .execute_raw(sql.stmt(
+                    "DELETE FROM enrichd_outbox WHERE attacker_uuid = $1 AND version = $2",
+                    vec![attacker_uuid.as_str().into(), (*version).into()],
+                ))
+                .await?
+                .rows_affected();
+            if deleted == 0 {
+                // A newer version replaced it while it was out: release that one now.
+                txn.execute_raw(sql.stmt(
+                    "UPDATE enrichd_outbox SET claimed_until = NULL \
+                     WHERE attacker_uuid = $1 AND version > $2",
+                    vec![attacker_uuid.as_str().into(), (*version).into()],
+                ))
+                .await?;
+            }
+            deleted_total += deleted;
+        }
+        txn.commit().await?;
+        Ok(deleted_total)
+    }
+
     /// Depth and oldest age of the outbox.
     pub async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
         let sql = self.sql;

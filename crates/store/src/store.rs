@@ -21,7 +21,7 @@ use crate::sql::Sql;
 const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
 
 /// Connections in the PostgreSQL pool of one process.
-const PG_POOL_SIZE: u32 = 8;
+const PG_POOL_SIZE: u32 = 16;
 
 /// Read connections on SQLite (the writer is always exactly one).
 const SQLITE_READERS: u32 = 4;
