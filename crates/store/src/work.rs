@@ -122,12 +122,13 @@ impl Store {
             ClaimMode::Refresh => "",
         };
         if ptr {
+            // RETURNING hands back the fence in the same round trip as the claim.
             let claimed = txn
-                .execute_raw(sql.stmt(
+                .query_all_raw(sql.stmt(
                     format!(
                         "UPDATE enrichd_ip_state SET ptr_lease_owner = $2, ptr_lease_until = $3 \
                          WHERE ip = $1 AND (ptr_lease_until IS NULL OR ptr_lease_until < $4 \
-                         OR ptr_lease_owner = $2){due_ptr}"
+                         OR ptr_lease_owner = $2){due_ptr} RETURNING ptr_queried_at"
                     ),
                     vec![
                         ip_text.clone().into(),
@@ -136,72 +137,96 @@ impl Store {
                         sql.ts(now),
                     ],
                 ))
-                .await?
-                .rows_affected();
-            if claimed == 1 {
-                let last = txn
-                    .query_one_raw(sql.stmt(
-                        "SELECT ptr_queried_at FROM enrichd_ip_state WHERE ip = $1",
-                        vec![ip_text.clone().into()],
-                    ))
-                    .await?
-                    .map(|r| sql.get_ts(&r, "ptr_queried_at"))
-                    .transpose()?
-                    .flatten();
-                let mut lease = lease;
-                if let Some(last) = last.filter(|l| *l >= lease.claimed_at) {
-                    lease.claimed_at = last + chrono::Duration::microseconds(1);
-                }
-                claims.ptr = Some(lease);
+                .await?;
+            if let Some(row) = claimed.first() {
+                let last = sql.get_ts(row, "ptr_queried_at")?;
+                claims.ptr = Some(newer_than(lease, last));
             }
         }
-        let due_provider = match mode {
-            ClaimMode::Due => " AND (outcome IS NULL OR next_attempt_at <= $5)",
-            ClaimMode::Refresh => "",
-        };
         let mut wanted: Vec<ProviderId> = providers.to_vec();
         wanted.sort_unstable();
         wanted.dedup();
-        for provider in wanted {
-            ensure_provider_row(self, &txn, &ip_text, provider, now).await?;
-            let claimed = txn
-                .execute_raw(sql.stmt(
-                    format!(
-                        "UPDATE enrichd_provider_state SET lease_owner = $3, lease_until = $4 \
-                         WHERE ip = $1 AND provider = $2 AND (lease_until IS NULL \
-                         OR lease_until < $5 OR lease_owner = $3){due_provider}"
-                    ),
-                    vec![
-                        ip_text.clone().into(),
-                        provider.as_str().into(),
-                        self.owner.to_string().into(),
-                        sql.ts(until),
-                        sql.ts(now),
-                    ],
-                ))
-                .await?
-                .rows_affected();
-            if claimed == 1 {
-                // A claim is always newer than the result it may replace, even within the
-                // clock's resolution, so the fence never refuses the legitimate holder.
-                let last = txn
-                    .query_one_raw(sql.stmt(
-                        "SELECT queried_at FROM enrichd_provider_state WHERE ip = $1 AND provider = $2",
-                        vec![ip_text.clone().into(), provider.as_str().into()],
-                    ))
-                    .await?
-                    .map(|r| sql.get_ts(&r, "queried_at"))
-                    .transpose()?
-                    .flatten();
-                let mut lease = lease;
-                if let Some(last) = last.filter(|l| *l >= lease.claimed_at) {
-                    lease.claimed_at = last + chrono::Duration::microseconds(1);
-                }
-                claims.providers.push((provider, lease));
-            }
+        if !wanted.is_empty() {
+            claims.providers = self
+                .claim_providers(&txn, &ip_text, &wanted, lease, now, mode)
+                .await?;
         }
         txn.commit().await?;
         Ok(claims)
+    }
+
+    /// Creates the missing provider rows of `ip` and leases the due ones, `wanted` in
+    /// ascending order: one statement for each, in provider order (the order every writer
+    /// locks them in). The fence of each lease comes back with the claim (`RETURNING`).
+    async fn claim_providers(
+        &self,
+        txn: &DatabaseTransaction,
+        ip_text: &str,
+        wanted: &[ProviderId],
+        lease: Lease,
+        now: DateTime<Utc>,
+        mode: ClaimMode,
+    ) -> Result<Vec<(ProviderId, Lease)>, StoreError> {
+        let sql = self.sql;
+        let ip_text = ip_text.to_owned();
+        let mut claimed_leases = Vec::new();
+        let due_provider = match mode {
+            ClaimMode::Due => " AND (outcome IS NULL OR next_attempt_at <= $4)",
+            ClaimMode::Refresh => "",
+        };
+        // One statement creates the missing rows, one claims every due one, in provider
+        // order (the order every writer locks them in).
+        let mut values: Vec<Value> = vec![ip_text.clone().into(), sql.ts(now)];
+        let rows: Vec<String> = wanted
+            .iter()
+            .map(|p| {
+                values.push(p.as_str().into());
+                format!("($1, ${}, 0, $2)", values.len())
+            })
+            .collect();
+        txn.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at) \
+                     VALUES {} ON CONFLICT (ip, provider) DO NOTHING",
+                rows.join(", ")
+            ),
+            values,
+        ))
+        .await?;
+        let mut values: Vec<Value> = vec![
+            ip_text.clone().into(),
+            self.owner.to_string().into(),
+            sql.ts(lease.until),
+            sql.ts(now),
+        ];
+        let list: Vec<String> = wanted
+            .iter()
+            .map(|p| {
+                values.push(p.as_str().into());
+                format!("${}", values.len())
+            })
+            .collect();
+        let claimed = txn
+            .query_all_raw(sql.stmt(
+                format!(
+                    "UPDATE enrichd_provider_state SET lease_owner = $2, lease_until = $3 \
+                         WHERE ip = $1 AND provider IN ({}) AND (lease_until IS NULL \
+                         OR lease_until < $4 OR lease_owner = $2){due_provider} \
+                         RETURNING provider, queried_at",
+                    list.join(", ")
+                ),
+                values,
+            ))
+            .await?;
+        for row in &claimed {
+            let label: String = row.try_get("", "provider")?;
+            let provider = ProviderId::from_id(&label)
+                .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
+            let fence = sql.get_ts(row, "queried_at")?;
+            claimed_leases.push((provider, newer_than(lease, fence)));
+        }
+        claimed_leases.sort_by_key(|(p, _)| *p);
+        Ok(claimed_leases)
     }
 
     /// Gives back this process's leases on `ip` for `providers` (and PTR when `ptr`), for
@@ -326,11 +351,14 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::malformed("enrichd_ip_state", "row vanished"))?;
         let old_ptr = read_ptr(self, &row)?;
-        txn.execute_raw(sql.stmt(
-            "UPDATE enrichd_ip_state SET scope = $2, updated_at = $3 WHERE ip = $1",
-            vec![ip_text.clone().into(), scope.as_str().into(), sql.ts(now)],
-        ))
-        .await?;
+        let stored_scope: Option<String> = row.try_get("", "scope")?;
+        if stored_scope.as_deref() != Some(scope.as_str()) {
+            txn.execute_raw(sql.stmt(
+                "UPDATE enrichd_ip_state SET scope = $2, updated_at = $3 WHERE ip = $1",
+                vec![ip_text.clone().into(), scope.as_str().into(), sql.ts(now)],
+            ))
+            .await?;
+        }
 
         let mut new_ptr = old_ptr.clone();
         if let Some((lease, report)) = ptr {
@@ -344,7 +372,10 @@ impl Store {
 
         let mut states = read_provider_states(self, &txn, &ip_text).await?;
         for (lease, report) in reports {
-            ensure_provider_row(self, &txn, &ip_text, report.provider, now).await?;
+            // The claim created the row; only a caller that skipped claiming needs this.
+            if !states.iter().any(|s| s.provider == report.provider) {
+                ensure_provider_row(self, &txn, &ip_text, report.provider, now).await?;
+            }
             let old = states
                 .iter()
                 .find(|s| s.provider == report.provider)
@@ -401,6 +432,18 @@ impl Store {
 pub(crate) async fn backoff(attempt: u32) {
     // Retry pacing after a lock conflict, not synchronisation: the other writer just committed.
     tokio::time::sleep(Duration::from_millis(15 * u64::from(attempt))).await;
+}
+
+/// A claim is always newer than the result it may replace, even within the clock's
+/// resolution, so the fence never refuses the legitimate holder.
+fn newer_than(lease: Lease, last: Option<DateTime<Utc>>) -> Lease {
+    match last.filter(|l| *l >= lease.claimed_at) {
+        Some(last) => Lease {
+            claimed_at: last + chrono::Duration::microseconds(1),
+            ..lease
+        },
+        None => lease,
+    }
 }
 
 pub(crate) async fn ensure_ip_row(
