@@ -61,6 +61,8 @@ pub struct Store {
     url: Arc<str>,
     /// Recently read limits rows of unmetered providers (see `gate`).
     pub(crate) gate_cache: crate::gate::GateCache,
+    /// Whether enrichd's migration created `attackers` (read once; see `owns_attackers_in`).
+    owns_attackers_cache: Arc<std::sync::OnceLock<bool>>,
 }
 
 impl fmt::Debug for Store {
@@ -140,6 +142,7 @@ impl Store {
             owner: uuid::Uuid::new_v4().simple().to_string().into(),
             url: url.into(),
             gate_cache: crate::gate::GateCache::default(),
+            owns_attackers_cache: Arc::default(),
         })
     }
 
@@ -261,10 +264,18 @@ impl Store {
         &self,
         db: &C,
     ) -> Result<bool, StoreError> {
-        Ok(self
-            .meta_value(db, meta::OWNS_ATTACKERS)
-            .await?
-            .is_some_and(|v| v == "true"))
+        // Decided once, by the migration that created (or found) `attackers`; never changes
+        // after, so one read per process is enough.
+        if let Some(owned) = self.owns_attackers_cache.get() {
+            return Ok(*owned);
+        }
+        let Some(value) = self.meta_value(db, meta::OWNS_ATTACKERS).await? else {
+            // Not migrated yet: decide nothing for good.
+            return Ok(false);
+        };
+        let owned = value == "true";
+        let _ = self.owns_attackers_cache.set(owned);
+        Ok(owned)
     }
 
     /// The database's current UTC time: every lease, slot and due time is on this clock.
