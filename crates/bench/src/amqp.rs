@@ -57,10 +57,11 @@ impl Bus {
             .map_err(|e| anyhow::anyhow!(enrichd_core::error::chain(&e)))
     }
 
-    /// Ready messages and consumers of `queue` (a passive declare).
+    /// Ready messages and consumers of `queue` (a passive declare, on a channel of its own:
+    /// a failed passive declare closes its channel, and the others must survive it).
     pub(crate) async fn depth(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
-        let q = self
-            .channel
+        let channel = self.conn.create_channel().await?;
+        let q = channel
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -69,7 +70,9 @@ impl Bus {
                 },
                 FieldTable::default(),
             )
-            .await?;
+            .await;
+        let _ = channel.close(200, "depth read".into()).await;
+        let q = q?;
         Ok((q.message_count(), q.consumer_count()))
     }
 
