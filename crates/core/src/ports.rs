@@ -138,4 +138,11 @@ pub trait ProviderGate: Send + Sync + 'static {
         provider: ProviderId,
         event: GateEvent,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The end of a park in force for `provider`, if any: checked again after waiting for a
+    /// slot, because another replica may have been told to back off meanwhile.
+    fn parked_until(
+        &self,
+        provider: ProviderId,
+    ) -> impl Future<Output = Result<Option<DateTime<Utc>>, Self::Error>> + Send;
 }

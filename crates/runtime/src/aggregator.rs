@@ -39,6 +39,9 @@ type Waiter = oneshot::Sender<Result<(), PersistError>>;
 /// the consumption of a large backlog (100,000 queued events over 5,000 addresses took longer
 /// than 30 s to reach their repeats).
 const RECENT_FOR: Duration = Duration::from_secs(300);
+/// Jobs queued or running beyond which bus deliveries are no longer acked at once (see
+/// `Handler<EnrichIp>`): it bounds the memory a burst of new addresses can take.
+const MAX_QUEUED_JOBS: usize = 2_000;
 /// Bound on remembered addresses; expired entries are dropped when it is reached.
 const RECENT_CAP: usize = 200_000;
 /// Jobs running their claims, calls and write at once in one process. More wait before they
@@ -311,13 +314,31 @@ impl Handler<EnrichIp> for Aggregator {
         };
         Box::pin(record.into_actor(self).then(move |recorded, act, ctx| {
             let receiver = recorded.map(|uuids| act.join_or_start(ip, origin, job_id, uuids, ctx));
+            // A recorded bus event is durable: its attacker row is mapped (or created), so
+            // the backfill finishes its work if this process does not. Ack it now while the
+            // queue of jobs is short; past that, hold it (the prefetch window then slows
+            // intake) until its job has claimed, but never longer than the ack deadline.
+            let bus = matches!(origin, Origin::Bus(_));
+            let early = bus && act.jobs.len() <= MAX_QUEUED_JOBS;
+            let deadline = act.deps.ack_deadline;
             async move {
-                match receiver {
-                    Ok(rx) => rx.await.unwrap_or_else(|_| {
-                        Err(PersistError::Unavailable("aggregator stopped".into()))
-                    }),
-                    Err(e) => Err(e),
+                let rx = match receiver {
+                    Ok(rx) => rx,
+                    Err(e) => return Err(e),
+                };
+                if early {
+                    return Ok(());
                 }
+                let answer = if bus {
+                    match tokio::time::timeout(deadline, rx).await {
+                        Ok(answer) => answer,
+                        Err(_elapsed) => return Ok(()),
+                    }
+                } else {
+                    rx.await
+                };
+                answer
+                    .unwrap_or_else(|_| Err(PersistError::Unavailable("aggregator stopped".into())))
             }
             .into_actor(act)
         }))

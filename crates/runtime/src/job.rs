@@ -43,6 +43,12 @@ pub struct JobDeps {
     pub ptr_lease: Duration,
     /// Notified when a pass wrote outbox rows, so the relay publishes without polling.
     pub outbox_wake: Option<Arc<Notify>>,
+    /// Longest a bus delivery waits for its job's claims before it is acked anyway (its event
+    /// is recorded by then, so the backfill finishes the work): `ENRICHD_ACK_DEADLINE_SECS`.
+    pub ack_deadline: Duration,
+    /// Notified when deferred work falls due again, so the backfill takes it at once rather
+    /// than at its next poll.
+    pub backfill_wake: Option<Arc<Notify>>,
 }
 
 impl std::fmt::Debug for JobDeps {
@@ -112,6 +118,7 @@ pub async fn enrich(
     record_cache_hits(&provider_ids, deps.ptr.is_some(), &claims);
 
     let (ptr, reports, unavailable) = ask(job_id, ip, &claims, deps).await;
+    defer_parked(ip, &unavailable, deps).await;
     let summary_asked: Vec<ProviderId> = reports.iter().map(|(_, r)| r.provider).collect();
     let ptr_resolved = ptr.is_some();
     // Even with nothing new, the write recomputes every attacker row of the address from the
@@ -128,6 +135,36 @@ pub async fn enrich(
         ptr_resolved,
         applied,
     })
+}
+
+/// Work a provider had no slot for (its rate is taken, or it is parked) keeps its lease only
+/// until then, plus a little jitter so the waiting addresses do not all return at once; the
+/// backfill is woken for it. Without this the lease would hold the item for a full lease
+/// period and a rate-limited provider would run far below its limit.
+async fn defer_parked(
+    ip: CanonicalIp,
+    unavailable: &[(ProviderId, ProviderUnavailable)],
+    deps: &JobDeps,
+) {
+    for (provider, reason) in unavailable {
+        let ProviderUnavailable::Parked(until) = reason else {
+            continue;
+        };
+        let jitter = chrono::Duration::milliseconds(rand::random_range(0..5_000));
+        let at = *until + jitter;
+        if let Err(e) = deps.store.defer_work(ip, *provider, at).await {
+            debug!(%ip, provider = %provider, error = %e, "Could not defer; the lease lapses on its own.");
+            continue;
+        }
+        if let Some(wake) = &deps.backfill_wake {
+            let wake = Arc::clone(wake);
+            let delay = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                wake.notify_one();
+            });
+        }
+    }
 }
 
 /// A provider answered (in any outcome): count it and how long the call took.

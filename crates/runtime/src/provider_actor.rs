@@ -367,6 +367,18 @@ impl<P: ProviderHooks, G: ProviderGate> Shared<P, G> {
                 }
                 if wait > Duration::ZERO {
                     tokio::time::sleep(wait).await;
+                    // A 429 here or at another replica while we waited parks the provider:
+                    // the slot is forfeited rather than spent against a provider saying stop.
+                    self.check_parks()?;
+                    match self.gate.parked_until(self.id).await {
+                        Ok(Some(until)) => {
+                            let mut local = lock(&self.local);
+                            local.parked_until = local.parked_until.max(Some(until));
+                            return Err(ProviderUnavailable::Parked(until));
+                        }
+                        Ok(None) => {}
+                        Err(_) => return Err(ProviderUnavailable::Unreachable),
+                    }
                 }
                 Ok(None)
             }
@@ -577,6 +589,13 @@ mod tests {
             }
             state.events.push(event);
             Ok(())
+        }
+
+        async fn parked_until(
+            &self,
+            _provider: ProviderId,
+        ) -> Result<Option<DateTime<Utc>>, Self::Error> {
+            Ok(lock(&self.state).parked_until.filter(|u| *u > Utc::now()))
         }
     }
 

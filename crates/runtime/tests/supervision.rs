@@ -75,6 +75,13 @@ impl ProviderGate for OpenGate {
     async fn record(&self, _provider: ProviderId, _event: GateEvent) -> Result<(), Self::Error> {
         Ok(())
     }
+
+    async fn parked_until(
+        &self,
+        _provider: ProviderId,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, Self::Error> {
+        Ok(None)
+    }
 }
 
 fn limits() -> ProviderLimits {
@@ -194,6 +201,8 @@ fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
         provider_lease: Duration::from_secs(30),
         ptr_lease: Duration::from_secs(22),
         outbox_wake: None,
+        backfill_wake: None,
+        ack_deadline: Duration::from_secs(30),
     };
     let aggregator = Aggregator::new(deps, Arc::new(AggregatorStats::default())).start();
     let (backfill_stop, _) = watch::channel(false);
@@ -226,6 +235,8 @@ async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory()
         provider_lease: Duration::from_secs(30),
         ptr_lease: Duration::from_secs(22),
         outbox_wake: None,
+        backfill_wake: None,
+        ack_deadline: Duration::from_secs(30),
     };
     let stats = Arc::new(AggregatorStats::default());
     let aggregator = Aggregator::new(deps, Arc::clone(&stats)).start();

@@ -445,6 +445,26 @@ impl ProviderGate for Store {
         }
     }
 
+    async fn parked_until(
+        &self,
+        provider: ProviderId,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let sql = self.sql;
+        let now = self.db_now().await?;
+        let row = self
+            .read
+            .query_one_raw(sql.stmt(
+                "SELECT parked_until FROM enrichd_provider_limits WHERE provider = $1",
+                vec![provider.as_str().into()],
+            ))
+            .await?;
+        let until = match row {
+            Some(row) => sql.get_ts(&row, "parked_until")?,
+            None => None,
+        };
+        Ok(until.filter(|u| *u > now))
+    }
+
     async fn record(&self, provider: ProviderId, event: GateEvent) -> Result<(), StoreError> {
         self.gate_cache.forget(provider);
         let mut attempt = 0;

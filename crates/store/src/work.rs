@@ -229,6 +229,33 @@ impl Store {
         Ok(claimed_leases)
     }
 
+    /// Shortens this process's lease on (`ip`, `provider`) to end at `until`: the provider had
+    /// no slot for it before then. The item is then left alone by every replica's backlog until
+    /// `until` (no spinning on it) and taken again right after, instead of when a full lease
+    /// would have lapsed. Due time and backoff are untouched.
+    pub async fn defer_work(
+        &self,
+        ip: CanonicalIp,
+        provider: ProviderId,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql;
+        let txn = self.begin_write().await?;
+        txn.execute_raw(sql.stmt(
+            "UPDATE enrichd_provider_state SET lease_until = $4 \
+             WHERE ip = $1 AND provider = $2 AND lease_owner = $3",
+            vec![
+                ip.to_string().into(),
+                provider.as_str().into(),
+                self.owner.to_string().into(),
+                sql.ts(crate::sql::micros(until)),
+            ],
+        ))
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
     /// Gives back this process's leases on `ip` for `providers` (and PTR when `ptr`), for
     /// work it will not do after all (a provider parked or breaker-open): another replica or
     /// the backfill may take it at once. Due times and backoff are untouched.

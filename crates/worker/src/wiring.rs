@@ -42,6 +42,8 @@ pub struct Core {
     pub provider_status: Vec<(ProviderId, Recipient<GetProviderStatus>)>,
     /// Woken when jobs write outbox rows.
     pub outbox_wake: Arc<Notify>,
+    /// Woken when deferred work falls due (and when the bus goes down).
+    pub backfill_wake: Arc<Notify>,
     /// Keeps the provider arbiters (threads) alive as long as the core.
     _arbiters: Vec<Arbiter>,
 }
@@ -85,6 +87,7 @@ pub fn start_core(
         .then(|| start_ptr_pool(settings, give_up))
         .flatten();
     let outbox_wake = Arc::new(Notify::new());
+    let backfill_wake = Arc::new(Notify::new());
     let call_timeout = Duration::from_secs(10);
     let deps = JobDeps {
         store: store.clone(),
@@ -100,6 +103,11 @@ pub fn start_core(
         provider_lease: SLOT_HORIZON + call_timeout + LEASE_SLACK,
         ptr_lease: settings.dns.timeout + LEASE_SLACK,
         outbox_wake: Some(Arc::clone(&outbox_wake)),
+        backfill_wake: Some(Arc::clone(&backfill_wake)),
+        ack_deadline: settings
+            .bus
+            .as_ref()
+            .map_or(Duration::from_secs(30), |b| b.ack_deadline),
     };
     let stats = Arc::new(AggregatorStats::default());
     let aggregator = Aggregator::new(deps.clone(), Arc::clone(&stats)).start();
@@ -109,6 +117,7 @@ pub fn start_core(
         stats,
         provider_status,
         outbox_wake,
+        backfill_wake,
         _arbiters: arbiters,
     }
 }

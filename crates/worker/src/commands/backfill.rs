@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use enrichd_runtime::backfill::{Backfill, BackfillConfig, BackfillStats};
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::sync::Notify;
 
 use crate::config::Settings;
 use crate::{exit, wiring};
@@ -39,7 +38,7 @@ pub(super) async fn backfill(settings: &Settings) -> u8 {
             poll_interval: settings.poll_interval,
             ..BackfillConfig::default()
         },
-        wake: Arc::new(Notify::new()),
+        wake: Arc::clone(&core.backfill_wake),
         stats: Arc::new(BackfillStats::default()),
     };
     let result = backfill

@@ -41,7 +41,7 @@ pub(super) async fn run(settings: &Settings) -> u8 {
     let coordinator = Coordinator::create(|ctx| {
         let give_up = ctx.address().recipient();
         let core = wiring::start_core(settings, &store, Some(&give_up));
-        let backfill_wake = Arc::new(Notify::new());
+        let backfill_wake = Arc::clone(&core.backfill_wake);
         let backfill_stats = Arc::new(BackfillStats::default());
         let backfill = Backfill {
             store: store.clone(),
