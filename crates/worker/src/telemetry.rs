@@ -2,11 +2,16 @@
 
 use std::io::IsTerminal;
 
-/// Installs the subscriber: filter from `RUST_LOG` (default `info`), JSON lines unless stderr
-/// is a terminal (production logs go to a collector; people read the compact form).
+/// The default filter. sqlx reports every pool wait over its threshold as a warning; under
+/// load that is thousands of lines a minute saying only "busy", which the metrics say better.
+const DEFAULT_FILTER: &str = "info,sqlx::pool::acquire=error";
+
+/// Installs the subscriber: filter from `RUST_LOG` (default [`DEFAULT_FILTER`]), JSON lines
+/// unless stderr is a terminal (production logs go to a collector; people read the compact
+/// form).
 pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
