@@ -522,3 +522,67 @@ async fn stop_on_the_control_topic_drains_and_exits_zero() {
         worker.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_and_purge_from_the_command_line() {
+    if !services_up() {
+        return;
+    }
+    let bus = TestBus::start(topology("dlqcli")).await;
+    for i in 0..3 {
+        let body = format!(r#"{{"attacker_ip":"8.8.13.{i}"}}"#);
+        bus.publisher
+            .publish(enrichd_bus::publish::Outgoing {
+                exchange: &bus.topology.dead_letter_exchange,
+                routing_key: &bus.topology.dead_queue,
+                body: body.as_bytes(),
+                message_id: None,
+                persistent: true,
+                expiration_ms: None,
+                headers: None,
+            })
+            .await
+            .unwrap();
+    }
+    let env = [
+        ("ENRICHD_AMQP_URL", amqp_url()),
+        ("ENRICHD_EXCHANGE", bus.topology.exchange.clone()),
+        ("ENRICHD_QUEUE", bus.topology.queue.clone()),
+    ];
+    let run = |args: &'static [&'static str]| {
+        let env = env.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
+                .args(args)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let replay = run(&["dlq", "replay", "--limit", "2"]).await;
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 2"));
+    assert_eq!(bus.queue_depth(&bus.topology.queue).await, 2);
+    assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 1);
+
+    let purge = run(&["dlq", "purge"]).await;
+    assert_eq!(purge.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&purge.stdout).contains("purged 1"));
+    assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 0);
+
+    // Without a broker configured it is a configuration error.
+    let none = tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
+        .args(["dlq", "purge"])
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(none.status.code(), Some(78));
+}
