@@ -131,20 +131,36 @@ impl Bus {
         Ok(())
     }
 
-    /// Deletes the topology's queues and exchanges (best effort).
-    pub(crate) async fn delete(&self, topology: &Topology) {
+    /// Deletes the topology's queues and exchanges, each on a channel of its own so one
+    /// refusal does not stop the rest; returns what could not be deleted.
+    pub(crate) async fn delete(&self, topology: &Topology) -> Vec<String> {
+        let mut failed = Vec::new();
         for queue in [&topology.queue, &topology.dead_queue] {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            let result = match self.conn.create_channel().await {
+                Ok(channel) => channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                failed.push(format!("queue {queue}: {e}"));
+            }
         }
         for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
+            let result = match self.conn.create_channel().await {
+                Ok(channel) => {
+                    channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                failed.push(format!("exchange {exchange}: {e}"));
+            }
         }
+        failed
     }
 
     /// Closes the connection.

@@ -127,6 +127,21 @@ async fn admin(server: &str) -> anyhow::Result<DatabaseConnection> {
         .context("connect to PostgreSQL as the admin user")
 }
 
+/// Makes PostgreSQL log every statement on `target` slower than `ms` (with its duration) to
+/// the server log; the setting applies to that database's new sessions only.
+pub(crate) async fn log_slow_statements(target: &Target, ms: u64) -> anyhow::Result<()> {
+    if let Target::Postgres { server, name } = target {
+        let admin = admin(server).await?;
+        admin
+            .execute_unprepared(&format!(
+                "ALTER DATABASE {name} SET log_min_duration_statement = {ms}"
+            ))
+            .await?;
+        let _ = admin.close().await;
+    }
+    Ok(())
+}
+
 /// One value from a one-row, one-column query.
 pub(crate) async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> anyhow::Result<i64> {
     let row = db

@@ -131,6 +131,10 @@ struct Args {
     /// figures; for finding hot paths, not for reporting.
     #[arg(long)]
     perf: bool,
+    /// Log enrichd's statements slower than this many milliseconds to PostgreSQL's server log
+    /// (set per scenario database; for finding slow statements, not for reporting).
+    #[arg(long)]
+    pg_log_slow_ms: Option<u64>,
     /// Keep the databases and queues (for inspection).
     #[arg(long)]
     keep: bool,
@@ -304,6 +308,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         work_dir,
         ticks: procs::clock_ticks(),
         perf: args.perf,
+        pg_log_slow_ms: args.pg_log_slow_ms,
         bare_consumer_rate: Mutex::new(None),
         cleanup: Mutex::default(),
     };
@@ -407,11 +412,16 @@ async fn cleanup(ctx: &Ctx) {
     if created.topologies.is_empty() {
         return;
     }
-    if let Ok(bus) = amqp::Bus::connect(&ctx.amqp_url, "enrichd-bench cleanup").await {
-        for topology in &created.topologies {
-            bus.delete(topology).await;
+    match amqp::Bus::connect(&ctx.amqp_url, "enrichd-bench cleanup").await {
+        Ok(bus) => {
+            for topology in &created.topologies {
+                for failure in bus.delete(topology).await {
+                    eprintln!("enrichd-bench: cleanup: {failure}");
+                }
+            }
+            bus.close().await;
         }
-        bus.close().await;
+        Err(e) => eprintln!("enrichd-bench: cleanup: cannot reach RabbitMQ: {e:#}"),
     }
 }
 

@@ -50,6 +50,9 @@ pub(crate) struct Ctx {
     pub work_dir: PathBuf,
     pub ticks: f64,
     pub perf: bool,
+    /// Log statements slower than this in the server log (`log_min_duration_statement`, set
+    /// on the scenario's database only).
+    pub pg_log_slow_ms: Option<u64>,
     /// The bare consumer's rate from the ceilings, the yardstick of ingestion.
     pub bare_consumer_rate: Mutex<Option<f64>>,
     /// Databases and topologies to remove at the end.
@@ -83,6 +86,9 @@ impl Ctx {
             name: format!("enrichd_bench_{}_{label}", self.run_id),
         };
         target.create().await?;
+        if let Some(ms) = self.pg_log_slow_ms {
+            db::log_slow_statements(&target, ms).await?;
+        }
         self.cleanup.lock().await.databases.push(target.clone());
         Ok(target)
     }
@@ -178,7 +184,9 @@ pub(crate) async fn ceilings(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::
     report.figures.push(figure);
     *ctx.bare_consumer_rate.lock().await = Some(rate);
     report.details["bare_consumer_cpu"] = json!(cpu);
-    bus.delete(&topology).await;
+    for failure in bus.delete(&topology).await {
+        eprintln!("enrichd-bench: cleanup: {failure}");
+    }
     bus.close().await;
 
     let pg = ctx.pg("ceiling").await?;
