@@ -110,20 +110,26 @@ impl Aggregator {
         let deps = self.deps.clone();
         let me = ctx.address();
         let running = Arc::clone(&self.running);
-        let job = async move {
+        // A task of its own, not a future in this actor's context: actix polls every future
+        // spawned into a context on each of its wake-ups, which made every wake-up cost as
+        // much as the number of jobs in flight (half of enrichd's CPU under load).
+        actix::spawn(async move {
             // Never closed, so the permit always comes.
             let _permit = running.acquire_owned().await;
-            let durable = move || me.do_send(JobDurable { ip });
-            match crate::supervision::contain_future(enrich(job_id, ip, mode, &deps, durable)).await
-            {
-                Ok(result) => result.map_err(|e| persist_error(&e)),
-                // A bug, not a failure mode; the work stays due and the next pass retries it.
-                Err(panic) => Err(PersistError::Rejected(panic.to_string())),
-            }
-        };
-        ctx.spawn(job.into_actor(self).map(move |result, act, ctx| {
-            act.finish(ip, job_id, &result, ctx);
-        }));
+            let durable_to = me.clone();
+            let durable = move || durable_to.do_send(JobDurable { ip });
+            let result =
+                match crate::supervision::contain_future(enrich(job_id, ip, mode, &deps, durable))
+                    .await
+                {
+                    Ok(result) => result.map_err(|e| persist_error(&e)),
+                    // A bug, not a failure mode; the work stays due and the next pass retries it.
+                    Err(panic) => Err(PersistError::Rejected(panic.to_string())),
+                };
+            // `do_send` queues even past the mailbox capacity; it fails only when the
+            // aggregator is gone, and then nobody waits for the answer.
+            me.do_send(JobDone { ip, job_id, result });
+        });
     }
 
     fn finish(
@@ -264,6 +270,65 @@ struct JobDurable {
     ip: CanonicalIp,
 }
 
+/// A job ended. Sent by the job's task to its aggregator.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct JobDone {
+    ip: CanonicalIp,
+    job_id: JobId,
+    result: Result<JobSummary, PersistError>,
+}
+
+impl Handler<JobDone> for Aggregator {
+    type Result = ();
+
+    fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
+        self.finish(msg.ip, msg.job_id, &msg.result, ctx);
+    }
+}
+
+/// Join or start the job for a recorded request. Sent by the request's own task.
+#[derive(Debug, Message)]
+#[rtype(result = "Joined")]
+struct JoinJob {
+    ip: CanonicalIp,
+    origin: Origin,
+    job_id: JobId,
+    attacker_uuids: Vec<String>,
+}
+
+/// The answer to [`JoinJob`].
+struct Joined {
+    /// Answers when the job is durable (or done, for `lookup`).
+    receiver: oneshot::Receiver<Result<(), PersistError>>,
+    /// A bus request may be acked now (see `Handler<EnrichIp>`).
+    early: bool,
+}
+
+impl<A: Actor, M: Message<Result = Joined>> dev::MessageResponse<A, M> for Joined {
+    fn handle(self, _ctx: &mut A::Context, tx: Option<dev::OneshotSender<Joined>>) {
+        if let Some(tx) = tx {
+            let _ = tx.send(self);
+        }
+    }
+}
+
+impl Handler<JoinJob> for Aggregator {
+    type Result = Joined;
+
+    fn handle(&mut self, msg: JoinJob, ctx: &mut Context<Self>) -> Joined {
+        let JoinJob {
+            ip,
+            origin,
+            job_id,
+            attacker_uuids,
+        } = msg;
+        let receiver = self.join_or_start(ip, origin, job_id, attacker_uuids, ctx);
+        let early = matches!(origin, Origin::Bus(_)) && self.jobs.len() <= MAX_QUEUED_JOBS;
+        Joined { receiver, early }
+    }
+}
+
 impl Handler<JobDurable> for Aggregator {
     type Result = ();
 
@@ -278,11 +343,9 @@ impl Handler<JobDurable> for Aggregator {
 }
 
 impl Handler<EnrichIp> for Aggregator {
-    type Result = ResponseActFuture<Self, Result<(), PersistError>>;
+    type Result = ResponseFuture<Result<(), PersistError>>;
 
-    fn handle(&mut self, msg: EnrichIp, _ctx: &mut Context<Self>) -> Self::Result {
-        let store = self.deps.store.clone();
-        let scope = StoredScope::from(self.deps.policy.scope(msg.ip));
+    fn handle(&mut self, msg: EnrichIp, ctx: &mut Context<Self>) -> Self::Result {
         let EnrichIp {
             job_id,
             ip,
@@ -298,50 +361,52 @@ impl Handler<EnrichIp> for Aggregator {
                     &[("provider", "event")],
                 )
                 .inc();
-            return Box::pin(fut::ready(Ok(())));
+            return Box::pin(async { Ok(()) });
         }
-        // Bus events are recorded first: the attacker row is found, mapped or (on a table we
-        // own) created, serialised per address by the store.
-        let record = async move {
-            match origin {
-                Origin::Bus(_) => store
-                    .note_event(ip, scope, attacker_uuid.as_deref(), first_seen)
-                    .await
-                    .map(|intake| intake.attacker_uuids)
-                    .map_err(|e| persist_error(&e)),
-                Origin::Backfill | Origin::Lookup { .. } => Ok(Vec::new()),
-            }
-        };
-        Box::pin(record.into_actor(self).then(move |recorded, act, ctx| {
-            let receiver = recorded.map(|uuids| act.join_or_start(ip, origin, job_id, uuids, ctx));
+        let store = self.deps.store.clone();
+        let scope = StoredScope::from(self.deps.policy.scope(ip));
+        let deadline = self.deps.ack_deadline;
+        let me = ctx.address();
+        // The request runs as its own task (see `start_job` for why not in this context).
+        Box::pin(async move {
+            // Bus events are recorded first: the attacker row is found, mapped or (on a table
+            // we own) created, serialised per address by the store.
+            let attacker_uuids = match origin {
+                Origin::Bus(_) => {
+                    store
+                        .note_event(ip, scope, attacker_uuid.as_deref(), first_seen)
+                        .await
+                        .map_err(|e| persist_error(&e))?
+                        .attacker_uuids
+                }
+                Origin::Backfill | Origin::Lookup { .. } => Vec::new(),
+            };
+            let joined = me
+                .send(JoinJob {
+                    ip,
+                    origin,
+                    job_id,
+                    attacker_uuids,
+                })
+                .await
+                .map_err(|_| PersistError::Unavailable("aggregator stopped".into()))?;
             // A recorded bus event is durable: its attacker row is mapped (or created), so
             // the backfill finishes its work if this process does not. Ack it now while the
             // queue of jobs is short; past that, hold it (the prefetch window then slows
             // intake) until its job has claimed, but never longer than the ack deadline.
-            let bus = matches!(origin, Origin::Bus(_));
-            let early = bus && act.jobs.len() <= MAX_QUEUED_JOBS;
-            let deadline = act.deps.ack_deadline;
-            async move {
-                let rx = match receiver {
-                    Ok(rx) => rx,
-                    Err(e) => return Err(e),
-                };
-                if early {
-                    return Ok(());
-                }
-                let answer = if bus {
-                    match tokio::time::timeout(deadline, rx).await {
-                        Ok(answer) => answer,
-                        Err(_elapsed) => return Ok(()),
-                    }
-                } else {
-                    rx.await
-                };
-                answer
-                    .unwrap_or_else(|_| Err(PersistError::Unavailable("aggregator stopped".into())))
+            if joined.early {
+                return Ok(());
             }
-            .into_actor(act)
-        }))
+            let answer = if matches!(origin, Origin::Bus(_)) {
+                match tokio::time::timeout(deadline, joined.receiver).await {
+                    Ok(answer) => answer,
+                    Err(_elapsed) => return Ok(()),
+                }
+            } else {
+                joined.receiver.await
+            };
+            answer.unwrap_or_else(|_| Err(PersistError::Unavailable("aggregator stopped".into())))
+        })
     }
 }
 
