@@ -52,6 +52,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+/// Below this many calls left, every quota header is written to the shared store.
+const QUOTA_RECORD_EVERY_CALL_BELOW: u32 = 50;
+
 /// Longest error reason stored with an `error` report.
 const MAX_REASON_CHARS: usize = 200;
 
@@ -134,6 +137,8 @@ struct Shared<P, G> {
 /// authority; this copy keeps us quiet when recording a park in the store failed.
 #[derive(Debug, Default)]
 struct Local {
+    /// When quota headers were last written to the shared store (see `observe_quota`).
+    quota_recorded_at: Option<Instant>,
     parked_until: Option<DateTime<Utc>>,
     key_rejected: bool,
     quota_remaining: Option<u32>,
@@ -408,6 +413,17 @@ impl<P: ProviderHooks, G: ProviderGate> Shared<P, G> {
             let mut local = lock(&self.local);
             local.quota_remaining = Some(quota.remaining);
             local.quota_reset_at = quota.reset_at.or(local.quota_reset_at);
+            // Every answer carries the headers; writing each one locks the provider's shared
+            // row and made it the busiest row under load. Once a second is plenty while the
+            // quota is far from spent; near the end every answer counts.
+            let now = Instant::now();
+            let recent = local
+                .quota_recorded_at
+                .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1));
+            if recent && quota.remaining > QUOTA_RECORD_EVERY_CALL_BELOW {
+                return;
+            }
+            local.quota_recorded_at = Some(now);
         }
         self.record(GateEvent::QuotaObserved {
             remaining: quota.remaining,
