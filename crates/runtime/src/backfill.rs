@@ -19,6 +19,9 @@ use tracing::{debug, warn};
 
 use crate::aggregator::Aggregator;
 
+/// Least time between a short batch and the next one started by a wake-up.
+const MIN_WAKE_SPACING: Duration = Duration::from_secs(1);
+
 /// How the loop paces itself.
 #[derive(Debug, Clone)]
 pub struct BackfillConfig {
@@ -87,9 +90,21 @@ impl Backfill {
             if full {
                 continue;
             }
+            let slept_from = tokio::time::Instant::now();
             tokio::select! {
                 () = tokio::time::sleep(self.config.poll_interval) => {}
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => {
+                    // Wake-ups can come in bursts (every deferred item has its own); one
+                    // backlog query a second serves them all, and the query is not free on
+                    // a large attackers table.
+                    let since = slept_from.elapsed();
+                    if since < MIN_WAKE_SPACING {
+                        tokio::select! {
+                            () = tokio::time::sleep(MIN_WAKE_SPACING - since) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                }
                 _ = stop.changed() => {}
             }
         }
