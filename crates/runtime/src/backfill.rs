@@ -97,12 +97,10 @@ impl Backfill {
                     // Wake-ups can come in bursts (every deferred item has its own); one
                     // backlog query a second serves them all, and the query is not free on
                     // a large attackers table.
-                    let since = slept_from.elapsed();
-                    if since < MIN_WAKE_SPACING {
-                        tokio::select! {
-                            () = tokio::time::sleep(MIN_WAKE_SPACING - since) => {}
-                            _ = stop.changed() => {}
-                        }
+                    let rest = MIN_WAKE_SPACING.saturating_sub(slept_from.elapsed());
+                    tokio::select! {
+                        () = tokio::time::sleep(rest) => {}
+                        _ = stop.changed() => {}
                     }
                 }
                 _ = stop.changed() => {}
