@@ -39,6 +39,10 @@ type Waiter = oneshot::Sender<Result<(), PersistError>>;
 /// the consumption of a large backlog (100,000 queued events over 5,000 addresses took longer
 /// than 30 s to reach their repeats).
 const RECENT_FOR: Duration = Duration::from_secs(300);
+/// Bus events recorded at once. A full prefetch window of new addresses would otherwise take
+/// every store connection, and running jobs would time out waiting for one and lose answers
+/// they paid for; waiting deliveries simply stay unacked a moment longer.
+const MAX_RECORDING: usize = 8;
 /// Jobs queued or running beyond which bus deliveries are no longer acked at once (see
 /// `Handler<EnrichIp>`): it bounds the memory a burst of new addresses can take.
 const MAX_QUEUED_JOBS: usize = 2_000;
@@ -81,6 +85,8 @@ pub struct Aggregator {
     stats: Arc<AggregatorStats>,
     /// Permits to run (see [`MAX_RUNNING_JOBS`]).
     running: Arc<tokio::sync::Semaphore>,
+    /// Permits to record a bus event (see [`MAX_RECORDING`]).
+    intake: Arc<tokio::sync::Semaphore>,
 }
 
 impl Aggregator {
@@ -88,6 +94,7 @@ impl Aggregator {
     pub fn new(deps: JobDeps, stats: Arc<AggregatorStats>) -> Self {
         Self {
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_JOBS)),
+            intake: Arc::new(tokio::sync::Semaphore::new(MAX_RECORDING)),
             deps,
             jobs: HashMap::new(),
             recent: HashMap::new(),
@@ -366,6 +373,7 @@ impl Handler<EnrichIp> for Aggregator {
         let store = self.deps.store.clone();
         let scope = StoredScope::from(self.deps.policy.scope(ip));
         let deadline = self.deps.ack_deadline;
+        let intake = Arc::clone(&self.intake);
         let me = ctx.address();
         // The request runs as its own task (see `start_job` for why not in this context).
         Box::pin(async move {
@@ -373,6 +381,8 @@ impl Handler<EnrichIp> for Aggregator {
             // we own) created, serialised per address by the store.
             let attacker_uuids = match origin {
                 Origin::Bus(_) => {
+                    // Never closed, so the permit always comes.
+                    let _permit = intake.acquire_owned().await;
                     store
                         .note_event(ip, scope, attacker_uuid.as_deref(), first_seen)
                         .await

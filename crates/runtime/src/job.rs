@@ -21,6 +21,9 @@ use futures::future::join_all;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
+/// Writes tried while the store is unavailable (about 11 s of waiting, well inside the leases).
+const APPLY_ATTEMPTS: u32 = 6;
+
 /// Slack on top of a provider's own deadlines before we stop waiting for its actor.
 const MAILBOX_SLACK: Duration = Duration::from_secs(5);
 
@@ -123,7 +126,7 @@ pub async fn enrich(
     let ptr_resolved = ptr.is_some();
     // Even with nothing new, the write recomputes every attacker row of the address from the
     // stored state: an attacker row that appeared since the last pass gets its intel row.
-    let applied = deps.store.apply(ip, scope, ptr, reports, &deps.ctx).await?;
+    let applied = apply_answers(ip, scope, ptr, reports, deps).await?;
     if applied.events > 0
         && let Some(wake) = &deps.outbox_wake
     {
@@ -135,6 +138,33 @@ pub async fn enrich(
         ptr_resolved,
         applied,
     })
+}
+
+/// Writes the answers of a pass. They were paid for (quota, rate), so a store that is briefly
+/// unreachable or out of connections is waited for, within the leases, rather than giving up
+/// and asking the providers again later.
+async fn apply_answers(
+    ip: CanonicalIp,
+    scope: StoredScope,
+    ptr: Option<(Lease, PtrReport)>,
+    reports: Vec<(Lease, ProviderReport)>,
+    deps: &JobDeps,
+) -> Result<ApplyOutcome, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match deps
+            .store
+            .apply(ip, scope, ptr.clone(), reports.clone(), &deps.ctx)
+            .await
+        {
+            Err(e) if e.is_unavailable() && attempt < APPLY_ATTEMPTS => {
+                debug!(%ip, attempt, error = %e, "Store unavailable; retrying the write.");
+                tokio::time::sleep(crate::supervision::jittered_backoff(attempt + 2)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Work a provider had no slot for (its rate is taken, or it is parked) keeps its lease only
