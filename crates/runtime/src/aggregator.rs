@@ -45,7 +45,7 @@ const RECENT_FOR: Duration = Duration::from_secs(300);
 const MAX_RECORDING: usize = 8;
 /// Jobs queued or running beyond which bus deliveries are no longer acked at once (see
 /// `Handler<EnrichIp>`): it bounds the memory a burst of new addresses can take.
-const MAX_QUEUED_JOBS: usize = 2_000;
+const MAX_QUEUED_JOBS: usize = 256;
 /// Bound on remembered addresses; expired entries are dropped when it is reached.
 const RECENT_CAP: usize = 200_000;
 /// Jobs running their claims, calls and write at once in one process. More wait before they
@@ -246,12 +246,21 @@ impl Aggregator {
     }
 
     /// Whether a bus event for `ip` naming `attacker_uuid` is already fully handled: the
-    /// address finished moments ago and the event names no attacker row we have not mapped.
-    fn recently_done(&self, ip: CanonicalIp, attacker_uuid: Option<&str>) -> bool {
-        self.recent.get(&ip).is_some_and(|r| {
-            r.until > Instant::now()
-                && attacker_uuid.is_none_or(|uuid| r.attacker_uuids.iter().any(|u| u == uuid))
-        })
+    /// address finished moments ago, or its job is queued or running after an event that was
+    /// recorded, and the event names no attacker row we have not mapped to it.
+    fn already_handled(&self, ip: CanonicalIp, attacker_uuid: Option<&str>) -> bool {
+        let known = |uuids: &[String]| attacker_uuid.is_none_or(|u| uuids.iter().any(|k| k == u));
+        let recent = self
+            .recent
+            .get(&ip)
+            .is_some_and(|r| r.until > Instant::now() && known(&r.attacker_uuids));
+        // A job started by the backfill or `lookup` recorded no event: its uuids are empty,
+        // so only a job with a recorded bus event answers for it.
+        let running = self
+            .jobs
+            .get(&ip)
+            .is_some_and(|j| !j.attacker_uuids.is_empty() && known(&j.attacker_uuids));
+        recent || running
     }
 }
 
@@ -360,7 +369,7 @@ impl Handler<EnrichIp> for Aggregator {
             first_seen,
             origin,
         } = msg;
-        if matches!(origin, Origin::Bus(_)) && self.recently_done(ip, attacker_uuid.as_deref()) {
+        if matches!(origin, Origin::Bus(_)) && self.already_handled(ip, attacker_uuid.as_deref()) {
             // The profiler repeats every attacker on every tick: answer from memory.
             enrichd_metrics::global()
                 .counter(
