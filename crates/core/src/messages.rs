@@ -137,12 +137,6 @@ pub struct StopIntake;
 #[rtype(result = "()")]
 pub struct Drain;
 
-/// Finish outstanding writes (the outbox relay's last round) and release this process's
-/// leases so other replicas can take the work at once.
-#[derive(Debug, Clone, Copy, actix::Message)]
-#[rtype(result = "()")]
-pub struct Flush;
-
 /// A supervised child spent its restart budget; the process must exit 1.
 #[derive(Debug, Clone, Copy, actix::Message)]
 #[rtype(result = "()")]

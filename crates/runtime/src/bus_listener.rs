@@ -20,9 +20,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use enrichd_bus::publish::{Outgoing, Publisher};
 use enrichd_bus::{Topology, connect, decode};
 use enrichd_core::Secret;
-use enrichd_core::messages::{
-    DeliveryTag, EnrichIp, Flush, JobId, Origin, PersistError, StopIntake,
-};
+use enrichd_core::messages::{DeliveryTag, EnrichIp, JobId, Origin, PersistError, StopIntake};
 use enrichd_core::metric_names;
 use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
 use enrichd_store::Store;
@@ -158,13 +156,6 @@ impl Handler<StopIntake> for BusListener {
             }
         })
     }
-}
-
-impl Handler<Flush> for BusListener {
-    type Result = ();
-
-    /// Nothing to do: the relay keeps publishing until `CloseConnection`.
-    fn handle(&mut self, _msg: Flush, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<CloseConnection> for BusListener {

@@ -113,10 +113,6 @@ impl Handler<Shutdown> for Coordinator {
             }
             let _ = backfill_stop.send(true);
             step("drain jobs", aggregator.send(Drain)).await;
-            if let Some(bus) = &bus {
-                // One last relay round happens before the close takes effect.
-                step("flush outbox", bus.send(enrichd_core::messages::Flush)).await;
-            }
             match store.release_leases().await {
                 Ok(n) => info!(released = n, "Leases released."),
                 Err(e) => {
@@ -124,6 +120,7 @@ impl Handler<Shutdown> for Coordinator {
                 }
             }
             if let Some(bus) = &bus {
+                // The relay publishes one last round before the connections close.
                 step("close bus", bus.send(CloseConnection)).await;
             }
         };

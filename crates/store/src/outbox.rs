@@ -101,24 +101,9 @@ impl Store {
         attacker_uuid: &str,
         version: i64,
     ) -> Result<bool, StoreError> {
-        let sql = self.sql;
-        let txn = self.begin_write().await?;
-        let deleted = txn
-            .execute_raw(sql.stmt(
-                "DELETE FROM enrichd_outbox WHERE attacker_uuid = $1 AND version = $2",
-                vec![attacker_uuid.into(), version.into()],
-            ))
-            .await?
-            .rows_affected();
-        if deleted == 0 {
-            txn.execute_raw(sql.stmt(
-                "UPDATE enrichd_outbox SET claimed_until = NULL \
-                 WHERE attacker_uuid = $1 AND version > $2",
-                vec![attacker_uuid.into(), version.into()],
-            ))
+        let deleted = self
+            .delete_outbox_batch(&[(attacker_uuid.to_owned(), version)])
             .await?;
-        }
-        txn.commit().await?;
         Ok(deleted == 1)
     }
 

@@ -102,7 +102,7 @@ async fn check_bus(settings: &Settings, report: &mut Report) {
         return;
     };
     let url = redact_url(bus.amqp_url.expose());
-    if tcp_reachable(bus.amqp_url.expose()).await {
+    if url_reachable(bus.amqp_url.expose()).await {
         report.row("bus", "reachable", &url);
     } else {
         report.fail("bus", "unreachable", &url);
@@ -199,49 +199,25 @@ async fn check_providers(settings: &Settings, store: Option<&Store>, report: &mu
     }
 }
 
-/// Whether the URL's host:port accepts TCP (a name is resolved as the HTTP client would).
+/// Whether `url`'s host:port accepts a TCP connection, without sending anything (no login,
+/// no request, no quota). `url` may carry credentials (`amqp://user:pass@host`); the port
+/// defaults by scheme.
 async fn url_reachable(url: &str) -> bool {
     let Some((scheme, rest)) = url.split_once("://") else {
         return false;
     };
     let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let default_port = if scheme.eq_ignore_ascii_case("https") {
-        443
-    } else {
-        80
-    };
-    let target = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        authority.to_owned()
-    } else {
-        format!("{authority}:{default_port}")
-    };
-    tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio::net::TcpStream::connect(target),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok())
-}
-
-/// Whether the broker's host:port accepts TCP, without logging in.
-async fn tcp_reachable(amqp_url: &str) -> bool {
-    let Some((_, rest)) = amqp_url.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let default_port = if amqp_url.starts_with("amqps") {
-        5671
-    } else {
-        5672
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => 443,
+        "amqp" => 5672,
+        "amqps" => 5671,
+        _ => 80,
     };
-    let target = if host_port
+    let has_port = host_port
         .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    let target = if has_port {
         host_port.to_owned()
     } else {
         format!("{host_port}:{default_port}")
