@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::job::{JobDeps, JobSummary, enrich};
+use crate::store_batcher::StoreBatcher;
 
 /// Counters shared with the health beat and metrics.
 #[derive(Debug, Default)]
@@ -45,14 +46,17 @@ const RECENT_FOR: Duration = Duration::from_secs(300);
 const MAX_RECORDING: usize = 8;
 /// Jobs queued or running beyond which bus deliveries are no longer acked at once (see
 /// `Handler<EnrichIp>`): it bounds the memory a burst of new addresses can take.
-const MAX_QUEUED_JOBS: usize = 256;
+const MAX_QUEUED_JOBS: usize = 1024;
 /// Bound on remembered addresses; expired entries are dropped when it is reached.
 const RECENT_CAP: usize = 200_000;
 /// Jobs running their claims, calls and write at once in one process. More wait before they
-/// claim anything: a job that has called its providers and then waits for one of the store's
-/// few connections past its deadlines loses the answers it paid for (the leases lapse and
-/// the calls are made again), while a job that has not claimed yet loses nothing by waiting.
-const MAX_RUNNING_JOBS: usize = 32;
+/// claim anything: a job that has not claimed yet loses nothing by waiting, while one that
+/// has called its providers must get its write in before its leases lapse. Claims and writes
+/// go through the batcher and hold no connection while they wait, so this only bounds memory
+/// and the depth of the providers' queues (each provider still caps its own calls); it must
+/// exceed the providers' combined concurrency, or their slots idle while jobs sit in the
+/// batcher.
+const MAX_RUNNING_JOBS: usize = 256;
 
 /// An address whose job just finished: events naming it (and only attacker rows we already
 /// mapped to it) need no database work until `until`.
@@ -78,6 +82,8 @@ struct JobState {
 /// Single-flight job runner (see the module docs).
 pub struct Aggregator {
     deps: JobDeps,
+    /// Where the jobs' claims and writes are batched.
+    writer: StoreBatcher,
     jobs: HashMap<CanonicalIp, JobState>,
     /// Addresses finished moments ago (see [`Recent`]).
     recent: HashMap<CanonicalIp, Recent>,
@@ -93,6 +99,7 @@ impl Aggregator {
     /// An aggregator running passes with `deps`.
     pub fn new(deps: JobDeps, stats: Arc<AggregatorStats>) -> Self {
         Self {
+            writer: deps.start_batcher(),
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_JOBS)),
             intake: Arc::new(tokio::sync::Semaphore::new(MAX_RECORDING)),
             deps,
@@ -115,6 +122,7 @@ impl Aggregator {
             .in_flight
             .store(self.jobs.len(), Ordering::Relaxed);
         let deps = self.deps.clone();
+        let writer = self.writer.clone();
         let me = ctx.address();
         let running = Arc::clone(&self.running);
         // A task of its own, not a future in this actor's context: actix polls every future
@@ -125,14 +133,15 @@ impl Aggregator {
             let _permit = running.acquire_owned().await;
             let durable_to = me.clone();
             let durable = move || durable_to.do_send(JobDurable { ip });
-            let result =
-                match crate::supervision::contain_future(enrich(job_id, ip, mode, &deps, durable))
-                    .await
-                {
-                    Ok(result) => result.map_err(|e| persist_error(&e)),
-                    // A bug, not a failure mode; the work stays due and the next pass retries it.
-                    Err(panic) => Err(PersistError::Rejected(panic.to_string())),
-                };
+            let result = match crate::supervision::contain_future(enrich(
+                job_id, ip, mode, &deps, &writer, durable,
+            ))
+            .await
+            {
+                Ok(result) => result.map_err(|e| persist_error(&e)),
+                // A bug, not a failure mode; the work stays due and the next pass retries it.
+                Err(panic) => Err(PersistError::Rejected(panic.to_string())),
+            };
             // `do_send` queues even past the mailbox capacity; it fails only when the
             // aggregator is gone, and then nobody waits for the answer.
             me.do_send(JobDone { ip, job_id, result });

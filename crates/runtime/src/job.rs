@@ -15,11 +15,13 @@ use enrichd_core::metric_names;
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
 use enrichd_store::{
-    ApplyContext, ApplyOutcome, ClaimMode, Claims, Lease, Store, StoreError, StoredScope,
+    ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, Lease, Store, StoreError, StoredScope,
 };
 use futures::future::join_all;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
+
+use crate::store_batcher::{ClaimSettings, StoreBatcher};
 
 /// Writes tried while the store is unavailable (about 11 s of waiting, well inside the leases).
 const APPLY_ATTEMPTS: u32 = 6;
@@ -52,6 +54,19 @@ pub struct JobDeps {
     /// Notified when deferred work falls due again, so the backfill takes it at once rather
     /// than at its next poll.
     pub backfill_wake: Option<Arc<Notify>>,
+}
+
+impl JobDeps {
+    /// Starts the batcher every job of these deps claims and writes through (on the current
+    /// runtime).
+    pub fn start_batcher(&self) -> StoreBatcher {
+        let claim = ClaimSettings {
+            providers: self.providers.iter().map(|(id, _)| *id).collect(),
+            ptr: self.ptr.is_some(),
+            lease: self.provider_lease.max(self.ptr_lease),
+        };
+        StoreBatcher::start(&self.store, claim, self.ctx.clone())
+    }
 }
 
 impl std::fmt::Debug for JobDeps {
@@ -88,15 +103,20 @@ pub async fn enrich(
     ip: CanonicalIp,
     mode: ClaimMode,
     deps: &JobDeps,
+    writer: &StoreBatcher,
     on_durable: impl FnOnce(),
 ) -> Result<JobSummary, StoreError> {
     let scope = StoredScope::from(deps.policy.scope(ip));
     if !scope.is_global() {
         // Recorded as skipped (every provider column empty, aggregate NULL, no event); nothing
         // is sent anywhere.
-        let applied = deps
-            .store
-            .apply(ip, scope, None, Vec::new(), &deps.ctx)
+        let applied = writer
+            .apply(ApplyItem {
+                ip,
+                scope,
+                ptr: None,
+                providers: Vec::new(),
+            })
             .await?;
         on_durable();
         return Ok(JobSummary {
@@ -106,16 +126,7 @@ pub async fn enrich(
     }
 
     let provider_ids: Vec<ProviderId> = deps.providers.iter().map(|(id, _)| *id).collect();
-    let claims = deps
-        .store
-        .claim_work(
-            ip,
-            &provider_ids,
-            deps.ptr.is_some(),
-            deps.provider_lease.max(deps.ptr_lease),
-            mode,
-        )
-        .await?;
+    let claims = writer.claim(ip, mode).await?;
     on_durable();
     debug!(%job_id, %ip, providers = claims.providers.len(), ptr = claims.ptr.is_some(), "Claimed work.");
     record_cache_hits(&provider_ids, deps.ptr.is_some(), &claims);
@@ -126,7 +137,7 @@ pub async fn enrich(
     let ptr_resolved = ptr.is_some();
     // Even with nothing new, the write recomputes every attacker row of the address from the
     // stored state: an attacker row that appeared since the last pass gets its intel row.
-    let applied = apply_answers(ip, scope, ptr, reports, deps).await?;
+    let applied = apply_answers(ip, scope, ptr, reports, writer).await?;
     if applied.events > 0
         && let Some(wake) = &deps.outbox_wake
     {
@@ -148,16 +159,18 @@ async fn apply_answers(
     scope: StoredScope,
     ptr: Option<(Lease, PtrReport)>,
     reports: Vec<(Lease, ProviderReport)>,
-    deps: &JobDeps,
+    writer: &StoreBatcher,
 ) -> Result<ApplyOutcome, StoreError> {
+    let item = ApplyItem {
+        ip,
+        scope,
+        ptr,
+        providers: reports,
+    };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match deps
-            .store
-            .apply(ip, scope, ptr.clone(), reports.clone(), &deps.ctx)
-            .await
-        {
+        match writer.apply(item.clone()).await {
             Err(e) if e.is_unavailable() && attempt < APPLY_ATTEMPTS => {
                 debug!(%ip, attempt, error = %e, "Store unavailable; retrying the write.");
                 tokio::time::sleep(crate::supervision::jittered_backoff(attempt + 2)).await;

@@ -8,6 +8,8 @@
 //! - [`backfill`]: the backlog loop (poll mode, and the safety net in bus mode).
 //! - [`relay`]: the outbox relay (confirmed publishing of results).
 //! - [`aggregator`]: `Aggregator`, single-flight jobs per address and the durable point.
+//! - [`store_batcher`]: `StoreBatcher`, the jobs' claims and writes gathered into shared
+//!   transactions.
 //! - [`supervision`]: restart budgets and panic containment shared by every supervised actor.
 //! - [`ptr_pool`]: `PtrResolverPool`, bounded concurrency over the DNS adapter.
 //! - [`provider_actor`]: `ProviderActor`, one per provider: concurrency cap, circuit breaker,
@@ -22,4 +24,5 @@ pub mod job;
 pub mod provider_actor;
 pub mod ptr_pool;
 pub mod relay;
+pub mod store_batcher;
 pub mod supervision;

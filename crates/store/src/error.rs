@@ -85,6 +85,34 @@ impl StoreError {
         matches!(self, Self::Busy(_))
     }
 
+    /// An unavailable store, for a failure outside the driver (`detail` names it).
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::Unavailable(DbErr::Custom(detail.into()))
+    }
+
+    /// The same failure, with the same fate, for each caller of a batch that failed as a
+    /// whole (the driver's error itself cannot be copied).
+    #[must_use]
+    pub fn shared(&self) -> Self {
+        let copy = |e: &DbErr| DbErr::Custom(e.to_string());
+        match self {
+            Self::Unavailable(e) => Self::Unavailable(copy(e)),
+            Self::Busy(e) => Self::Busy(copy(e)),
+            Self::Rejected(e) => Self::Rejected(copy(e)),
+            Self::Query(e) => Self::Query(copy(e)),
+            Self::Migration(e) => Self::Migration(copy(e)),
+            Self::Malformed { column, detail } => Self::Malformed {
+                column,
+                detail: detail.clone(),
+            },
+            Self::SchemaAhead { found, supported } => Self::SchemaAhead {
+                found: *found,
+                supported: *supported,
+            },
+            Self::UnsupportedUrl => Self::UnsupportedUrl,
+        }
+    }
+
     pub(crate) fn malformed(column: &'static str, detail: impl Into<String>) -> Self {
         Self::Malformed {
             column,

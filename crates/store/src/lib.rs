@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`store`]: connecting, migrating (under a PostgreSQL advisory lock), the schema check,
 //!   the database clock, releasing leases.
-//! - [`work`]: leases ([`Store::claim_work`]) and the per-IP write ([`Store::apply`]).
+//! - [`work`]: leases ([`Store::claim_work`], [`Store::claim_batch`]) and the per-IP write
+//!   ([`Store::apply`], [`Store::apply_batch`]).
 //! - [`intake`]: [`Store::note_event`], attacker mapping, [`Store::backlog`], read-only views.
 //! - [`gate`]: cluster-wide rate, quota and park state ([`ProviderGate`] for [`Store`]).
 //! - [`outbox`]: claim, delete-by-version, stats.
@@ -33,7 +34,7 @@ pub use intake::Intake;
 pub use outbox::{OutboxRow, OutboxStats};
 pub use state::{ApplyContext, ProviderState, PtrState, StoredScope};
 pub use store::{SchemaStatus, Store};
-pub use work::{ApplyOutcome, ClaimMode, Claims, Lease};
+pub use work::{ApplyItem, ApplyOutcome, ClaimMode, Claims, Lease};
 
 /// SQLite timestamp text as enrichd writes it (`YYYY-MM-DD HH:MM:SS.ffffff`), for tests and
 /// tools that compare stored text.

@@ -46,6 +46,32 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Parameters of one statement under construction: each value pushed hands back its
+/// placeholder, so multi-row statements never count positions by hand.
+#[derive(Debug, Default)]
+pub(crate) struct Params(pub(crate) Vec<Value>);
+
+impl Params {
+    /// Adds `value` and returns its placeholder (`$n`).
+    pub(crate) fn push(&mut self, value: impl Into<Value>) -> String {
+        self.0.push(value.into());
+        format!("${}", self.0.len())
+    }
+
+    /// Adds every value and returns their placeholders joined by commas (for `IN (…)`).
+    pub(crate) fn list<V: Into<Value>>(&mut self, values: impl IntoIterator<Item = V>) -> String {
+        values
+            .into_iter()
+            .map(|v| self.push(v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Rows per multi-row statement: well inside both backends' parameter limits (SQLite 32,766,
+/// PostgreSQL 65,535) at the widest row we write (26 columns).
+pub(crate) const ROWS_PER_STATEMENT: usize = 400;
+
 /// Binding and decoding for one backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Sql(pub(crate) DbBackend);
@@ -166,6 +192,17 @@ impl Sql {
     /// A statement with parameters.
     pub(crate) fn stmt(self, sql: impl Into<String>, values: Vec<Value>) -> Statement {
         Statement::from_sql_and_values(self.0, sql.into(), values)
+    }
+
+    /// The order in which every writer locks a set of `enrichd_ip_state` rows: byte order of
+    /// the canonical text, the same order as Rust's `String` sort, so batches that overlap
+    /// never wait on each other in a cycle.
+    pub(crate) fn ip_order(self) -> &'static str {
+        if self.is_pg() {
+            "ip COLLATE \"C\""
+        } else {
+            "ip"
+        }
     }
 
     /// `FOR UPDATE` where it exists; on SQLite the `BEGIN IMMEDIATE` write lock already

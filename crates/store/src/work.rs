@@ -2,7 +2,7 @@
 //! one-transaction write of a pass's results, with the merged `attacker_intel` rows and the
 //! outbox.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,6 +14,7 @@ use enrichd_core::{
 };
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
 
+use crate::sql::{self, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState, StoredScope};
 use crate::{Store, StoreError};
 
@@ -87,146 +88,115 @@ impl Store {
         lease_for: Duration,
         mode: ClaimMode,
     ) -> Result<Claims, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.claim_once(ip, providers, ptr, lease_for, mode).await {
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                other => return other,
-            }
-        }
+        let mut claims = self
+            .claim_batch(&[ip], providers, ptr, lease_for, mode)
+            .await?;
+        Ok(claims.pop().unwrap_or_default())
     }
 
-    async fn claim_once(
+    /// [`Store::claim_work`] for many addresses in one transaction: a handful of statements
+    /// whatever the batch size, so claiming costs a fraction of a commit per address. The
+    /// claims come back in the order of `ips`; an address named twice gets the same claims.
+    pub async fn claim_batch(
         &self,
-        ip: CanonicalIp,
+        ips: &[CanonicalIp],
         providers: &[ProviderId],
         ptr: bool,
         lease_for: Duration,
         mode: ClaimMode,
-    ) -> Result<Claims, StoreError> {
+    ) -> Result<Vec<Claims>, StoreError> {
+        let mut keys: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut wanted: Vec<ProviderId> = providers.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut by_ip: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+        let chunk = (sql::ROWS_PER_STATEMENT / wanted.len().max(1)).max(1);
+        for keys in keys.chunks(chunk) {
+            let mut attempt = 0;
+            let claimed = loop {
+                attempt += 1;
+                match self.claim_once(keys, &wanted, ptr, lease_for, mode).await {
+                    Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
+                    other => break other?,
+                }
+            };
+            by_ip.extend(claimed);
+        }
+        Ok(ips
+            .iter()
+            .map(|ip| by_ip.get(&ip.to_string()).cloned().unwrap_or_default())
+            .collect())
+    }
+
+    /// One claim transaction over `keys` (sorted, unique).
+    async fn claim_once(
+        &self,
+        keys: &[String],
+        wanted: &[ProviderId],
+        ptr: bool,
+        lease_for: Duration,
+        mode: ClaimMode,
+    ) -> Result<HashMap<String, Claims>, StoreError> {
         let sql = self.sql;
-        let ip_text = ip.to_string();
         let txn = self.begin_write().await?;
         let now = sql.now(&txn).await?;
         let until =
             now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::seconds(60));
         let lease = Lease {
-            claimed_at: crate::sql::micros(now),
-            until: crate::sql::micros(until),
+            claimed_at: sql::micros(now),
+            until: sql::micros(until),
         };
-        ensure_ip_row(self, &txn, &ip_text, now).await?;
-        let mut claims = Claims::default();
-        let due_ptr = match mode {
-            ClaimMode::Due => " AND (ptr_outcome IS NULL OR ptr_expires_at <= $4)",
-            ClaimMode::Refresh => "",
-        };
+        ensure_ip_rows(self, &txn, keys, now).await?;
+        lock_ip_rows(self, &txn, keys, "ip").await?;
+        let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
         if ptr {
-            // RETURNING hands back the fence in the same round trip as the claim.
-            let claimed = txn
+            let mut p = Params::default();
+            let owner = p.push(self.owner.to_string());
+            let until = p.push(sql.ts(lease.until));
+            let now_p = p.push(sql.ts(now));
+            let list = p.list(keys.iter().cloned());
+            let due = match mode {
+                ClaimMode::Due => {
+                    format!(" AND (ptr_outcome IS NULL OR ptr_expires_at <= {now_p})")
+                }
+                ClaimMode::Refresh => String::new(),
+            };
+            // RETURNING hands back each fence in the same round trip as the claim.
+            let rows = txn
                 .query_all_raw(sql.stmt(
                     format!(
-                        "UPDATE enrichd_ip_state SET ptr_lease_owner = $2, ptr_lease_until = $3 \
-                         WHERE ip = $1 AND (ptr_lease_until IS NULL OR ptr_lease_until < $4 \
-                         OR ptr_lease_owner = $2){due_ptr} RETURNING ptr_queried_at"
+                        "UPDATE enrichd_ip_state SET ptr_lease_owner = {owner}, \
+                         ptr_lease_until = {until} WHERE ip IN ({list}) \
+                         AND (ptr_lease_until IS NULL OR ptr_lease_until < {now_p} \
+                         OR ptr_lease_owner = {owner}){due} RETURNING ip, ptr_queried_at"
                     ),
-                    vec![
-                        ip_text.clone().into(),
-                        self.owner.to_string().into(),
-                        sql.ts(until),
-                        sql.ts(now),
-                    ],
+                    p.0,
                 ))
                 .await?;
-            if let Some(row) = claimed.first() {
-                let last = sql.get_ts(row, "ptr_queried_at")?;
-                claims.ptr = Some(newer_than(lease, last));
+            for row in &rows {
+                let ip: String = row.try_get("", "ip")?;
+                let fence = sql.get_ts(row, "ptr_queried_at")?;
+                claims.entry(ip).or_default().ptr = Some(newer_than(lease, fence));
             }
         }
-        let mut wanted: Vec<ProviderId> = providers.to_vec();
-        wanted.sort_unstable();
-        wanted.dedup();
         if !wanted.is_empty() {
-            claims.providers = self
-                .claim_providers(&txn, &ip_text, &wanted, lease, now, mode)
-                .await?;
+            for (ip, provider, lease) in
+                claim_providers(self, &txn, keys, wanted, lease, now, mode).await?
+            {
+                claims
+                    .entry(ip)
+                    .or_default()
+                    .providers
+                    .push((provider, lease));
+            }
+            for c in claims.values_mut() {
+                c.providers.sort_by_key(|(p, _)| *p);
+            }
         }
         txn.commit().await?;
         Ok(claims)
-    }
-
-    /// Creates the missing provider rows of `ip` and leases the due ones, `wanted` in
-    /// ascending order: one statement for each, in provider order (the order every writer
-    /// locks them in). The fence of each lease comes back with the claim (`RETURNING`).
-    async fn claim_providers(
-        &self,
-        txn: &DatabaseTransaction,
-        ip_text: &str,
-        wanted: &[ProviderId],
-        lease: Lease,
-        now: DateTime<Utc>,
-        mode: ClaimMode,
-    ) -> Result<Vec<(ProviderId, Lease)>, StoreError> {
-        let sql = self.sql;
-        let ip_text = ip_text.to_owned();
-        let mut claimed_leases = Vec::new();
-        let due_provider = match mode {
-            ClaimMode::Due => " AND (outcome IS NULL OR next_attempt_at <= $4)",
-            ClaimMode::Refresh => "",
-        };
-        // One statement creates the missing rows, one claims every due one, in provider
-        // order (the order every writer locks them in).
-        let mut values: Vec<Value> = vec![ip_text.clone().into(), sql.ts(now)];
-        let rows: Vec<String> = wanted
-            .iter()
-            .map(|p| {
-                values.push(p.as_str().into());
-                format!("($1, ${}, 0, $2)", values.len())
-            })
-            .collect();
-        txn.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at) \
-                     VALUES {} ON CONFLICT (ip, provider) DO NOTHING",
-                rows.join(", ")
-            ),
-            values,
-        ))
-        .await?;
-        let mut values: Vec<Value> = vec![
-            ip_text.clone().into(),
-            self.owner.to_string().into(),
-            sql.ts(lease.until),
-            sql.ts(now),
-        ];
-        let list: Vec<String> = wanted
-            .iter()
-            .map(|p| {
-                values.push(p.as_str().into());
-                format!("${}", values.len())
-            })
-            .collect();
-        let claimed = txn
-            .query_all_raw(sql.stmt(
-                format!(
-                    "UPDATE enrichd_provider_state SET lease_owner = $2, lease_until = $3 \
-                         WHERE ip = $1 AND provider IN ({}) AND (lease_until IS NULL \
-                         OR lease_until < $4 OR lease_owner = $2){due_provider} \
-                         RETURNING provider, queried_at",
-                    list.join(", ")
-                ),
-                values,
-            ))
-            .await?;
-        for row in &claimed {
-            let label: String = row.try_get("", "provider")?;
-            let provider = ProviderId::from_id(&label)
-                .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
-            let fence = sql.get_ts(row, "queried_at")?;
-            claimed_leases.push((provider, newer_than(lease, fence)));
-        }
-        claimed_leases.sort_by_key(|(p, _)| *p);
-        Ok(claimed_leases)
     }
 
     /// Shortens this process's lease on (`ip`, `provider`) to end at `until`: the provider had
@@ -248,7 +218,7 @@ impl Store {
                 ip.to_string().into(),
                 provider.as_str().into(),
                 self.owner.to_string().into(),
-                sql.ts(crate::sql::micros(until)),
+                sql.ts(sql::micros(until)),
             ],
         ))
         .await?;
@@ -294,7 +264,6 @@ impl Store {
         txn.commit().await?;
         Ok(())
     }
-
     // === impl Store: the per-IP write ===
 
     /// Writes one pass's results for `ip` in one transaction (see the crate docs): fenced
@@ -312,147 +281,218 @@ impl Store {
         providers: Vec<(Lease, ProviderReport)>,
         ctx: &ApplyContext,
     ) -> Result<ApplyOutcome, StoreError> {
-        // Deduplicated by provider (the last report wins) and written in ascending order, so
-        // concurrent writers lock rows in the same order.
-        let mut by_provider: BTreeMap<ProviderId, (Lease, ProviderReport)> = BTreeMap::new();
-        for (lease, report) in providers {
-            by_provider.insert(report.provider, (lease, report));
-        }
-        let reports: Vec<(Lease, ProviderReport)> = by_provider.into_values().collect();
-        let mut attempt = 0;
-        let err = loop {
-            attempt += 1;
-            match self
-                .apply_once(ip, scope, ptr.as_ref(), &reports, ctx, true)
-                .await
-            {
-                Ok(outcome) => return Ok(outcome),
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                Err(e) => break e,
+        let item = ApplyItem {
+            ip,
+            scope,
+            ptr,
+            providers,
+        };
+        self.apply_batch(vec![item], ctx)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::malformed("apply", "no result")))
+    }
+
+    /// [`Store::apply`] for many addresses in one transaction, written in ascending key order
+    /// (the order every writer locks `enrichd_ip_state` rows in): a dozen statements whatever
+    /// the batch size. Results come back in the order of `items`.
+    ///
+    /// One refused address must not cost the others their paid-for answers, so a batch the
+    /// database refuses is written again one address at a time, and only the address at
+    /// fault is refused. An address named twice is written in a second transaction after the
+    /// first, exactly as two calls would.
+    pub async fn apply_batch(
+        &self,
+        items: Vec<ApplyItem>,
+        ctx: &ApplyContext,
+    ) -> Vec<Result<ApplyOutcome, StoreError>> {
+        let items: Vec<ApplyItem> = items.into_iter().map(ApplyItem::normalised).collect();
+        let mut results: Vec<Option<Result<ApplyOutcome, StoreError>>> =
+            items.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..items.len()).collect();
+        while !pending.is_empty() {
+            let mut seen = HashSet::new();
+            let (mut round, later): (Vec<usize>, Vec<usize>) =
+                pending.into_iter().partition(|&i| seen.insert(items[i].ip));
+            pending = later;
+            round.sort_by_cached_key(|&i| items[i].ip.to_string());
+            if let [only] = round[..] {
+                results[only] = Some(self.apply_alone(&items[only], ctx).await);
+                continue;
             }
+            let refs: Vec<&ApplyItem> = round.iter().map(|&i| &items[i]).collect();
+            match self.apply_round(&refs, ctx, true).await {
+                Ok(outcomes) => {
+                    for (&i, outcome) in round.iter().zip(outcomes) {
+                        results[i] = Some(Ok(outcome));
+                    }
+                }
+                Err(e) if e.is_unavailable() => {
+                    for &i in &round {
+                        results[i] = Some(Err(e.shared()));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %enrichd_core::error::chain(&e), addresses = round.len(), "Batch refused; writing its addresses one by one.");
+                    for &i in &round {
+                        results[i] = Some(self.apply_alone(&items[i], ctx).await);
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::malformed("apply", "no result"))))
+            .collect()
+    }
+
+    /// One address on its own; a write the database refuses is recorded as an `error` for
+    /// its providers (so the refusal backs off instead of repeating at once).
+    async fn apply_alone(
+        &self,
+        item: &ApplyItem,
+        ctx: &ApplyContext,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let err = match self.apply_round(&[item], ctx, true).await {
+            Ok(mut outcomes) => {
+                return outcomes
+                    .pop()
+                    .ok_or_else(|| StoreError::malformed("apply", "no result"));
+            }
+            Err(e) => e,
         };
         if matches!(err, StoreError::Rejected(_) | StoreError::Malformed { .. }) {
             let reason = column_text(
                 &format!("write rejected: {}", enrichd_core::error::chain(&err)),
                 LAST_ERROR_CHARS,
             );
-            let as_errors: Vec<(Lease, ProviderReport)> = reports
-                .iter()
-                .map(|(lease, r)| (*lease, ProviderReport::error(r.provider, reason.clone())))
-                .collect();
-            if let Err(e) = self
-                .apply_once(ip, scope, None, &as_errors, ctx, false)
-                .await
-            {
-                tracing::warn!(ip = %ip, error = %enrichd_core::error::chain(&e), "Recording a rejected write as an error failed.");
+            let as_errors = ApplyItem {
+                ip: item.ip,
+                scope: item.scope,
+                ptr: None,
+                providers: item
+                    .providers
+                    .iter()
+                    .map(|(lease, r)| (*lease, ProviderReport::error(r.provider, reason.clone())))
+                    .collect(),
+            };
+            if let Err(e) = self.apply_round(&[&as_errors], ctx, false).await {
+                tracing::warn!(ip = %item.ip, error = %enrichd_core::error::chain(&e), "Recording a rejected write as an error failed.");
             }
         }
         Err(err)
     }
 
-    async fn apply_once(
+    /// One write transaction over `items` (unique addresses in key order), retried on
+    /// serialization failures and deadlocks.
+    async fn apply_round(
         &self,
-        ip: CanonicalIp,
-        scope: StoredScope,
-        ptr: Option<&(Lease, PtrReport)>,
-        reports: &[(Lease, ProviderReport)],
+        items: &[&ApplyItem],
         ctx: &ApplyContext,
         write_rows: bool,
-    ) -> Result<ApplyOutcome, StoreError> {
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.apply_once(items, ctx, write_rows).await {
+                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_once(
+        &self,
+        items: &[&ApplyItem],
+        ctx: &ApplyContext,
+        write_rows: bool,
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
         let sql = self.sql;
-        let ip_text = ip.to_string();
+        let keys: Vec<String> = items.iter().map(|i| i.ip.to_string()).collect();
         let txn = self.begin_write().await?;
         let now = sql.now(&txn).await?;
-        let mut outcome = ApplyOutcome::default();
+        let mut outcomes = vec![ApplyOutcome::default(); items.len()];
 
-        // The IP's row first: every writer for this IP queues here.
-        ensure_ip_row(self, &txn, &ip_text, now).await?;
-        let row = txn
-            .query_one_raw(sql.stmt(
-                format!(
-                    "SELECT * FROM enrichd_ip_state WHERE ip = $1{}",
-                    sql.for_update()
-                ),
-                vec![ip_text.clone().into()],
-            ))
-            .await?
-            .ok_or_else(|| StoreError::malformed("enrichd_ip_state", "row vanished"))?;
-        let old_ptr = read_ptr(self, &row)?;
-        let stored_scope: Option<String> = row.try_get("", "scope")?;
-        if stored_scope.as_deref() != Some(scope.as_str()) {
-            txn.execute_raw(sql.stmt(
-                "UPDATE enrichd_ip_state SET scope = $2, updated_at = $3 WHERE ip = $1",
-                vec![ip_text.clone().into(), scope.as_str().into(), sql.ts(now)],
-            ))
-            .await?;
+        // The IPs' rows first, in key order: every writer for these IPs queues here.
+        ensure_ip_rows(self, &txn, &keys, now).await?;
+        let mut stored: HashMap<String, (PtrState, Option<String>)> = HashMap::new();
+        for row in lock_ip_rows(self, &txn, &keys, "*").await? {
+            let ip: String = row.try_get("", "ip")?;
+            let scope: Option<String> = row.try_get("", "scope")?;
+            stored.insert(ip, (read_ptr(self, &row)?, scope));
+        }
+        let mut states = read_provider_states_of(self, &txn, &keys).await?;
+
+        let mut ip_writes: Vec<IpWrite> = Vec::new();
+        let mut provider_writes: Vec<(usize, ProviderState, Lease)> = Vec::new();
+        let mut ptrs: Vec<(PtrState, PtrState)> = Vec::with_capacity(items.len());
+        for (index, (item, key)) in items.iter().zip(&keys).enumerate() {
+            let (old_ptr, stored_scope) = stored
+                .get(key)
+                .cloned()
+                .ok_or_else(|| StoreError::malformed("enrichd_ip_state", "row vanished"))?;
+            let mut new_ptr = old_ptr.clone();
+            let mut ptr_lease = None;
+            if let Some((lease, report)) = &item.ptr {
+                let fresh = old_ptr.queried_at.is_none_or(|q| q < lease.claimed_at);
+                outcomes[index].ptr_applied = Some(fresh);
+                if fresh {
+                    new_ptr = next_ptr_state(&old_ptr, lease, report, now);
+                    ptr_lease = Some(*lease);
+                }
+            }
+            if ptr_lease.is_some() || stored_scope.as_deref() != Some(item.scope.as_str()) {
+                ip_writes.push(IpWrite {
+                    key: key.clone(),
+                    scope: item.scope,
+                    ptr: ptr_lease.map(|_| new_ptr.clone()),
+                });
+            }
+            let known = states.get(key).map_or(&[][..], Vec::as_slice);
+            for (lease, report) in &item.providers {
+                let old = known.iter().find(|s| s.provider == report.provider);
+                if old
+                    .and_then(|s| s.queried_at)
+                    .is_some_and(|q| q >= lease.claimed_at)
+                {
+                    outcomes[index].stale.push(report.provider);
+                    continue;
+                }
+                let next = next_provider_state(old, lease, report, ctx.ttl, now);
+                provider_writes.push((index, next, *lease));
+            }
+            ptrs.push((old_ptr, new_ptr));
         }
 
-        let mut new_ptr = old_ptr.clone();
-        if let Some((lease, report)) = ptr {
-            let fresh = old_ptr.queried_at.is_none_or(|q| q < lease.claimed_at);
-            outcome.ptr_applied = Some(fresh);
-            if fresh {
-                new_ptr = next_ptr_state(&old_ptr, lease, report, now);
-                write_ptr(self, &txn, &ip_text, &new_ptr, now).await?;
-            }
-        }
-
-        let mut states = read_provider_states(self, &txn, &ip_text).await?;
-        for (lease, report) in reports {
-            // The claim created the row; only a caller that skipped claiming needs this.
-            if !states.iter().any(|s| s.provider == report.provider) {
-                ensure_provider_row(self, &txn, &ip_text, report.provider, now).await?;
-            }
-            let old = states
-                .iter()
-                .find(|s| s.provider == report.provider)
-                .cloned();
-            let old_queried = old.as_ref().and_then(|s| s.queried_at);
-            if old_queried.is_some_and(|q| q >= lease.claimed_at) {
-                outcome.stale.push(report.provider);
-                continue;
-            }
-            let next = next_provider_state(old.as_ref(), lease, report, ctx.ttl, now);
-            let written = write_provider(self, &txn, &ip_text, &next, lease, now).await?;
-            if written {
-                outcome.applied.push(report.provider);
-                states.retain(|s| s.provider != report.provider);
-                states.push(next);
+        write_ip_states(self, &txn, &ip_writes, now).await?;
+        let written = write_provider_states(self, &txn, &keys, &provider_writes, now).await?;
+        for (index, next, _) in provider_writes {
+            let outcome = &mut outcomes[index];
+            if written.contains(&(keys[index].clone(), next.provider)) {
+                outcome.applied.push(next.provider);
+                let list = states.entry(keys[index].clone()).or_default();
+                list.retain(|s| s.provider != next.provider);
+                list.push(next);
             } else {
-                outcome.stale.push(report.provider);
+                outcome.stale.push(next.provider);
             }
+        }
+        for outcome in &mut outcomes {
+            outcome.applied.sort_unstable();
+            outcome.stale.sort_unstable();
         }
 
         if write_rows {
-            let merged = state::merge(&ip_text, scope, &states, &new_ptr, ctx, now);
-            let attackers = mapped_attackers(self, &txn, &ip_text, now).await?;
-            for attacker in &attackers {
-                upsert_intel(self, &txn, &attacker.uuid, &merged.columns).await?;
-                outcome.intel_rows += 1;
-            }
-            sync_ptr_record(
-                self,
-                &txn,
-                &ip_text,
-                old_ptr.name.as_deref(),
-                new_ptr.name.as_deref(),
-            )
-            .await?;
-            if ctx.outbox_enabled && scope.is_global() {
-                for attacker in &attackers {
-                    let mut payload = merged.payload.clone();
-                    payload.attacker_uuid = Some(attacker.uuid.clone());
-                    let digest = state::payload_digest(&payload);
-                    if attacker.digest.as_deref() == Some(digest.as_str()) {
-                        continue;
-                    }
-                    enqueue(self, &txn, &attacker.uuid, &payload, &digest, now).await?;
-                    outcome.events += 1;
-                }
-            }
+            let settled = Settled {
+                items,
+                keys: &keys,
+                ptrs: &ptrs,
+                states: &states,
+            };
+            write_attacker_rows(self, &txn, settled, ctx, now, &mut outcomes).await?;
         }
         txn.commit().await?;
-        Ok(outcome)
+        Ok(outcomes)
     }
 }
 
@@ -473,35 +513,401 @@ fn newer_than(lease: Lease, last: Option<DateTime<Utc>>) -> Lease {
     }
 }
 
-pub(crate) async fn ensure_ip_row(
+/// One address's results for [`Store::apply_batch`].
+#[derive(Debug, Clone)]
+pub struct ApplyItem {
+    /// The address.
+    pub ip: CanonicalIp,
+    /// Its scope under the current policy.
+    pub scope: StoredScope,
+    /// The PTR answer and the lease it was asked under.
+    pub ptr: Option<(Lease, PtrReport)>,
+    /// Provider answers and the leases they were asked under.
+    pub providers: Vec<(Lease, ProviderReport)>,
+}
+
+impl ApplyItem {
+    /// Deduplicated by provider (the last report wins) and in ascending provider order.
+    fn normalised(self) -> Self {
+        let mut by_provider: BTreeMap<ProviderId, (Lease, ProviderReport)> = BTreeMap::new();
+        for (lease, report) in self.providers {
+            by_provider.insert(report.provider, (lease, report));
+        }
+        Self {
+            providers: by_provider.into_values().collect(),
+            ..self
+        }
+    }
+}
+
+/// An `enrichd_ip_state` row to change: its scope, and the PTR state when a fresh PTR answer
+/// is written (which also ends our PTR lease).
+struct IpWrite {
+    key: String,
+    scope: StoredScope,
+    ptr: Option<PtrState>,
+}
+
+/// Rows a batch writes once every address's state is known.
+#[derive(Default)]
+struct RowWrites {
+    /// `attacker_intel` rows: attacker uuid and the index of its address's columns.
+    intel: Vec<(String, usize)>,
+    /// Merged columns, one per address in batch order.
+    columns: Vec<IntelColumns>,
+    /// `attackers.ptr_record` values to set: attacker uuid and name.
+    ptr_names: Vec<(String, String)>,
+    /// Addresses whose stored name a negative answer cleared, with that name.
+    ptr_cleared: Vec<(String, String)>,
+    /// Outbox rows: attacker uuid, payload and its digest.
+    outbox: Vec<(String, IntelPayload, String)>,
+}
+
+/// A batch's addresses with the state the write settled on, in key order.
+struct Settled<'a> {
+    items: &'a [&'a ApplyItem],
+    keys: &'a [String],
+    /// Old and new PTR state of each address.
+    ptrs: &'a [(PtrState, PtrState)],
+    /// Provider states of each address after the write.
+    states: &'a HashMap<String, Vec<ProviderState>>,
+}
+
+/// The rows every attacker of the batch's addresses sees: `attacker_intel`, `ptr_record` and
+/// (with a bus) the outbox, recomputed from the merged stored state.
+async fn write_attacker_rows(
     store: &Store,
     txn: &DatabaseTransaction,
-    ip: &str,
+    settled: Settled<'_>,
+    ctx: &ApplyContext,
     now: DateTime<Utc>,
+    outcomes: &mut [ApplyOutcome],
 ) -> Result<(), StoreError> {
-    txn.execute_raw(store.sql.stmt(
-        "INSERT INTO enrichd_ip_state (ip, ptr_attempts, updated_at) VALUES ($1, 0, $2) \
-         ON CONFLICT (ip) DO NOTHING",
-        vec![ip.into(), store.sql.ts(now)],
-    ))
-    .await?;
+    let Settled {
+        items,
+        keys,
+        ptrs,
+        states,
+    } = settled;
+    let attackers = mapped_attackers_of(store, txn, keys, now).await?;
+    let mut rows = RowWrites::default();
+    for (index, (item, key)) in items.iter().zip(keys).enumerate() {
+        let (old_ptr, new_ptr) = &ptrs[index];
+        let empty = Vec::new();
+        let known = states.get(key).unwrap_or(&empty);
+        let merged = state::merge(key, item.scope, known, new_ptr, ctx, now);
+        let of_ip = attackers.get(key).map_or(&[][..], Vec::as_slice);
+        match (old_ptr.name.as_deref(), new_ptr.name.as_deref()) {
+            (_, Some(name)) => rows
+                .ptr_names
+                .extend(of_ip.iter().map(|a| (a.uuid.clone(), name.to_owned()))),
+            (Some(old), None) => rows.ptr_cleared.push((key.clone(), old.to_owned())),
+            (None, None) => {}
+        }
+        if ctx.outbox_enabled && item.scope.is_global() {
+            for attacker in of_ip {
+                let mut payload = merged.payload.clone();
+                payload.attacker_uuid = Some(attacker.uuid.clone());
+                let digest = state::payload_digest(&payload);
+                if attacker.digest.as_deref() == Some(digest.as_str()) {
+                    continue;
+                }
+                rows.outbox.push((attacker.uuid.clone(), payload, digest));
+                outcomes[index].events += 1;
+            }
+        }
+        outcomes[index].intel_rows = of_ip.len();
+        rows.intel
+            .extend(of_ip.iter().map(|a| (a.uuid.clone(), index)));
+        rows.columns.push(merged.columns);
+    }
+    upsert_intel_rows(store, txn, &rows.intel, &rows.columns).await?;
+    set_ptr_records(store, txn, &rows.ptr_names).await?;
+    for (key, old) in &rows.ptr_cleared {
+        clear_ptr_record(store, txn, key, old).await?;
+    }
+    enqueue_rows(store, txn, &rows.outbox, now).await?;
     Ok(())
 }
 
-async fn ensure_provider_row(
+/// Creates the missing `enrichd_ip_state` rows of `keys` (sorted), in one statement.
+pub(crate) async fn ensure_ip_rows(
     store: &Store,
     txn: &DatabaseTransaction,
-    ip: &str,
-    provider: ProviderId,
+    keys: &[String],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    txn.execute_raw(store.sql.stmt(
-        "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at) \
-         VALUES ($1, $2, 0, $3) ON CONFLICT (ip, provider) DO NOTHING",
-        vec![ip.into(), provider.as_str().into(), store.sql.ts(now)],
+    for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let now_p = p.push(store.sql.ts(now));
+        let rows: Vec<String> = keys
+            .iter()
+            .map(|k| format!("({}, 0, {now_p})", p.push(k.clone())))
+            .collect();
+        txn.execute_raw(store.sql.stmt(
+            format!(
+                "INSERT INTO enrichd_ip_state (ip, ptr_attempts, updated_at) VALUES {} \
+                 ON CONFLICT (ip) DO NOTHING",
+                rows.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Locks the `enrichd_ip_state` rows of `keys` in key order (PostgreSQL; SQLite's write
+/// transaction already excludes every other writer) and returns their `columns`.
+async fn lock_ip_rows(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    columns: &str,
+) -> Result<Vec<QueryResult>, StoreError> {
+    let sql = store.sql;
+    let mut rows = Vec::with_capacity(keys.len());
+    for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let list = p.list(keys.iter().cloned());
+        rows.extend(
+            txn.query_all_raw(sql.stmt(
+                format!(
+                    "SELECT {columns} FROM enrichd_ip_state WHERE ip IN ({list}) ORDER BY {}{}",
+                    sql.ip_order(),
+                    sql.for_update()
+                ),
+                p.0,
+            ))
+            .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// Writes the scope and fresh PTR state of each address in `writes`: two statements at most.
+async fn write_ip_states(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    writes: &[IpWrite],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let sql = store.sql;
+    let with_ptr: Vec<(&IpWrite, &PtrState)> = writes
+        .iter()
+        .filter_map(|w| w.ptr.as_ref().map(|ptr| (w, ptr)))
+        .collect();
+    for chunk in with_ptr.chunks(sql::ROWS_PER_STATEMENT / 10) {
+        let mut p = Params::default();
+        let owner = p.push(store.owner.to_string());
+        let now_p = p.push(sql.ts(now));
+        let rows: Vec<String> = chunk
+            .iter()
+            .map(|(w, ptr)| {
+                format!(
+                    "({}, {}, {}, {}, {}, {}, {}, {}, {now_p})",
+                    p.push(w.key.clone()),
+                    p.push(w.scope.as_str()),
+                    p.push(ptr.name.clone()),
+                    p.push(ptr.outcome.map(|o| o.as_str().to_owned())),
+                    p.push(sql.ts_opt(ptr.resolved_at)),
+                    p.push(sql.ts_opt(ptr.expires_at)),
+                    p.push(i64::from(ptr.attempts)),
+                    p.push(sql.ts_opt(ptr.queried_at)),
+                )
+            })
+            .collect();
+        let ours = format!("enrichd_ip_state.ptr_lease_owner = {owner}");
+        txn.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, \
+                 ptr_resolved_at, ptr_expires_at, ptr_attempts, ptr_queried_at, updated_at) \
+                 VALUES {} ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
+                 ptr_name = excluded.ptr_name, ptr_outcome = excluded.ptr_outcome, \
+                 ptr_resolved_at = excluded.ptr_resolved_at, \
+                 ptr_expires_at = excluded.ptr_expires_at, ptr_attempts = excluded.ptr_attempts, \
+                 ptr_queried_at = excluded.ptr_queried_at, \
+                 ptr_lease_until = CASE WHEN {ours} THEN NULL \
+                 ELSE enrichd_ip_state.ptr_lease_until END, \
+                 ptr_lease_owner = CASE WHEN {ours} THEN NULL \
+                 ELSE enrichd_ip_state.ptr_lease_owner END, \
+                 updated_at = excluded.updated_at",
+                rows.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+    }
+    let scope_only: Vec<&IpWrite> = writes.iter().filter(|w| w.ptr.is_none()).collect();
+    for chunk in scope_only.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let rows: Vec<String> = chunk
+            .iter()
+            .map(|w| {
+                format!(
+                    "({}, {}, 0, {now_p})",
+                    p.push(w.key.clone()),
+                    p.push(w.scope.as_str())
+                )
+            })
+            .collect();
+        txn.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, updated_at) VALUES {} \
+                 ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
+                 updated_at = excluded.updated_at",
+                rows.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes each `(address index, next state, lease)`, fenced on `queried_at`, and ends our
+/// lease on each row written. Returns the rows written.
+async fn write_provider_states(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    writes: &[(usize, ProviderState, Lease)],
+    now: DateTime<Utc>,
+) -> Result<HashSet<(String, ProviderId)>, StoreError> {
+    let sql = store.sql;
+    let mut written = HashSet::with_capacity(writes.len());
+    for chunk in writes.chunks(sql::ROWS_PER_STATEMENT / 13) {
+        let mut p = Params::default();
+        let owner = p.push(store.owner.to_string());
+        let now_p = p.push(sql.ts(now));
+        let rows: Vec<String> = chunk
+            .iter()
+            .map(|(index, next, lease)| {
+                let fields = next
+                    .fields
+                    .as_ref()
+                    .and_then(|f| serde_json::to_value(f).ok());
+                let expires = p.push(sql.ts_opt(next.next_attempt_at));
+                format!(
+                    "({}, {}, {}, {}, {}, {}, {}, {}, {expires}, {expires}, {}, {}, {now_p})",
+                    p.push(keys[*index].clone()),
+                    p.push(next.provider.as_str()),
+                    p.push(next.outcome.map(|o| o.as_str().to_owned())),
+                    p.push(next.verdict.map(|v| v.as_str().to_owned())),
+                    p.push(sql.json_opt(fields.as_ref())),
+                    p.push(sql.json_opt(next.raw.as_ref())),
+                    p.push(sql.ts_opt(next.answered_at)),
+                    p.push(sql.ts(lease.claimed_at)),
+                    p.push(i64::from(next.attempts)),
+                    p.push(next.last_error.clone()),
+                )
+            })
+            .collect();
+        let ours = format!("enrichd_provider_state.lease_owner = {owner}");
+        let returned = txn
+            .query_all_raw(sql.stmt(
+                format!(
+                    "INSERT INTO enrichd_provider_state (ip, provider, outcome, verdict, fields, \
+                     raw, answered_at, queried_at, expires_at, next_attempt_at, attempts, \
+                     last_error, updated_at) VALUES {} ON CONFLICT (ip, provider) DO UPDATE SET \
+                     outcome = excluded.outcome, verdict = excluded.verdict, \
+                     fields = excluded.fields, raw = excluded.raw, \
+                     answered_at = excluded.answered_at, queried_at = excluded.queried_at, \
+                     expires_at = excluded.expires_at, \
+                     next_attempt_at = excluded.next_attempt_at, attempts = excluded.attempts, \
+                     last_error = excluded.last_error, \
+                     lease_until = CASE WHEN {ours} THEN NULL \
+                     ELSE enrichd_provider_state.lease_until END, \
+                     lease_owner = CASE WHEN {ours} THEN NULL \
+                     ELSE enrichd_provider_state.lease_owner END, \
+                     updated_at = excluded.updated_at \
+                     WHERE enrichd_provider_state.queried_at IS NULL \
+                     OR enrichd_provider_state.queried_at < excluded.queried_at \
+                     RETURNING ip, provider",
+                    rows.join(", ")
+                ),
+                p.0,
+            ))
+            .await?;
+        for row in &returned {
+            let ip: String = row.try_get("", "ip")?;
+            let label: String = row.try_get("", "provider")?;
+            if let Some(provider) = ProviderId::from_id(&label) {
+                written.insert((ip, provider));
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// Creates the missing provider rows of `keys` and leases the due ones: one statement for
+/// each, whatever the number of addresses. The fence of each lease comes back with the claim
+/// (`RETURNING`).
+async fn claim_providers(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    wanted: &[ProviderId],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
+    let sql = store.sql;
+    let mut p = Params::default();
+    let now_p = p.push(sql.ts(now));
+    let ip_params: Vec<String> = keys.iter().map(|k| p.push(k.clone())).collect();
+    let provider_params: Vec<String> = wanted.iter().map(|w| p.push(w.as_str())).collect();
+    let rows: Vec<String> = ip_params
+        .iter()
+        .flat_map(|ip| {
+            let now_p = &now_p;
+            provider_params
+                .iter()
+                .map(move |provider| format!("({ip}, {provider}, 0, {now_p})"))
+        })
+        .collect();
+    txn.execute_raw(sql.stmt(
+        format!(
+            "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at) \
+             VALUES {} ON CONFLICT (ip, provider) DO NOTHING",
+            rows.join(", ")
+        ),
+        p.0,
     ))
     .await?;
-    Ok(())
+
+    let mut p = Params::default();
+    let owner = p.push(store.owner.to_string());
+    let until = p.push(sql.ts(lease.until));
+    let now_p = p.push(sql.ts(now));
+    let ips = p.list(keys.iter().cloned());
+    let providers = p.list(wanted.iter().map(|w| w.as_str()));
+    let due = match mode {
+        ClaimMode::Due => format!(" AND (outcome IS NULL OR next_attempt_at <= {now_p})"),
+        ClaimMode::Refresh => String::new(),
+    };
+    let claimed = txn
+        .query_all_raw(sql.stmt(
+            format!(
+                "UPDATE enrichd_provider_state SET lease_owner = {owner}, lease_until = {until} \
+                 WHERE ip IN ({ips}) AND provider IN ({providers}) AND (lease_until IS NULL \
+                 OR lease_until < {now_p} OR lease_owner = {owner}){due} \
+                 RETURNING ip, provider, queried_at"
+            ),
+            p.0,
+        ))
+        .await?;
+    let mut leases = Vec::with_capacity(claimed.len());
+    for row in &claimed {
+        let ip: String = row.try_get("", "ip")?;
+        let label: String = row.try_get("", "provider")?;
+        let provider = ProviderId::from_id(&label)
+            .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
+        let fence = sql.get_ts(row, "queried_at")?;
+        leases.push((ip, provider, newer_than(lease, fence)));
+    }
+    Ok(leases)
 }
 
 fn count(value: Option<i64>) -> u32 {
@@ -529,41 +935,60 @@ pub(crate) async fn read_provider_states<C: ConnectionTrait>(
     db: &C,
     ip: &str,
 ) -> Result<Vec<ProviderState>, StoreError> {
+    let mut by_ip = read_provider_states_of(store, db, &[ip.to_owned()]).await?;
+    Ok(by_ip.remove(ip).unwrap_or_default())
+}
+
+/// The provider states of each of `keys`, ascending by provider.
+pub(crate) async fn read_provider_states_of<C: ConnectionTrait>(
+    store: &Store,
+    db: &C,
+    keys: &[String],
+) -> Result<HashMap<String, Vec<ProviderState>>, StoreError> {
     let sql = store.sql;
-    let rows = db
-        .query_all_raw(sql.stmt(
-            "SELECT * FROM enrichd_provider_state WHERE ip = $1 ORDER BY provider",
-            vec![ip.into()],
-        ))
-        .await?;
-    let mut states = Vec::with_capacity(rows.len());
-    for row in rows {
-        let provider: String = row.try_get("", "provider")?;
-        let Some(provider) = ProviderId::from_id(&provider) else {
-            continue;
-        };
-        let outcome: Option<String> = row.try_get("", "outcome")?;
-        let outcome = outcome
-            .map(|o| {
-                ProviderOutcome::from_label(&o).ok_or_else(|| StoreError::malformed("outcome", o))
-            })
-            .transpose()?;
-        let verdict: Option<String> = row.try_get("", "verdict")?;
-        let fields = sql
-            .get_json(&row, "fields")?
-            .and_then(|f| serde_json::from_value::<ProviderFields>(f).ok());
-        states.push(ProviderState {
-            provider,
-            outcome,
-            verdict: verdict.as_deref().and_then(Verdict::from_label),
-            fields,
-            raw: sql.get_json(&row, "raw")?,
-            answered_at: sql.get_ts(&row, "answered_at")?,
-            queried_at: sql.get_ts(&row, "queried_at")?,
-            next_attempt_at: sql.get_ts(&row, "next_attempt_at")?,
-            attempts: count(sql.get_i64(&row, "attempts")?),
-            last_error: row.try_get("", "last_error")?,
-        });
+    let mut states: HashMap<String, Vec<ProviderState>> = HashMap::with_capacity(keys.len());
+    for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let list = p.list(keys.iter().cloned());
+        let rows = db
+            .query_all_raw(sql.stmt(
+                format!(
+                    "SELECT * FROM enrichd_provider_state WHERE ip IN ({list}) \
+                     ORDER BY ip, provider"
+                ),
+                p.0,
+            ))
+            .await?;
+        for row in rows {
+            let ip: String = row.try_get("", "ip")?;
+            let provider: String = row.try_get("", "provider")?;
+            let Some(provider) = ProviderId::from_id(&provider) else {
+                continue;
+            };
+            let outcome: Option<String> = row.try_get("", "outcome")?;
+            let outcome = outcome
+                .map(|o| {
+                    ProviderOutcome::from_label(&o)
+                        .ok_or_else(|| StoreError::malformed("outcome", o))
+                })
+                .transpose()?;
+            let verdict: Option<String> = row.try_get("", "verdict")?;
+            let fields = sql
+                .get_json(&row, "fields")?
+                .and_then(|f| serde_json::from_value::<ProviderFields>(f).ok());
+            states.entry(ip).or_default().push(ProviderState {
+                provider,
+                outcome,
+                verdict: verdict.as_deref().and_then(Verdict::from_label),
+                fields,
+                raw: sql.get_json(&row, "raw")?,
+                answered_at: sql.get_ts(&row, "answered_at")?,
+                queried_at: sql.get_ts(&row, "queried_at")?,
+                next_attempt_at: sql.get_ts(&row, "next_attempt_at")?,
+                attempts: count(sql.get_i64(&row, "attempts")?),
+                last_error: row.try_get("", "last_error")?,
+            });
+        }
     }
     Ok(states)
 }
@@ -605,36 +1030,6 @@ pub(crate) fn next_ptr_state(
         attempts,
         queried_at: Some(lease.claimed_at),
     }
-}
-
-async fn write_ptr(
-    store: &Store,
-    txn: &DatabaseTransaction,
-    ip: &str,
-    ptr: &PtrState,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let sql = store.sql;
-    txn.execute_raw(sql.stmt(
-        "UPDATE enrichd_ip_state SET ptr_name = $2, ptr_outcome = $3, ptr_resolved_at = $4, \
-         ptr_expires_at = $5, ptr_attempts = $6, ptr_queried_at = $7, \
-         ptr_lease_until = CASE WHEN ptr_lease_owner = $8 THEN NULL ELSE ptr_lease_until END, \
-         ptr_lease_owner = CASE WHEN ptr_lease_owner = $8 THEN NULL ELSE ptr_lease_owner END, \
-         updated_at = $9 WHERE ip = $1",
-        vec![
-            ip.into(),
-            ptr.name.clone().into(),
-            ptr.outcome.map(|o| o.as_str().to_owned()).into(),
-            sql.ts_opt(ptr.resolved_at),
-            sql.ts_opt(ptr.expires_at),
-            i64::from(ptr.attempts).into(),
-            sql.ts_opt(ptr.queried_at),
-            store.owner.to_string().into(),
-            sql.ts(now),
-        ],
-    ))
-    .await?;
-    Ok(())
 }
 
 /// The provider state after applying `report` (claimed at `lease.claimed_at`) to `old`.
@@ -697,50 +1092,7 @@ pub(crate) fn next_provider_state(
     }
 }
 
-/// Writes `next`, fenced on `queried_at`; returns whether the row was written.
-async fn write_provider(
-    store: &Store,
-    txn: &DatabaseTransaction,
-    ip: &str,
-    next: &ProviderState,
-    lease: &Lease,
-    now: DateTime<Utc>,
-) -> Result<bool, StoreError> {
-    let sql = store.sql;
-    let fields = next
-        .fields
-        .as_ref()
-        .and_then(|f| serde_json::to_value(f).ok());
-    let written = txn
-        .execute_raw(sql.stmt(
-            "UPDATE enrichd_provider_state SET outcome = $3, verdict = $4, fields = $5, raw = $6, \
-             answered_at = $7, queried_at = $8, expires_at = $9, next_attempt_at = $9, \
-             attempts = $10, last_error = $11, \
-             lease_until = CASE WHEN lease_owner = $12 THEN NULL ELSE lease_until END, \
-             lease_owner = CASE WHEN lease_owner = $12 THEN NULL ELSE lease_owner END, \
-             updated_at = $13 \
-             WHERE ip = $1 AND provider = $2 AND (queried_at IS NULL OR queried_at < $8)",
-            vec![
-                ip.into(),
-                next.provider.as_str().into(),
-                next.outcome.map(|o| o.as_str().to_owned()).into(),
-                next.verdict.map(|v| v.as_str().to_owned()).into(),
-                sql.json_opt(fields.as_ref()),
-                sql.json_opt(next.raw.as_ref()),
-                sql.ts_opt(next.answered_at),
-                sql.ts(lease.claimed_at),
-                sql.ts_opt(next.next_attempt_at),
-                i64::from(next.attempts).into(),
-                next.last_error.clone().into(),
-                store.owner.to_string().into(),
-                sql.ts(now),
-            ],
-        ))
-        .await?
-        .rows_affected();
-    Ok(written == 1)
-}
-
+#[derive(Debug, Clone)]
 pub(crate) struct MappedAttacker {
     pub(crate) uuid: String,
     pub(crate) digest: Option<String>,
@@ -754,41 +1106,66 @@ pub(crate) async fn mapped_attackers<C: ConnectionTrait>(
     ip: &str,
     now: DateTime<Utc>,
 ) -> Result<Vec<MappedAttacker>, StoreError> {
-    let sql = store.sql;
-    db.execute_raw(sql.stmt(
-        "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, mapped_at) \
-         SELECT a.uuid, $1, $2 FROM attackers a WHERE a.ip = $1 AND NOT EXISTS \
-         (SELECT 1 FROM enrichd_attacker_map m WHERE m.attacker_uuid = a.uuid) \
-         ON CONFLICT (attacker_uuid) DO NOTHING",
-        vec![ip.into(), sql.ts(now)],
-    ))
-    .await?;
-    let rows = db
-        .query_all_raw(sql.stmt(
-            "SELECT m.attacker_uuid AS attacker_uuid, m.payload_digest AS payload_digest \
-             FROM enrichd_attacker_map m JOIN attackers a ON a.uuid = m.attacker_uuid \
-             WHERE m.ip = $1 ORDER BY m.attacker_uuid",
-            vec![ip.into()],
-        ))
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(MappedAttacker {
-                uuid: r.try_get("", "attacker_uuid")?,
-                digest: r.try_get("", "payload_digest")?,
-            })
-        })
-        .collect()
+    let mut by_ip = mapped_attackers_of(store, db, &[ip.to_owned()], now).await?;
+    Ok(by_ip.remove(ip).unwrap_or_default())
 }
 
-async fn upsert_intel(
+/// [`mapped_attackers`] for each of `keys`, two statements in all.
+pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
+    store: &Store,
+    db: &C,
+    keys: &[String],
+    now: DateTime<Utc>,
+) -> Result<HashMap<String, Vec<MappedAttacker>>, StoreError> {
+    let sql = store.sql;
+    let mut by_ip: HashMap<String, Vec<MappedAttacker>> = HashMap::with_capacity(keys.len());
+    for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let list = p.list(keys.iter().cloned());
+        db.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, mapped_at) \
+                 SELECT a.uuid, a.ip, {now_p} FROM attackers a WHERE a.ip IN ({list}) \
+                 AND NOT EXISTS (SELECT 1 FROM enrichd_attacker_map m \
+                 WHERE m.attacker_uuid = a.uuid) ON CONFLICT (attacker_uuid) DO NOTHING"
+            ),
+            p.0,
+        ))
+        .await?;
+        let mut p = Params::default();
+        let list = p.list(keys.iter().cloned());
+        let rows = db
+            .query_all_raw(sql.stmt(
+                format!(
+                    "SELECT m.ip AS ip, m.attacker_uuid AS attacker_uuid, \
+                     m.payload_digest AS payload_digest \
+                     FROM enrichd_attacker_map m JOIN attackers a ON a.uuid = m.attacker_uuid \
+                     WHERE m.ip IN ({list}) ORDER BY m.ip, m.attacker_uuid"
+                ),
+                p.0,
+            ))
+            .await?;
+        for row in &rows {
+            let ip: String = row.try_get("", "ip")?;
+            by_ip.entry(ip).or_default().push(MappedAttacker {
+                uuid: row.try_get("", "attacker_uuid")?,
+                digest: row.try_get("", "payload_digest")?,
+            });
+        }
+    }
+    Ok(by_ip)
+}
+
+/// Every `attacker_intel` row in `intel` (attacker uuid, index into `columns`) upserted,
+/// a few hundred rows per statement.
+async fn upsert_intel_rows(
     store: &Store,
     txn: &DatabaseTransaction,
-    attacker_uuid: &str,
-    c: &IntelColumns,
+    intel: &[(String, usize)],
+    columns: &[IntelColumns],
 ) -> Result<(), StoreError> {
-    let sql = store.sql;
-    let columns = [
+    const COLUMNS: [&str; 23] = [
         "attacker_ip",
         "greynoise_classification",
         "greynoise_name",
@@ -813,93 +1190,124 @@ async fn upsert_intel(
         "cached_at",
         "expires_at",
     ];
-    let mut values: Vec<Value> = vec![
-        uuid::Uuid::new_v4().simple().to_string().into(),
-        attacker_uuid.into(),
-        c.attacker_ip.clone().into(),
-        c.greynoise_classification.clone().into(),
-        c.greynoise_name.clone().into(),
-        sql.json(&c.greynoise_tags),
-        sql.json(&c.greynoise_raw),
-        sql.ts_opt(c.greynoise_queried_at),
-        c.abuseipdb_score.into(),
-        sql.json(&c.abuseipdb_categories),
-        sql.json(&c.abuseipdb_raw),
-        sql.ts_opt(c.abuseipdb_queried_at),
-        c.feodo_listed.into(),
-        c.feodo_malware_family.clone().into(),
-        sql.json(&c.feodo_raw),
-        sql.ts_opt(c.feodo_queried_at),
-        c.threatfox_listed.into(),
-        sql.json(&c.threatfox_threat_types),
-        sql.json(&c.threatfox_ioc_types),
-        sql.json(&c.threatfox_malware_families),
-        sql.json(&c.threatfox_raw),
-        sql.ts_opt(c.threatfox_queried_at),
-        c.aggregate_verdict.clone().into(),
-        sql.ts(c.cached_at),
-        sql.ts(c.expires_at),
-    ];
-    values.push(1_i32.into());
-    let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("${i}")).collect();
-    let updates: Vec<String> = columns
+    let sql = store.sql;
+    let updates: Vec<String> = COLUMNS
         .iter()
         .map(|c| format!("{c} = excluded.{c}"))
         .collect();
-    let statement = format!(
-        "INSERT INTO attacker_intel (uuid, attacker_uuid, {cols}, schema_version) VALUES ({ph}) \
-         ON CONFLICT (attacker_uuid) DO UPDATE SET {updates}",
-        cols = columns.join(", "),
-        ph = placeholders.join(", "),
-        updates = updates.join(", "),
-    );
-    txn.execute_raw(sql.stmt(statement, values)).await?;
-    Ok(())
-}
-
-/// Keeps `attackers.ptr_record` in step with the stored name: a good name is written (and
-/// restores one something else nulled); a name a negative answer cleared is removed.
-async fn sync_ptr_record(
-    store: &Store,
-    txn: &DatabaseTransaction,
-    ip: &str,
-    old: Option<&str>,
-    new: Option<&str>,
-) -> Result<(), StoreError> {
-    let sql = store.sql;
-    let of_ip = "uuid IN (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip = $1)";
-    match (old, new) {
-        (_, Some(name)) => {
-            txn.execute_raw(sql.stmt(
-                format!(
-                    "UPDATE attackers SET ptr_record = $2 WHERE {of_ip} \
-                     AND (ptr_record IS NULL OR ptr_record <> $2)"
-                ),
-                vec![ip.into(), name.into()],
-            ))
-            .await?;
+    for chunk in intel.chunks(sql::ROWS_PER_STATEMENT / 2) {
+        let mut p = Params::default();
+        let version = p.push(1_i32);
+        let rows: Vec<String> = chunk
+            .iter()
+            .filter_map(|(attacker_uuid, index)| {
+                let c = columns.get(*index)?;
+                let values: Vec<Value> = vec![
+                    uuid::Uuid::new_v4().simple().to_string().into(),
+                    attacker_uuid.clone().into(),
+                    c.attacker_ip.clone().into(),
+                    c.greynoise_classification.clone().into(),
+                    c.greynoise_name.clone().into(),
+                    sql.json(&c.greynoise_tags),
+                    sql.json(&c.greynoise_raw),
+                    sql.ts_opt(c.greynoise_queried_at),
+                    c.abuseipdb_score.into(),
+                    sql.json(&c.abuseipdb_categories),
+                    sql.json(&c.abuseipdb_raw),
+                    sql.ts_opt(c.abuseipdb_queried_at),
+                    c.feodo_listed.into(),
+                    c.feodo_malware_family.clone().into(),
+                    sql.json(&c.feodo_raw),
+                    sql.ts_opt(c.feodo_queried_at),
+                    c.threatfox_listed.into(),
+                    sql.json(&c.threatfox_threat_types),
+                    sql.json(&c.threatfox_ioc_types),
+                    sql.json(&c.threatfox_malware_families),
+                    sql.json(&c.threatfox_raw),
+                    sql.ts_opt(c.threatfox_queried_at),
+                    c.aggregate_verdict.clone().into(),
+                    sql.ts(c.cached_at),
+                    sql.ts(c.expires_at),
+                ];
+                Some(format!("({}, {version})", p.list(values)))
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
         }
-        (Some(old), None) => {
-            txn.execute_raw(sql.stmt(
-                format!("UPDATE attackers SET ptr_record = NULL WHERE {of_ip} AND ptr_record = $2"),
-                vec![ip.into(), old.into()],
-            ))
-            .await?;
-        }
-        (None, None) => {}
+        txn.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO attacker_intel (uuid, attacker_uuid, {cols}, schema_version) \
+                 VALUES {rows} ON CONFLICT (attacker_uuid) DO UPDATE SET {updates}",
+                cols = COLUMNS.join(", "),
+                rows = rows.join(", "),
+                updates = updates.join(", "),
+            ),
+            p.0,
+        ))
+        .await?;
     }
     Ok(())
 }
 
-/// Puts `payload` in the outbox for `attacker_uuid`: a new row at version 1, or a newer
-/// payload replacing an unpublished one with the version bumped. A claim in progress is kept,
-/// so the relay deleting the old version releases the new one (see `delete_outbox`).
-async fn enqueue(
+/// Keeps `attackers.ptr_record` in step with the stored name: each (attacker uuid, name) is
+/// written where it differs, which also restores a name something else nulled.
+async fn set_ptr_records(
     store: &Store,
     txn: &DatabaseTransaction,
-    attacker_uuid: &str,
-    payload: &IntelPayload,
-    digest: &str,
+    names: &[(String, String)],
+) -> Result<(), StoreError> {
+    let sql = store.sql;
+    for chunk in names.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let arms: Vec<String> = chunk
+            .iter()
+            .map(|(uuid, name)| {
+                format!(
+                    "WHEN {} THEN {}",
+                    p.push(uuid.clone()),
+                    p.push(name.clone())
+                )
+            })
+            .collect();
+        let name_of = format!("CASE uuid {} END", arms.join(" "));
+        let uuids = p.list(chunk.iter().map(|(uuid, _)| uuid.clone()));
+        txn.execute_raw(sql.stmt(
+            format!(
+                "UPDATE attackers SET ptr_record = {name_of} WHERE uuid IN ({uuids}) \
+                 AND (ptr_record IS NULL OR ptr_record <> {name_of})"
+            ),
+            p.0,
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// A negative PTR answer cleared the stored name `old` of `ip`: remove it from the IP's
+/// attacker rows (only where it is still that name).
+async fn clear_ptr_record(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    ip: &str,
+    old: &str,
+) -> Result<(), StoreError> {
+    txn.execute_raw(store.sql.stmt(
+        "UPDATE attackers SET ptr_record = NULL WHERE uuid IN \
+         (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip = $1) AND ptr_record = $2",
+        vec![ip.into(), old.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Puts each payload in the outbox for its attacker: a new row at version 1, or a newer
+/// payload replacing an unpublished one with the version bumped. A claim in progress is kept,
+/// so the relay deleting the old version releases the new one (see `delete_outbox`).
+async fn enqueue_rows(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    rows: &[(String, IntelPayload, String)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
@@ -908,22 +1316,53 @@ async fn enqueue(
         reason = "epoch milliseconds fit an f64 exactly until year 287396"
     )]
     let ts = now.timestamp_micros() as f64 / 1e6;
-    let envelope = Envelope::new(TOPIC_INTEL_ENRICHED, "intel.enriched", ts, payload);
-    let text = serde_json::to_string(&envelope)
-        .map_err(|e| StoreError::malformed("enrichd_outbox.payload", e.to_string()))?;
-    txn.execute_raw(sql.stmt(
-        "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, updated_at) \
-         VALUES ($1, 1, $2, $3, $3) ON CONFLICT (attacker_uuid) DO UPDATE SET \
-         version = enrichd_outbox.version + 1, payload = excluded.payload, \
-         updated_at = excluded.updated_at",
-        vec![attacker_uuid.into(), text.into(), sql.ts(now)],
-    ))
-    .await?;
-    txn.execute_raw(sql.stmt(
-        "UPDATE enrichd_attacker_map SET payload_digest = $2 WHERE attacker_uuid = $1",
-        vec![attacker_uuid.into(), digest.into()],
-    ))
-    .await?;
+    for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let mut values = Vec::with_capacity(chunk.len());
+        for (attacker_uuid, payload, _) in chunk {
+            let envelope = Envelope::new(TOPIC_INTEL_ENRICHED, "intel.enriched", ts, payload);
+            let text = serde_json::to_string(&envelope)
+                .map_err(|e| StoreError::malformed("enrichd_outbox.payload", e.to_string()))?;
+            values.push(format!(
+                "({}, 1, {}, {now_p}, {now_p})",
+                p.push(attacker_uuid.clone()),
+                p.push(text)
+            ));
+        }
+        txn.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                 updated_at) VALUES {} ON CONFLICT (attacker_uuid) DO UPDATE SET \
+                 version = enrichd_outbox.version + 1, payload = excluded.payload, \
+                 updated_at = excluded.updated_at",
+                values.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+        let mut p = Params::default();
+        let arms: Vec<String> = chunk
+            .iter()
+            .map(|(uuid, _, digest)| {
+                format!(
+                    "WHEN {} THEN {}",
+                    p.push(uuid.clone()),
+                    p.push(digest.clone())
+                )
+            })
+            .collect();
+        let uuids = p.list(chunk.iter().map(|(uuid, _, _)| uuid.clone()));
+        txn.execute_raw(sql.stmt(
+            format!(
+                "UPDATE enrichd_attacker_map SET payload_digest = CASE attacker_uuid {} END \
+                 WHERE attacker_uuid IN ({uuids})",
+                arms.join(" ")
+            ),
+            p.0,
+        ))
+        .await?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,164 @@
+//! `StoreBatcher`: the jobs' claims and writes, gathered into shared transactions.
+//!
+//! A job's claim and its write are each one small transaction, and a commit is the scarce
+//! resource (about 4,000 a second on the reference machine, whatever their size). The batcher
+//! takes whatever requests have queued while the previous batch ran (up to [`MAX_BATCH`]) and
+//! runs them as one [`Store::claim_batch`] or [`Store::apply_batch`]: under load a commit
+//! carries dozens of addresses, and a lone request never waits for company, because a batch
+//! starts as soon as a transaction slot is free.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use enrichd_core::{CanonicalIp, ProviderId};
+use enrichd_store::{ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, Store, StoreError};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Addresses per transaction. Larger batches commit less often but hold their rows' locks
+/// longer, and a refused batch is written again one address at a time.
+const MAX_BATCH: usize = 64;
+
+/// Claim and write transactions in flight at once on PostgreSQL (each on its own pooled
+/// connection); SQLite has one writer, so one of each there.
+const PG_SLOTS: usize = 2;
+
+/// What every claim asks for: the same providers, PTR switch and lease for every job.
+#[derive(Debug, Clone)]
+pub struct ClaimSettings {
+    /// Providers to claim, in contract order.
+    pub providers: Vec<ProviderId>,
+    /// Whether PTR work is claimed.
+    pub ptr: bool,
+    /// How long a lease lasts.
+    pub lease: Duration,
+}
+
+struct ClaimRequest {
+    ip: CanonicalIp,
+    mode: ClaimMode,
+    reply: oneshot::Sender<Result<Claims, StoreError>>,
+}
+
+struct ApplyRequest {
+    item: ApplyItem,
+    reply: oneshot::Sender<Result<ApplyOutcome, StoreError>>,
+}
+
+/// Handle to the two batching loops; cheap to clone. The loops end when every handle is gone.
+#[derive(Debug, Clone)]
+pub struct StoreBatcher {
+    claims: mpsc::UnboundedSender<ClaimRequest>,
+    applies: mpsc::UnboundedSender<ApplyRequest>,
+}
+
+impl StoreBatcher {
+    /// Starts the loops on the current runtime.
+    pub fn start(store: &Store, claim: ClaimSettings, ctx: ApplyContext) -> Self {
+        let slots = if store.single_writer() { 1 } else { PG_SLOTS };
+        let (claims, claim_rx) = mpsc::unbounded_channel();
+        let (applies, apply_rx) = mpsc::unbounded_channel();
+        let claim_store = store.clone();
+        let claim = Arc::new(claim);
+        tokio::spawn(batch_loop(claim_rx, slots, move |batch| {
+            run_claims(claim_store.clone(), Arc::clone(&claim), batch)
+        }));
+        let apply_store = store.clone();
+        let ctx = Arc::new(ctx);
+        tokio::spawn(batch_loop(apply_rx, slots, move |batch| {
+            run_applies(apply_store.clone(), Arc::clone(&ctx), batch)
+        }));
+        Self { claims, applies }
+    }
+
+    /// Claims the due (or all) work of `ip`, in the next claim batch.
+    ///
+    /// # Errors
+    /// The batch's [`StoreError`]; `Unavailable` when the batcher has stopped.
+    pub async fn claim(&self, ip: CanonicalIp, mode: ClaimMode) -> Result<Claims, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.claims
+            .send(ClaimRequest { ip, mode, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Writes one pass's results, in the next write batch.
+    ///
+    /// # Errors
+    /// This address's [`StoreError`]; `Unavailable` when the batcher has stopped.
+    pub async fn apply(&self, item: ApplyItem) -> Result<ApplyOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.applies
+            .send(ApplyRequest { item, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::unavailable("the store batcher has stopped")
+}
+
+/// Takes the first request, waits for a transaction slot (requests keep queuing meanwhile),
+/// then runs everything queued, up to [`MAX_BATCH`], as one batch on a task of its own.
+async fn batch_loop<R, F, Fut>(mut requests: mpsc::UnboundedReceiver<R>, slots: usize, run: F)
+where
+    R: Send + 'static,
+    F: Fn(Vec<R>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(slots));
+    while let Some(first) = requests.recv().await {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH
+            && let Ok(next) = requests.try_recv()
+        {
+            batch.push(next);
+        }
+        let work = run(batch);
+        tokio::spawn(async move {
+            work.await;
+            drop(permit);
+        });
+    }
+}
+
+async fn run_claims(store: Store, claim: Arc<ClaimSettings>, batch: Vec<ClaimRequest>) {
+    // `lookup --refresh` claims everything; keep it out of the due-only statement.
+    let (due, refresh): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(|r| r.mode == ClaimMode::Due);
+    for (mode, requests) in [(ClaimMode::Due, due), (ClaimMode::Refresh, refresh)] {
+        if requests.is_empty() {
+            continue;
+        }
+        let ips: Vec<CanonicalIp> = requests.iter().map(|r| r.ip).collect();
+        match store
+            .claim_batch(&ips, &claim.providers, claim.ptr, claim.lease, mode)
+            .await
+        {
+            Ok(claims) => {
+                for (request, claims) in requests.into_iter().zip(claims) {
+                    // A job that went away needs no answer; its leases lapse.
+                    let _ = request.reply.send(Ok(claims));
+                }
+            }
+            Err(e) => {
+                for request in requests {
+                    let _ = request.reply.send(Err(e.shared()));
+                }
+            }
+        }
+    }
+}
+
+async fn run_applies(store: Store, ctx: Arc<ApplyContext>, batch: Vec<ApplyRequest>) {
+    let (items, replies): (Vec<ApplyItem>, Vec<_>) =
+        batch.into_iter().map(|r| (r.item, r.reply)).unzip();
+    let outcomes = store.apply_batch(items, &ctx).await;
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
+    }
+}

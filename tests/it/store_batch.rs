@@ -1,0 +1,209 @@
+//! Batched claims and writes: many addresses per transaction behave exactly like one call per
+//! address, and one refused address costs the others nothing.
+
+use std::time::Duration;
+
+use enrichd_core::ports::PtrReport;
+use enrichd_core::{ProviderId, PtrOutcome};
+use enrichd_store::{ApplyItem, ClaimMode, Claims, Store, StoreError, StoredScope};
+use enrichd_testkit::db::TestDb;
+
+use crate::store_common::{
+    abuseipdb, add_attacker, count, exec, greynoise, ip, migrated, on_both, texts,
+};
+
+const LEASE: Duration = Duration::from_secs(30);
+const BOTH: [ProviderId; 2] = [ProviderId::Greynoise, ProviderId::Abuseipdb];
+
+fn uuid(n: usize) -> String {
+    format!("00000000-0000-4000-8000-0000000000{n:02}")
+}
+
+fn named(n: usize) -> PtrReport {
+    PtrReport {
+        outcome: PtrOutcome::Ok,
+        name: Some(format!("host-{n}.example.net")),
+        record_ttl: Some(Duration::from_secs(3600)),
+        forward_confirmed: None,
+    }
+}
+
+/// The items a pass would write for `claims`: a PTR name and an answer per claimed provider.
+fn answers(n: usize, target: &str, claims: &Claims) -> ApplyItem {
+    ApplyItem {
+        ip: ip(target),
+        scope: StoredScope::Global,
+        ptr: claims.ptr.map(|lease| (lease, named(n))),
+        providers: claims
+            .providers
+            .iter()
+            .map(|(provider, lease)| {
+                let report = match provider {
+                    ProviderId::Greynoise => greynoise("malicious"),
+                    _ => abuseipdb(10),
+                };
+                (*lease, report)
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let other = Store::connect(db.url()).await.unwrap();
+        let conn = db.connect().await;
+        let mut ctx = crate::store_common::ctx(&BOTH);
+        ctx.ptr_enabled = true;
+        let targets: Vec<String> = (1..=6).map(|n| format!("45.155.205.{n}")).collect();
+        for (n, target) in targets.iter().enumerate() {
+            add_attacker(&conn, &uuid(n), target, 0).await;
+        }
+        // Another replica holds AbuseIPDB for the first address.
+        let held = other
+            .claim_work(ip(&targets[0]), &[ProviderId::Abuseipdb], false, LEASE, ClaimMode::Due)
+            .await
+            .unwrap();
+        assert_eq!(held.providers.len(), 1);
+
+        // The second address is named twice: both get the same claims.
+        let mut asked: Vec<_> = targets.iter().map(|t| ip(t)).collect();
+        asked.push(ip(&targets[1]));
+        let claims = a
+            .claim_batch(&asked, &BOTH, true, LEASE, ClaimMode::Due)
+            .await
+            .unwrap();
+        assert_eq!(claims.len(), asked.len());
+        assert_eq!(claims[6], claims[1], "{}", db.label());
+        let claimed: Vec<Vec<ProviderId>> = claims
+            .iter()
+            .map(|c| c.providers.iter().map(|(p, _)| *p).collect())
+            .collect();
+        assert_eq!(claimed[0], [ProviderId::Greynoise], "{}", db.label());
+        for providers in &claimed[1..] {
+            assert_eq!(providers, &BOTH, "{}", db.label());
+        }
+        assert!(claims.iter().all(|c| c.ptr.is_some()), "{}", db.label());
+
+        let items: Vec<ApplyItem> = targets
+            .iter()
+            .enumerate()
+            .map(|(n, t)| answers(n, t, &claims[n]))
+            .collect();
+        let outcomes = a.apply_batch(items, &ctx).await;
+        for (n, outcome) in outcomes.into_iter().enumerate() {
+            let outcome = outcome.unwrap_or_else(|e| panic!("{} {n}: {e}", db.label()));
+            assert_eq!(outcome.applied, claimed[n], "{} {n}", db.label());
+            assert_eq!(outcome.ptr_applied, Some(true));
+            assert_eq!((outcome.intel_rows, outcome.events), (1, 1), "{} {n}", db.label());
+        }
+
+        for (n, target) in targets.iter().enumerate() {
+            let row = texts(
+                &conn,
+                "SELECT i.greynoise_classification || ' ' || i.aggregate_verdict || ' ' || a.ptr_record \
+                 FROM attacker_intel i JOIN attackers a ON a.uuid = i.attacker_uuid \
+                 WHERE i.attacker_ip = $1",
+                vec![target.clone().into()],
+            )
+            .await;
+            assert_eq!(
+                row,
+                [Some(format!("malicious malicious host-{n}.example.net"))],
+                "{} {target}",
+                db.label()
+            );
+        }
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM enrichd_outbox", vec![]).await, 6);
+        // Our leases ended with the write; the other replica's lease is untouched.
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM enrichd_provider_state WHERE lease_owner IS NOT NULL",
+                vec![]
+            )
+            .await,
+            1,
+            "{}",
+            db.label()
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM enrichd_ip_state WHERE ptr_lease_owner IS NOT NULL",
+                vec![]
+            )
+            .await,
+            0
+        );
+        // Nothing is due any more but the held item.
+        let again = a
+            .claim_batch(&asked, &BOTH, true, LEASE, ClaimMode::Due)
+            .await
+            .unwrap();
+        assert!(again.iter().all(Claims::is_empty), "{} {again:?}", db.label());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_refused_address_costs_the_others_nothing() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let conn = db.connect().await;
+        let ctx = crate::store_common::ctx(&BOTH);
+        let targets: Vec<String> = (1..=3).map(|n| format!("45.155.206.{n}")).collect();
+        for (n, target) in targets.iter().enumerate() {
+            add_attacker(&conn, &uuid(n), target, 0).await;
+        }
+        let asked: Vec<_> = targets.iter().map(|t| ip(t)).collect();
+        let claims = a
+            .claim_batch(
+                &asked,
+                &[ProviderId::Greynoise],
+                false,
+                LEASE,
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        // A row of the second address no longer decodes: its write must fail, alone.
+        exec(
+            &conn,
+            "INSERT INTO enrichd_provider_state (ip, provider, outcome, attempts, updated_at) \
+             SELECT ip, 'abuseipdb', 'no-such-outcome', 0, updated_at FROM enrichd_ip_state \
+             WHERE ip = $1",
+            vec![targets[1].clone().into()],
+        )
+        .await;
+        let items: Vec<ApplyItem> = targets
+            .iter()
+            .enumerate()
+            .map(|(n, t)| answers(n, t, &claims[n]))
+            .collect();
+        let outcomes = a.apply_batch(items, &ctx).await;
+        assert!(
+            matches!(outcomes[1], Err(StoreError::Malformed { .. })),
+            "{} {:?}",
+            db.label(),
+            outcomes[1]
+        );
+        for n in [0, 2] {
+            let outcome = outcomes[n].as_ref().unwrap();
+            assert_eq!(
+                outcome.applied,
+                [ProviderId::Greynoise],
+                "{} {n}",
+                db.label()
+            );
+        }
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM attacker_intel", vec![]).await,
+            2,
+            "{}",
+            db.label()
+        );
+    })
+    .await;
+}
