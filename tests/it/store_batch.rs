@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{ProviderId, PtrOutcome};
-use enrichd_store::{ApplyItem, ClaimMode, Claims, Store, StoreError, StoredScope};
+use enrichd_store::{ApplyItem, ClaimMode, Claims, EventNote, Store, StoreError, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
@@ -201,6 +201,57 @@ async fn one_refused_address_costs_the_others_nothing() {
         assert_eq!(
             count(&conn, "SELECT COUNT(*) FROM attacker_intel", vec![]).await,
             2,
+            "{}",
+            db.label()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_intake_batch_creates_one_attacker_row_per_address() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let conn = db.connect().await;
+        let named = "5b0f2d6e-3c1a-4e8b-9a7d-2f6c8e1b4a90";
+        let note = |text: &str, uuid: Option<&str>| EventNote {
+            ip: ip(text),
+            scope: StoredScope::Global,
+            attacker_uuid: uuid.map(str::to_owned),
+            first_seen: None,
+        };
+        // The second address comes twice in the batch, the third names its attacker row.
+        let notes = vec![
+            note("45.155.207.1", None),
+            note("45.155.207.2", None),
+            note("45.155.207.3", Some(named)),
+            note("45.155.207.2", None),
+        ];
+        let intakes: Vec<_> = a
+            .note_events(notes)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{}: {e}", db.label())))
+            .collect();
+        assert!(intakes[0].created.is_some() && intakes[1].created.is_some());
+        assert_eq!(intakes[2].attacker_uuids, [named], "{}", db.label());
+        assert_eq!(intakes[3].created, None, "{}", db.label());
+        assert_eq!(intakes[3].attacker_uuids, intakes[1].attacker_uuids);
+        assert_eq!(
+            count(&conn, "SELECT COUNT(*) FROM attackers", vec![]).await,
+            3,
+            "{}",
+            db.label()
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM enrichd_attacker_map m JOIN enrichd_ip_state s \
+                 ON s.ip = m.ip WHERE s.scope = 'global' AND s.last_event_at IS NOT NULL",
+                vec![]
+            )
+            .await,
+            3,
             "{}",
             db.label()
         );

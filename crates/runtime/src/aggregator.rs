@@ -15,7 +15,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use enrichd_core::CanonicalIp;
 use enrichd_core::messages::{Drain, EnrichIp, JobId, Origin, PersistError};
-use enrichd_store::{ClaimMode, StoreError, StoredScope};
+use enrichd_store::{ClaimMode, EventNote, StoreError, StoredScope};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -40,10 +40,6 @@ type Waiter = oneshot::Sender<Result<(), PersistError>>;
 /// the consumption of a large backlog (100,000 queued events over 5,000 addresses took longer
 /// than 30 s to reach their repeats).
 const RECENT_FOR: Duration = Duration::from_secs(300);
-/// Bus events recorded at once. A full prefetch window of new addresses would otherwise take
-/// every store connection, and running jobs would time out waiting for one and lose answers
-/// they paid for; waiting deliveries simply stay unacked a moment longer.
-const MAX_RECORDING: usize = 8;
 /// Jobs queued or running beyond which bus deliveries are no longer acked at once (see
 /// `Handler<EnrichIp>`): it bounds the memory a burst of new addresses can take.
 const MAX_QUEUED_JOBS: usize = 1024;
@@ -91,8 +87,6 @@ pub struct Aggregator {
     stats: Arc<AggregatorStats>,
     /// Permits to run (see [`MAX_RUNNING_JOBS`]).
     running: Arc<tokio::sync::Semaphore>,
-    /// Permits to record a bus event (see [`MAX_RECORDING`]).
-    intake: Arc<tokio::sync::Semaphore>,
 }
 
 impl Aggregator {
@@ -101,7 +95,6 @@ impl Aggregator {
         Self {
             writer: deps.start_batcher(),
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_JOBS)),
-            intake: Arc::new(tokio::sync::Semaphore::new(MAX_RECORDING)),
             deps,
             jobs: HashMap::new(),
             recent: HashMap::new(),
@@ -388,21 +381,25 @@ impl Handler<EnrichIp> for Aggregator {
                 .inc();
             return Box::pin(async { Ok(()) });
         }
-        let store = self.deps.store.clone();
+        let writer = self.writer.clone();
         let scope = StoredScope::from(self.deps.policy.scope(ip));
         let deadline = self.deps.ack_deadline;
-        let intake = Arc::clone(&self.intake);
         let me = ctx.address();
         // The request runs as its own task (see `start_job` for why not in this context).
         Box::pin(async move {
             // Bus events are recorded first: the attacker row is found, mapped or (on a table
-            // we own) created, serialised per address by the store.
+            // we own) created, serialised per address by the store. The batcher bounds how
+            // many are recorded at once; waiting deliveries simply stay unacked a moment longer.
             let attacker_uuids = match origin {
                 Origin::Bus(_) => {
-                    // Never closed, so the permit always comes.
-                    let _permit = intake.acquire_owned().await;
-                    store
-                        .note_event(ip, scope, attacker_uuid.as_deref(), first_seen)
+                    let note = EventNote {
+                        ip,
+                        scope,
+                        attacker_uuid,
+                        first_seen,
+                    };
+                    writer
+                        .note(note)
                         .await
                         .map_err(|e| persist_error(&e))?
                         .attacker_uuids

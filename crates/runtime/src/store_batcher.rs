@@ -1,9 +1,10 @@
-//! `StoreBatcher`: the jobs' claims and writes, gathered into shared transactions.
+//! `StoreBatcher`: bus events' intake and the jobs' claims and writes, gathered into shared
+//! transactions.
 //!
-//! A job's claim and its write are each one small transaction, and a commit is the scarce
+//! Recording an event, a job's claim and its write are each one small transaction, and a commit is the scarce
 //! resource (about 4,000 a second on the reference machine, whatever their size). The batcher
 //! takes whatever requests have queued while the previous batch ran (up to [`MAX_BATCH`]) and
-//! runs them as one [`Store::claim_batch`] or [`Store::apply_batch`]: under load a commit
+//! runs them as one [`Store::note_events`], [`Store::claim_batch`] or [`Store::apply_batch`]: under load a commit
 //! carries dozens of addresses, and a lone request never waits for company, because a batch
 //! starts as soon as a transaction slot is free.
 
@@ -11,16 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use enrichd_core::{CanonicalIp, ProviderId};
-use enrichd_store::{ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, Store, StoreError};
+use enrichd_store::{
+    ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Intake, Store, StoreError,
+};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Addresses per transaction. Larger batches commit less often but hold their rows' locks
 /// longer, and a refused batch is written again one address at a time.
 const MAX_BATCH: usize = 64;
 
-/// Claim and write transactions in flight at once on PostgreSQL (each on its own pooled
+/// Intake, claim and write transactions (each) in flight at once on PostgreSQL (each on its own pooled
 /// connection); SQLite has one writer, so one of each there.
-const PG_SLOTS: usize = 2;
+const PG_SLOTS: usize = 3;
 
 /// What every claim asks for: the same providers, PTR switch and lease for every job.
 #[derive(Debug, Clone)]
@@ -39,6 +42,11 @@ struct ClaimRequest {
     reply: oneshot::Sender<Result<Claims, StoreError>>,
 }
 
+struct NoteRequest {
+    note: EventNote,
+    reply: oneshot::Sender<Result<Intake, StoreError>>,
+}
+
 struct ApplyRequest {
     item: ApplyItem,
     reply: oneshot::Sender<Result<ApplyOutcome, StoreError>>,
@@ -47,6 +55,7 @@ struct ApplyRequest {
 /// Handle to the two batching loops; cheap to clone. The loops end when every handle is gone.
 #[derive(Debug, Clone)]
 pub struct StoreBatcher {
+    notes: mpsc::UnboundedSender<NoteRequest>,
     claims: mpsc::UnboundedSender<ClaimRequest>,
     applies: mpsc::UnboundedSender<ApplyRequest>,
 }
@@ -55,6 +64,11 @@ impl StoreBatcher {
     /// Starts the loops on the current runtime.
     pub fn start(store: &Store, claim: ClaimSettings, ctx: ApplyContext) -> Self {
         let slots = if store.single_writer() { 1 } else { PG_SLOTS };
+        let (notes, note_rx) = mpsc::unbounded_channel();
+        let note_store = store.clone();
+        tokio::spawn(batch_loop(note_rx, slots, move |batch| {
+            run_notes(note_store.clone(), batch)
+        }));
         let (claims, claim_rx) = mpsc::unbounded_channel();
         let (applies, apply_rx) = mpsc::unbounded_channel();
         let claim_store = store.clone();
@@ -67,7 +81,23 @@ impl StoreBatcher {
         tokio::spawn(batch_loop(apply_rx, slots, move |batch| {
             run_applies(apply_store.clone(), Arc::clone(&ctx), batch)
         }));
-        Self { claims, applies }
+        Self {
+            notes,
+            claims,
+            applies,
+        }
+    }
+
+    /// Records a bus event (see [`Store::note_event`]), in the next intake batch.
+    ///
+    /// # Errors
+    /// This event's [`StoreError`]; `Unavailable` when the batcher has stopped.
+    pub async fn note(&self, note: EventNote) -> Result<Intake, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.notes
+            .send(NoteRequest { note, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Claims the due (or all) work of `ip`, in the next claim batch.
@@ -151,6 +181,16 @@ async fn run_claims(store: Store, claim: Arc<ClaimSettings>, batch: Vec<ClaimReq
                 }
             }
         }
+    }
+}
+
+async fn run_notes(store: Store, batch: Vec<NoteRequest>) {
+    let (notes, replies): (Vec<EventNote>, Vec<_>) =
+        batch.into_iter().map(|r| (r.note, r.reply)).unzip();
+    let intakes = store.note_events(notes).await;
+    for (reply, intake) in replies.into_iter().zip(intakes) {
+        // A delivery that went away needs no answer; it is redelivered.
+        let _ = reply.send(intake);
     }
 }
 

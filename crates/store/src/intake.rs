@@ -6,10 +6,11 @@ use chrono::{DateTime, Utc};
 use enrichd_core::CanonicalIp;
 use enrichd_core::payload::IntelPayload;
 use enrichd_core::text::column_text;
-use sea_orm::{ConnectionTrait, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
+use crate::sql::{Params, ROWS_PER_STATEMENT};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::work::{backoff, mapped_attackers, read_provider_states, read_ptr};
+use crate::work::{backoff, mapped_attackers_of, read_provider_states, read_ptr};
 use crate::{Store, StoreError};
 
 /// Attempts at an intake transaction that hit a busy database or a serialization failure.
@@ -26,6 +27,19 @@ pub struct Intake {
     pub created: Option<String>,
 }
 
+/// One bus event for [`Store::note_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventNote {
+    /// The event's address.
+    pub ip: CanonicalIp,
+    /// Its scope under the current policy.
+    pub scope: StoredScope,
+    /// The attacker row the event names, if any.
+    pub attacker_uuid: Option<String>,
+    /// When the event says the attacker was first seen.
+    pub first_seen: Option<DateTime<Utc>>,
+}
+
 impl Store {
     /// Records that `ip` was seen (its scope, first and last event time) and finds its
     /// attacker rows. With `attacker_uuid`, that row is mapped from the address stored in it.
@@ -39,95 +53,212 @@ impl Store {
         attacker_uuid: Option<&str>,
         first_seen: Option<DateTime<Utc>>,
     ) -> Result<Intake, StoreError> {
+        let note = EventNote {
+            ip,
+            scope,
+            attacker_uuid: attacker_uuid.map(str::to_owned),
+            first_seen,
+        };
+        self.note_events(vec![note])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::malformed("note_event", "no result")))
+    }
+
+    /// [`Store::note_event`] for many events in one transaction per round of distinct
+    /// addresses, a handful of statements whatever the batch size. Results come back in the
+    /// order of `notes`. A batch the database refuses is recorded again one event at a time,
+    /// so only the event at fault is refused.
+    pub async fn note_events(&self, notes: Vec<EventNote>) -> Vec<Result<Intake, StoreError>> {
+        let mut results: Vec<Option<Result<Intake, StoreError>>> =
+            notes.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..notes.len()).collect();
+        while !pending.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (mut round, later): (Vec<usize>, Vec<usize>) =
+                pending.into_iter().partition(|&i| seen.insert(notes[i].ip));
+            pending = later;
+            round.sort_by_cached_key(|&i| notes[i].ip.to_string());
+            let refs: Vec<&EventNote> = round.iter().map(|&i| &notes[i]).collect();
+            match self.note_round(&refs).await {
+                Ok(intakes) => {
+                    for (&i, intake) in round.iter().zip(intakes) {
+                        results[i] = Some(Ok(intake));
+                    }
+                }
+                Err(e) if e.is_unavailable() || round.len() == 1 => {
+                    for &i in &round {
+                        results[i] = Some(Err(e.shared()));
+                    }
+                }
+                Err(_) => {
+                    for &i in &round {
+                        results[i] = Some(self.note_round(&[&notes[i]]).await.and_then(|mut v| {
+                            v.pop()
+                                .ok_or_else(|| StoreError::malformed("note_event", "no result"))
+                        }));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::malformed("note_event", "no result"))))
+            .collect()
+    }
+
+    async fn note_round(&self, notes: &[&EventNote]) -> Result<Vec<Intake>, StoreError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.note_once(ip, scope, attacker_uuid, first_seen).await {
+            match self.note_once(notes).await {
                 Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
                 other => return other,
             }
         }
     }
 
-    async fn note_once(
-        &self,
-        ip: CanonicalIp,
-        scope: StoredScope,
-        attacker_uuid: Option<&str>,
-        first_seen: Option<DateTime<Utc>>,
-    ) -> Result<Intake, StoreError> {
+    /// One intake transaction over `notes` (distinct addresses in key order).
+    async fn note_once(&self, notes: &[&EventNote]) -> Result<Vec<Intake>, StoreError> {
         let sql = self.sql;
-        let ip_text = ip.to_string();
+        let keys: Vec<String> = notes.iter().map(|n| n.ip.to_string()).collect();
         let txn = self.begin_write().await?;
         let now = sql.now(&txn).await?;
-        let first = first_seen.map_or(now, |f| f.min(now));
-        // The upsert takes the IP row's lock (PostgreSQL) until commit: concurrent intake of
-        // one IP queues here, so the row-creation check below is race-free.
+        let firsts: Vec<DateTime<Utc>> = notes
+            .iter()
+            .map(|n| n.first_seen.map_or(now, |f| f.min(now)))
+            .collect();
+        // The upsert takes each IP row's lock (PostgreSQL) until commit, in key order:
+        // concurrent intake of one IP queues here, so the row-creation check below is
+        // race-free.
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let rows: Vec<String> = notes
+            .iter()
+            .zip(&keys)
+            .zip(&firsts)
+            .map(|((note, key), first)| {
+                format!(
+                    "({}, {}, 0, {}, {now_p}, {now_p})",
+                    p.push(key.clone()),
+                    p.push(note.scope.as_str()),
+                    p.push(sql.ts(*first))
+                )
+            })
+            .collect();
         txn.execute_raw(sql.stmt(
-            "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, \
-             last_event_at, updated_at) VALUES ($1, $2, 0, $3, $4, $4) ON CONFLICT (ip) DO UPDATE \
-             SET scope = excluded.scope, last_event_at = excluded.last_event_at, \
-             first_event_at = COALESCE(enrichd_ip_state.first_event_at, excluded.first_event_at), \
-             updated_at = excluded.updated_at",
-            vec![
-                ip_text.clone().into(),
-                scope.as_str().into(),
-                sql.ts(first),
-                sql.ts(now),
-            ],
+            format!(
+                "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, \
+                 last_event_at, updated_at) VALUES {} ON CONFLICT (ip) DO UPDATE \
+                 SET scope = excluded.scope, last_event_at = excluded.last_event_at, \
+                 first_event_at = COALESCE(enrichd_ip_state.first_event_at, \
+                 excluded.first_event_at), updated_at = excluded.updated_at",
+                rows.join(", ")
+            ),
+            p.0,
         ))
         .await?;
-        if sql.is_pg() {
-            txn.execute_raw(sql.stmt(
-                "SELECT ip FROM enrichd_ip_state WHERE ip = $1 FOR UPDATE",
-                vec![ip_text.clone().into()],
-            ))
-            .await?;
-        }
         let owned = self.owns_attackers_in(&txn).await?;
+        self.note_named_rows(&txn, notes, &keys, &firsts, owned, now)
+            .await?;
 
-        if let Some(uuid_text) = attacker_uuid {
-            let uuid_text = column_text(uuid_text.trim(), 36);
-            let row = txn
-                .query_one_raw(sql.stmt(
-                    "SELECT uuid, ip FROM attackers WHERE uuid = $1",
-                    vec![uuid_text.clone().into()],
-                ))
-                .await?;
-            if let Some(row) = row {
-                let stored_ip: String = row.try_get("", "ip")?;
-                map_one(self, &txn, &uuid_text, &stored_ip, now).await?;
-            } else if owned && let Ok(parsed) = uuid::Uuid::parse_str(&uuid_text) {
-                let uuid = parsed.hyphenated().to_string();
-                insert_attacker(self, &txn, &uuid, &ip_text, first, now).await?;
+        let mut by_ip = mapped_attackers_of(self, &txn, &keys, now).await?;
+        let mut intakes = Vec::with_capacity(notes.len());
+        let mut created: Vec<(String, String, DateTime<Utc>)> = Vec::new();
+        let mut touched: Vec<String> = Vec::new();
+        for (key, first) in keys.iter().zip(&firsts) {
+            let mut attackers: Vec<String> = by_ip
+                .remove(key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| a.uuid)
+                .collect();
+            let mut made = None;
+            if attackers.is_empty() && owned {
+                let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
+                created.push((uuid.clone(), key.clone(), *first));
+                attackers.push(uuid.clone());
+                made = Some(uuid);
+            } else if owned {
+                touched.push(key.clone());
             }
+            intakes.push(Intake {
+                attacker_uuids: attackers,
+                created: made,
+            });
         }
-
-        let mut attackers: Vec<String> = mapped_attackers(self, &txn, &ip_text, now)
-            .await?
-            .into_iter()
-            .map(|a| a.uuid)
-            .collect();
-        let mut created = None;
-        if attackers.is_empty() && owned {
-            let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-            insert_attacker(self, &txn, &uuid, &ip_text, first, now).await?;
-            attackers.push(uuid.clone());
-            created = Some(uuid);
-        } else if owned && !attackers.is_empty() {
+        insert_attackers(self, &txn, &created, now).await?;
+        if !touched.is_empty() {
             // Our own table: keep `last_seen` meaningful for the backlog's ordering.
+            let mut p = Params::default();
+            let now_p = p.push(sql.ts(now));
+            let list = p.list(touched);
             txn.execute_raw(sql.stmt(
-                "UPDATE attackers SET last_seen = $2, updated_at = $2 WHERE uuid IN \
-                 (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip = $1)",
-                vec![ip_text.clone().into(), sql.ts(now)],
+                format!(
+                    "UPDATE attackers SET last_seen = {now_p}, updated_at = {now_p} WHERE uuid IN \
+                     (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip IN ({list}))"
+                ),
+                p.0,
             ))
             .await?;
         }
         txn.commit().await?;
-        Ok(Intake {
-            attacker_uuids: attackers,
-            created,
-        })
+        Ok(intakes)
+    }
+
+    /// The attacker rows the events name: a row that exists is mapped from the address
+    /// stored in it; a missing one is created under that uuid when enrichd owns `attackers`.
+    async fn note_named_rows(
+        &self,
+        txn: &DatabaseTransaction,
+        notes: &[&EventNote],
+        keys: &[String],
+        firsts: &[DateTime<Utc>],
+        owned: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let named: Vec<(String, usize)> = notes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                n.attacker_uuid
+                    .as_deref()
+                    .map(|u| (column_text(u.trim(), 36), i))
+            })
+            .collect();
+        if named.is_empty() {
+            return Ok(());
+        }
+        let sql = self.sql;
+        let mut p = Params::default();
+        let list = p.list(named.iter().map(|(u, _)| u.clone()));
+        let rows = txn
+            .query_all_raw(sql.stmt(
+                format!("SELECT uuid, ip FROM attackers WHERE uuid IN ({list})"),
+                p.0,
+            ))
+            .await?;
+        let mut stored = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let uuid: String = row.try_get("", "uuid")?;
+            let ip: String = row.try_get("", "ip")?;
+            stored.insert(uuid, ip);
+        }
+        let mut created = Vec::new();
+        let mut found = Vec::new();
+        for (uuid_text, index) in &named {
+            if let Some(stored_ip) = stored.get(uuid_text) {
+                found.push((uuid_text.clone(), stored_ip.clone()));
+            } else if owned && let Ok(parsed) = uuid::Uuid::parse_str(uuid_text) {
+                created.push((
+                    parsed.hyphenated().to_string(),
+                    keys[*index].clone(),
+                    firsts[*index],
+                ));
+            }
+        }
+        map_rows(self, txn, &found, now).await?;
+        insert_attackers(self, txn, &created, now).await
     }
 
     /// Maps up to `limit` attacker rows not mapped yet to their canonical IP; a stored `ip`
@@ -145,15 +276,13 @@ impl Store {
                 vec![i64::from(limit).into()],
             ))
             .await?;
-        let mut mapped = 0;
+        let mut found = Vec::with_capacity(rows.len());
         for row in &rows {
-            let uuid: String = row.try_get("", "uuid")?;
-            let ip: String = row.try_get("", "ip")?;
-            map_one(self, &txn, &uuid, &ip, now).await?;
-            mapped += 1;
+            found.push((row.try_get("", "uuid")?, row.try_get("", "ip")?));
         }
+        map_rows(self, &txn, &found, now).await?;
         txn.commit().await?;
-        Ok(mapped)
+        Ok(found.len())
     }
 
     /// Canonical IPs with due work, newest `attackers.last_seen` first, deduplicated: IPs of
@@ -307,45 +436,101 @@ impl Store {
     }
 }
 
-/// Records `uuid → canonical(stored_ip)`, or "not an IP" with the reason, once.
-async fn map_one<C: ConnectionTrait>(
+/// Records `uuid → canonical(stored ip)`, or "not an IP" with the reason, once, for each
+/// row; a few hundred rows per statement.
+async fn map_rows<C: ConnectionTrait>(
     store: &Store,
     db: &C,
-    uuid: &str,
-    stored_ip: &str,
+    rows: &[(String, String)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
-    let (ip, reason) = match CanonicalIp::parse(stored_ip) {
-        Ok(ip) => (Some(ip.to_string()), None),
-        Err(e) => (None, Some(column_text(&e.to_string(), 128))),
-    };
-    db.execute_raw(sql.stmt(
-        "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (attacker_uuid) DO NOTHING",
-        vec![uuid.into(), ip.into(), reason.into(), sql.ts(now)],
-    ))
-    .await?;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(uuid, stored_ip)| {
+                let (ip, reason) = match CanonicalIp::parse(stored_ip) {
+                    Ok(ip) => (Some(ip.to_string()), None),
+                    Err(e) => (None, Some(column_text(&e.to_string(), 128))),
+                };
+                format!(
+                    "({}, {}, {}, {now_p})",
+                    p.push(uuid.clone()),
+                    p.push(ip),
+                    p.push(reason)
+                )
+            })
+            .collect();
+        db.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
+                 VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
+                values.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+    }
     Ok(())
 }
 
-/// Inserts an attacker row into enrichd's own `attackers` table, every NOT NULL column
-/// written, with the stored PTR name if there is one, and maps it.
-async fn insert_attacker<C: ConnectionTrait>(
+/// Inserts attacker rows (uuid, canonical IP, first seen) into enrichd's own `attackers`
+/// table, every NOT NULL column written, with the stored PTR name if there is one, and maps
+/// them.
+async fn insert_attackers<C: ConnectionTrait>(
     store: &Store,
     db: &C,
-    uuid: &str,
-    ip: &str,
-    first_seen: DateTime<Utc>,
+    rows: &[(String, String, DateTime<Utc>)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
-    db.execute_raw(sql.stmt(
-        "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
-         VALUES ($1, $2, $3, $4, $4, (SELECT ptr_name FROM enrichd_ip_state WHERE ip = $2)) \
-         ON CONFLICT (uuid) DO NOTHING",
-        vec![uuid.into(), ip.into(), sql.ts(first_seen), sql.ts(now)],
-    ))
-    .await?;
-    map_one(store, db, uuid, ip, now).await
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(uuid, ip, first)| {
+                let ip = p.push(ip.clone());
+                format!(
+                    "({}, {ip}, {}, {now_p}, {now_p}, \
+                     (SELECT ptr_name FROM enrichd_ip_state WHERE ip = {ip}))",
+                    p.push(uuid.clone()),
+                    p.push(sql.ts(*first))
+                )
+            })
+            .collect();
+        db.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
+                 VALUES {} ON CONFLICT (uuid) DO NOTHING",
+                values.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|(uuid, ip, _)| {
+                format!(
+                    "({}, {}, NULL, {now_p})",
+                    p.push(uuid.clone()),
+                    p.push(ip.clone())
+                )
+            })
+            .collect();
+        db.execute_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
+                 VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
+                values.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+    }
+    Ok(())
 }

@@ -30,7 +30,7 @@ pub mod work;
 
 pub use error::{StoreError, StoreFate};
 pub use gate::{ProviderStatus, key_fingerprint};
-pub use intake::Intake;
+pub use intake::{EventNote, Intake};
 pub use outbox::{OutboxRow, OutboxStats};
 pub use state::{ApplyContext, ProviderState, PtrState, StoredScope};
 pub use store::{SchemaStatus, Store};

@@ -1098,19 +1098,9 @@ pub(crate) struct MappedAttacker {
     pub(crate) digest: Option<String>,
 }
 
-/// Maps attacker rows whose stored `ip` is this canonical text (the common case; other
-/// spellings are mapped by `sync_attacker_map`), then lists every attacker of the IP.
-pub(crate) async fn mapped_attackers<C: ConnectionTrait>(
-    store: &Store,
-    db: &C,
-    ip: &str,
-    now: DateTime<Utc>,
-) -> Result<Vec<MappedAttacker>, StoreError> {
-    let mut by_ip = mapped_attackers_of(store, db, &[ip.to_owned()], now).await?;
-    Ok(by_ip.remove(ip).unwrap_or_default())
-}
-
-/// [`mapped_attackers`] for each of `keys`, two statements in all.
+/// Maps attacker rows whose stored `ip` is one of these canonical texts (the common case;
+/// other spellings are mapped by `sync_attacker_map`), then lists every attacker of each IP:
+/// two statements in all.
 pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
     store: &Store,
     db: &C,
