@@ -84,6 +84,8 @@ pub struct Aggregator {
     /// Addresses finished moments ago (see [`Recent`]).
     recent: HashMap<CanonicalIp, Recent>,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// Callers waiting until fewer than so many jobs are queued or running (see [`Room`]).
+    room_waiters: Vec<(usize, oneshot::Sender<()>)>,
     stats: Arc<AggregatorStats>,
     /// Permits to run (see [`MAX_RUNNING_JOBS`]).
     running: Arc<tokio::sync::Semaphore>,
@@ -99,6 +101,7 @@ impl Aggregator {
             jobs: HashMap::new(),
             recent: HashMap::new(),
             drain_waiters: Vec::new(),
+            room_waiters: Vec::new(),
             stats,
         }
     }
@@ -173,6 +176,15 @@ impl Aggregator {
         self.stats
             .in_flight
             .store(self.jobs.len(), Ordering::Relaxed);
+        let queued = self.jobs.len();
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .room_waiters
+            .drain(..)
+            .partition(|(below, _)| queued < *below);
+        self.room_waiters = waiting;
+        for (_, waiter) in ready {
+            let _ = waiter.send(());
+        }
         if self.jobs.is_empty() {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
@@ -444,6 +456,33 @@ impl Handler<Drain> for Aggregator {
             let _ = tx.send(());
         } else {
             self.drain_waiters.push(tx);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+/// Answers once fewer than `below` jobs are queued or running. The backfill waits for this
+/// after a full batch instead of querying the backlog again at once: while the jobs it (or
+/// the bus) started are still queued, their addresses are not leased yet, so the backlog would
+/// only return them again, and on a large table every backlog query is a scan.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Room {
+    /// The queue length to wait below.
+    pub below: usize,
+}
+
+impl Handler<Room> for Aggregator {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Room, _ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.len() < msg.below {
+            let _ = tx.send(());
+        } else {
+            self.room_waiters.push((msg.below, tx));
         }
         Box::pin(async move {
             let _ = rx.await;

@@ -1,6 +1,7 @@
 //! The backfill loop (SPEC §8): finds attackers with no intel row or with due work, newest
 //! first, and hands their addresses to the `Aggregator` in batches. A full batch starts the
-//! next one at once; a short one waits for the poll interval or a wake-up. Wake-ups are a
+//! next one as soon as half a batch of jobs has finished; a short one waits for the poll
+//! interval or a wake-up. Wake-ups are a
 //! [`Notify`], which stores a permit when nobody waits, so none is ever lost.
 //!
 //! It is the engine of poll mode (no broker) and the safety net of bus mode: whatever a bus
@@ -17,7 +18,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
-use crate::aggregator::Aggregator;
+use crate::aggregator::{Aggregator, Room};
 
 /// Least time between a short batch and the next one started by a wake-up.
 const MIN_WAKE_SPACING: Duration = Duration::from_secs(1);
@@ -88,6 +89,13 @@ impl Backfill {
                 }
             };
             if full {
+                // Query again once half a batch of jobs has finished: sooner would only find
+                // the same queued addresses again (see `Room`).
+                let below = (self.config.batch as usize / 2).max(1);
+                tokio::select! {
+                    _ = self.aggregator.send(Room { below }) => {}
+                    _ = stop.changed() => {}
+                }
                 continue;
             }
             let slept_from = tokio::time::Instant::now();

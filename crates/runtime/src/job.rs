@@ -1,5 +1,5 @@
 //! One enrichment pass for one address: claim what is due, ask PTR and providers in parallel,
-//! write the results in one transaction.
+//! write the results in one transaction (shared with other addresses' by the `StoreBatcher`).
 //!
 //! The pass reports "durable" as soon as its claims are committed: from then on the address's
 //! work is either leased by this live process or recorded as due, so a bus delivery can be

@@ -91,7 +91,7 @@ impl StoreBatcher {
     /// Records a bus event (see [`Store::note_event`]), in the next intake batch.
     ///
     /// # Errors
-    /// This event's [`StoreError`]; `Unavailable` when the batcher has stopped.
+    /// This event's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn note(&self, note: EventNote) -> Result<Intake, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.notes
@@ -103,7 +103,7 @@ impl StoreBatcher {
     /// Claims the due (or all) work of `ip`, in the next claim batch.
     ///
     /// # Errors
-    /// The batch's [`StoreError`]; `Unavailable` when the batcher has stopped.
+    /// The batch's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn claim(&self, ip: CanonicalIp, mode: ClaimMode) -> Result<Claims, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.claims
@@ -115,7 +115,7 @@ impl StoreBatcher {
     /// Writes one pass's results, in the next write batch.
     ///
     /// # Errors
-    /// This address's [`StoreError`]; `Unavailable` when the batcher has stopped.
+    /// This address's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn apply(&self, item: ApplyItem) -> Result<ApplyOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.applies
@@ -126,7 +126,9 @@ impl StoreBatcher {
 }
 
 fn stopped() -> StoreError {
-    StoreError::unavailable("the store batcher has stopped")
+    // The loops stopped, or a batch task died before answering: either way nothing was
+    // written for this request, and the caller's retry or the backfill takes it again.
+    StoreError::unavailable("the store batcher did not answer")
 }
 
 /// Takes the first request, waits for a transaction slot (requests keep queuing meanwhile),

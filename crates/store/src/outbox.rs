@@ -2,10 +2,12 @@
 //! envelope. The relay claims rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL), publishes with
 //! confirms and deletes exactly the version it published.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
 
+use crate::sql::{Params, ROWS_PER_STATEMENT};
 use crate::work::backoff;
 use crate::{Store, StoreError};
 
@@ -116,28 +118,50 @@ impl Store {
         }
         let sql = self.sql;
         let mut sorted: Vec<&(String, i64)> = rows.iter().collect();
-        // One lock order for every writer (G4 / deadlocks).
+        // One lock order for every writer (G4 / deadlocks): the write batches enqueue in
+        // attacker order too.
         sorted.sort();
         let txn = self.begin_write().await?;
         let mut deleted_total = 0;
-        for (attacker_uuid, version) in sorted {
+        for chunk in sorted.chunks(ROWS_PER_STATEMENT) {
+            let mut p = Params::default();
+            let pairs: Vec<String> = chunk
+                .iter()
+                .map(|(uuid, version)| format!("({}, {})", p.push(uuid.clone()), p.push(*version)))
+                .collect();
             let deleted = txn
-                .execute_raw(sql.stmt(
-                    "DELETE FROM enrichd_outbox WHERE attacker_uuid = $1 AND version = $2",
-                    vec![attacker_uuid.as_str().into(), (*version).into()],
+                .query_all_raw(sql.stmt(
+                    format!(
+                        "DELETE FROM enrichd_outbox WHERE (attacker_uuid, version) IN \
+                         (VALUES {}) RETURNING attacker_uuid",
+                        pairs.join(", ")
+                    ),
+                    p.0,
                 ))
-                .await?
-                .rows_affected();
-            if deleted == 0 {
-                // A newer version replaced it while it was out: release that one now.
+                .await?;
+            let gone: HashSet<String> = deleted
+                .iter()
+                .map(|row| row.try_get::<String>("", "attacker_uuid"))
+                .collect::<Result<_, _>>()?;
+            deleted_total += gone.len() as u64;
+            // A newer version replaced these while they were out: release it now.
+            let replaced: Vec<String> = chunk
+                .iter()
+                .map(|(uuid, _)| uuid.clone())
+                .filter(|uuid| !gone.contains(uuid))
+                .collect();
+            if !replaced.is_empty() {
+                let mut p = Params::default();
+                let list = p.list(replaced);
                 txn.execute_raw(sql.stmt(
-                    "UPDATE enrichd_outbox SET claimed_until = NULL \
-                     WHERE attacker_uuid = $1 AND version > $2",
-                    vec![attacker_uuid.as_str().into(), (*version).into()],
+                    format!(
+                        "UPDATE enrichd_outbox SET claimed_until = NULL \
+                         WHERE attacker_uuid IN ({list})"
+                    ),
+                    p.0,
                 ))
                 .await?;
             }
-            deleted_total += deleted;
         }
         txn.commit().await?;
         Ok(deleted_total)

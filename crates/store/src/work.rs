@@ -626,6 +626,8 @@ async fn write_attacker_rows(
     for (key, old) in &rows.ptr_cleared {
         clear_ptr_record(store, txn, key, old).await?;
     }
+    // Attacker order, the order the relay deletes in (no lock cycle between the two).
+    rows.outbox.sort_by(|a, b| a.0.cmp(&b.0));
     enqueue_rows(store, txn, &rows.outbox, now).await?;
     Ok(())
 }
