@@ -12,7 +12,7 @@
 //! nothing is nacked, so the quorum queue's delivery limit never dead-letters good events).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -63,8 +63,9 @@ pub struct BusStats {
     pub acked: AtomicU64,
     /// Deliveries dead-lettered.
     pub dead_lettered: AtomicU64,
-    /// A session is up.
-    pub connected: AtomicBool,
+    /// A session is up and taking deliveries; turns false once intake has stopped and every
+    /// delivery in flight is settled (a `watch`, so `StopIntake` can wait for it).
+    pub connected: watch::Sender<bool>,
 }
 
 /// What a session needs besides its configuration.
@@ -143,16 +144,13 @@ impl Handler<StopIntake> for BusListener {
         let _ = self.intake_stop.send(true);
         let stats = Arc::clone(&self.deps.stats);
         let mut finished = self.finished.clone();
+        let mut connected = stats.connected.subscribe();
         Box::pin(async move {
             // In a session, intake stops when its consumers are cancelled and its deliveries
-            // settled (signalled by `connected` turning false); without one it is already off.
-            while stats.connected.load(Ordering::Relaxed) && !*finished.borrow() {
-                if tokio::time::timeout(Duration::from_millis(50), finished.changed())
-                    .await
-                    .is_ok()
-                {
-                    break;
-                }
+            // settled (`connected` turns false); without one it is already off.
+            tokio::select! {
+                _ = connected.wait_for(|up| !*up) => {}
+                _ = finished.wait_for(|done| *done) => {}
             }
         })
     }
@@ -193,7 +191,7 @@ async fn session_loop(
         match session(&config, &deps, intake_stop.clone(), relay_stop.clone()).await {
             SessionEnd::Stopped => return,
             SessionEnd::Failed(reason) => {
-                deps.stats.connected.store(false, Ordering::Relaxed);
+                deps.stats.connected.send_replace(false);
                 deps.backfill_wake.notify_one();
                 if started.elapsed() > Duration::from_secs(60) {
                     attempt = 0;
@@ -342,7 +340,7 @@ async fn session(
         Ok(session) => session,
         Err(reason) => return SessionEnd::Failed(reason),
     };
-    deps.stats.connected.store(true, Ordering::Relaxed);
+    deps.stats.connected.send_replace(true);
     info!(queue = %config.topology.queue, prefetch = config.prefetch, "Connected to the bus.");
     let mut background = start_background(config, deps, &publisher, &relay_stop);
 
@@ -371,7 +369,7 @@ async fn session(
                 let _ = consume_ch.basic_cancel(control_tag.as_str().into(), BasicCancelOptions::default()).await;
                 // Deliveries in flight still settle; then intake is off.
                 while deliveries.join_next().await.is_some() {}
-                deps.stats.connected.store(false, Ordering::Relaxed);
+                deps.stats.connected.send_replace(false);
                 info!("Intake stopped.");
             },
             Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {},
