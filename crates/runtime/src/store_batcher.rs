@@ -8,6 +8,7 @@
 //! carries dozens of addresses, and a lone request never waits for company, because a batch
 //! starts as soon as a transaction slot is free.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,7 +133,12 @@ fn stopped() -> StoreError {
 }
 
 /// Takes the first request, waits for a transaction slot (requests keep queuing meanwhile),
-/// then runs everything queued, up to [`MAX_BATCH`], as one batch on a task of its own.
+/// then runs what is queued as one batch on a task of its own.
+///
+/// A batch holds a power of two of requests, at most [`MAX_BATCH`]; the rest go first into
+/// the next batch. Every batch size is a different statement text (`IN` lists, multi-row
+/// `VALUES`) and each text is a prepared statement cached on every connection: seven sizes
+/// keep that cache small, where any size up to 64 cost tens of MiB over the pool.
 async fn batch_loop<R, F, Fut>(mut requests: mpsc::UnboundedReceiver<R>, slots: usize, run: F)
 where
     R: Send + 'static,
@@ -140,15 +146,32 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(slots));
-    while let Some(first) = requests.recv().await {
+    let mut carried: VecDeque<R> = VecDeque::new();
+    loop {
+        let first = match carried.pop_front() {
+            Some(request) => request,
+            None => match requests.recv().await {
+                Some(request) => request,
+                None => break,
+            },
+        };
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             break;
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
+            && let Some(next) = carried.pop_front()
+        {
+            batch.push(next);
+        }
+        while batch.len() < MAX_BATCH
             && let Ok(next) = requests.try_recv()
         {
             batch.push(next);
+        }
+        let size = power_of_two_at_most(batch.len());
+        for later in batch.drain(size..).rev() {
+            carried.push_front(later);
         }
         let work = run(batch);
         tokio::spawn(async move {
@@ -156,6 +179,11 @@ where
             drop(permit);
         });
     }
+}
+
+/// The largest power of two not above `n` (`n` ≥ 1).
+fn power_of_two_at_most(n: usize) -> usize {
+    if n == 0 { 0 } else { 1 << n.ilog2() }
 }
 
 async fn run_claims(store: Store, claim: Arc<ClaimSettings>, batch: Vec<ClaimRequest>) {
@@ -202,5 +230,44 @@ async fn run_applies(store: Store, ctx: Arc<ApplyContext>, batch: Vec<ApplyReque
     let outcomes = store.apply_batch(items, &ctx).await;
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_powers_of_two() {
+        let sizes: Vec<usize> = [1, 2, 3, 5, 8, 63, 64].map(power_of_two_at_most).to_vec();
+        assert_eq!(sizes, [1, 2, 2, 4, 8, 32, 64]);
+    }
+
+    #[tokio::test]
+    async fn every_request_is_run_once_in_order() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for n in 0..100_u32 {
+            tx.send(n).unwrap();
+        }
+        drop(tx);
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+        batch_loop(rx, 1, move |batch: Vec<u32>| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let _ = seen_tx.send(batch);
+            }
+        })
+        .await;
+        let mut batches = Vec::new();
+        while let Some(batch) = seen_rx.recv().await {
+            batches.push(batch);
+        }
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.len().is_power_of_two() && b.len() <= MAX_BATCH)
+        );
+        let flat: Vec<u32> = batches.concat();
+        assert_eq!(flat, (0..100).collect::<Vec<_>>());
     }
 }

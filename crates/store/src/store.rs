@@ -24,7 +24,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
 const PG_POOL_SIZE: u32 = 16;
 
 /// Prepared statements kept per PostgreSQL connection (see `postgres_options`).
-const PG_STATEMENT_CACHE: usize = 2_000;
+const PG_STATEMENT_CACHE: usize = 250;
 
 /// Read connections on SQLite (the writer is always exactly one).
 const SQLITE_READERS: u32 = 4;
@@ -102,8 +102,9 @@ fn postgres_options(url: &str, max_connections: u32) -> ConnectOptions {
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false)
         // Batches give each statement shape one text per batch size (`IN` lists, multi-row
-        // `VALUES`), a few hundred texts in all; sqlx's default cache of 100 prepared
-        // statements per connection would evict and re-plan them all the time.
+        // `VALUES`; the runtime's batcher keeps sizes to powers of two), over a hundred
+        // texts in all; sqlx's default cache of 100 prepared statements per connection
+        // evicted and re-planned them all the time.
         .map_sqlx_postgres_opts(|o| o.statement_cache_capacity(PG_STATEMENT_CACHE));
     opt
 }
