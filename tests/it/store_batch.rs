@@ -28,6 +28,22 @@ fn named(n: usize) -> PtrReport {
     }
 }
 
+/// A migrated store with `count` attacker rows at `<prefix>.1`, `<prefix>.2`, …; returns the
+/// store, a connection for checks and the addresses.
+async fn with_attackers(
+    db: &TestDb,
+    prefix: &str,
+    count: usize,
+) -> (Store, sea_orm::DatabaseConnection, Vec<String>) {
+    let store = migrated(db).await;
+    let conn = db.connect().await;
+    let targets: Vec<String> = (1..=count).map(|n| format!("{prefix}.{n}")).collect();
+    for (n, target) in targets.iter().enumerate() {
+        add_attacker(&conn, &uuid(n), target, 0).await;
+    }
+    (store, conn, targets)
+}
+
 /// The items a pass would write for `claims`: a PTR name and an answer per claimed provider.
 fn answers(n: usize, target: &str, claims: &Claims) -> ApplyItem {
     ApplyItem {
@@ -51,15 +67,10 @@ fn answers(n: usize, target: &str, claims: &Claims) -> ApplyItem {
 #[tokio::test]
 async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
     on_both(|db: TestDb| async move {
-        let a = migrated(&db).await;
+        let (a, conn, targets) = with_attackers(&db, "45.155.205", 6).await;
         let other = Store::connect(db.url()).await.unwrap();
-        let conn = db.connect().await;
         let mut ctx = crate::store_common::ctx(&BOTH);
         ctx.ptr_enabled = true;
-        let targets: Vec<String> = (1..=6).map(|n| format!("45.155.205.{n}")).collect();
-        for (n, target) in targets.iter().enumerate() {
-            add_attacker(&conn, &uuid(n), target, 0).await;
-        }
         // Another replica holds AbuseIPDB for the first address.
         let held = other
             .claim_work(ip(&targets[0]), &[ProviderId::Abuseipdb], false, LEASE, ClaimMode::Due)
@@ -150,13 +161,8 @@ async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
 #[tokio::test]
 async fn one_refused_address_costs_the_others_nothing() {
     on_both(|db: TestDb| async move {
-        let a = migrated(&db).await;
-        let conn = db.connect().await;
+        let (a, conn, targets) = with_attackers(&db, "45.155.206", 3).await;
         let ctx = crate::store_common::ctx(&BOTH);
-        let targets: Vec<String> = (1..=3).map(|n| format!("45.155.206.{n}")).collect();
-        for (n, target) in targets.iter().enumerate() {
-            add_attacker(&conn, &uuid(n), target, 0).await;
-        }
         let asked: Vec<_> = targets.iter().map(|t| ip(t)).collect();
         let claims = a
             .claim_batch(

@@ -94,11 +94,7 @@ impl StoreBatcher {
     /// # Errors
     /// This event's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn note(&self, note: EventNote) -> Result<Intake, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.notes
-            .send(NoteRequest { note, reply })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        request(&self.notes, |reply| NoteRequest { note, reply }).await
     }
 
     /// Claims the due (or all) work of `ip`, in the next claim batch.
@@ -106,11 +102,7 @@ impl StoreBatcher {
     /// # Errors
     /// The batch's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn claim(&self, ip: CanonicalIp, mode: ClaimMode) -> Result<Claims, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.claims
-            .send(ClaimRequest { ip, mode, reply })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        request(&self.claims, |reply| ClaimRequest { ip, mode, reply }).await
     }
 
     /// Writes one pass's results, in the next write batch.
@@ -118,12 +110,18 @@ impl StoreBatcher {
     /// # Errors
     /// This address's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn apply(&self, item: ApplyItem) -> Result<ApplyOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.applies
-            .send(ApplyRequest { item, reply })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        request(&self.applies, |reply| ApplyRequest { item, reply }).await
     }
+}
+
+/// Queues the request `make` builds around a reply channel, and waits for the reply.
+async fn request<R, T>(
+    queue: &mpsc::UnboundedSender<R>,
+    make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> R,
+) -> Result<T, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    queue.send(make(reply)).map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
 }
 
 fn stopped() -> StoreError {

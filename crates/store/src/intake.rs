@@ -510,27 +510,11 @@ async fn insert_attackers<C: ConnectionTrait>(
             p.0,
         ))
         .await?;
-        let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
-        let values: Vec<String> = chunk
+        let mapped: Vec<(String, String)> = chunk
             .iter()
-            .map(|(uuid, ip, _)| {
-                format!(
-                    "({}, {}, NULL, {now_p})",
-                    p.push(uuid.clone()),
-                    p.push(ip.clone())
-                )
-            })
+            .map(|(uuid, ip, _)| (uuid.clone(), ip.clone()))
             .collect();
-        db.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
-                 VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
-                values.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        map_rows(store, db, &mapped, now).await?;
     }
     Ok(())
 }
