@@ -56,6 +56,18 @@ pub(super) async fn check(settings: &Settings) -> u8 {
 /// The database row; returns the store when it is reachable, for the provider rows.
 async fn check_database(settings: &Settings, report: &mut Report) -> Option<Store> {
     let database = redact_url(&settings.database_url);
+    // A server over TCP; a Unix-socket URL (`postgres:///db?host=/run/postgresql`) has no
+    // host to probe and goes straight to the pool.
+    let is_server = ["postgres://", "postgresql://"]
+        .iter()
+        .any(|scheme| settings.database_url.starts_with(scheme))
+        && !host_port(&settings.database_url).is_empty();
+    // A refused or silent server is reported at once (3 s at most) rather than after the
+    // pool's 10 s acquire timeout.
+    if is_server && !url_reachable(&settings.database_url).await {
+        report.fail("database", "unreachable", &database);
+        return None;
+    }
     let Ok(store) = super::open_store(settings, false).await else {
         report.fail("database", "unreachable", &database);
         return None;
@@ -199,19 +211,31 @@ async fn check_providers(settings: &Settings, store: Option<&Store>, report: &mu
     }
 }
 
+/// The `host[:port]` of `url`, without credentials; empty when it has none.
+fn host_port(url: &str) -> &str {
+    let Some((_, rest)) = url.split_once("://") else {
+        return "";
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
+}
+
 /// Whether `url`'s host:port accepts a TCP connection, without sending anything (no login,
 /// no request, no quota). `url` may carry credentials (`amqp://user:pass@host`); the port
 /// defaults by scheme.
 async fn url_reachable(url: &str) -> bool {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some((scheme, _)) = url.split_once("://") else {
         return false;
     };
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host_port = host_port(url);
+    if host_port.is_empty() {
+        return false;
+    }
     let default_port = match scheme.to_ascii_lowercase().as_str() {
         "https" => 443,
         "amqp" => 5672,
         "amqps" => 5671,
+        "postgres" | "postgresql" => 5432,
         _ => 80,
     };
     let has_port = host_port
@@ -228,4 +252,18 @@ async fn url_reachable(url: &str) -> bool {
     )
     .await
     .is_ok_and(|r| r.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_port_drops_credentials_and_is_empty_for_sockets() {
+        assert_eq!(host_port("postgres://u:secret@db:5433/x"), "db:5433");
+        assert_eq!(host_port("amqp://guest:guest@[::1]:5672/%2f"), "[::1]:5672");
+        assert_eq!(host_port("https://api.greynoise.io/v3"), "api.greynoise.io");
+        assert_eq!(host_port("postgres:///enrichd?host=/run/postgresql"), "");
+        assert_eq!(host_port("not a url"), "");
+    }
 }
