@@ -90,15 +90,7 @@ impl Bus {
                 let publisher = self.publisher.clone();
                 async move {
                     publisher
-                        .publish(Outgoing {
-                            exchange,
-                            routing_key: TOPIC_SCORED,
-                            body: &body,
-                            message_id: None,
-                            persistent: true,
-                            expiration_ms: None,
-                            headers: None,
-                        })
+                        .publish(Outgoing::persistent(exchange, TOPIC_SCORED, &body))
                         .await
                 }
             })

@@ -34,6 +34,22 @@ pub struct Outgoing<'a> {
     pub headers: Option<FieldTable>,
 }
 
+impl<'a> Outgoing<'a> {
+    /// A persistent message with no id, expiration or headers: an event as a producer sends
+    /// it.
+    pub fn persistent(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Self {
+        Self {
+            exchange,
+            routing_key,
+            body,
+            message_id: None,
+            persistent: true,
+            expiration_ms: None,
+            headers: None,
+        }
+    }
+}
+
 impl Publisher {
     /// Opens a confirm-mode channel on `connection`.
     ///

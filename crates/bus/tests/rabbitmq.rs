@@ -62,15 +62,11 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
     let event = br#"{"v":1,"id":"0123456789abcdef0123456789abcdef","topic":"attacker.scored",
                     "type":"scored","ts":1.0,"payload":{"attacker_ip":"45.155.205.233"}}"#;
     publisher
-        .publish(Outgoing {
-            exchange: &topology.exchange,
-            routing_key: "attacker.scored",
-            body: event,
-            message_id: None,
-            persistent: true,
-            expiration_ms: None,
-            headers: None,
-        })
+        .publish(Outgoing::persistent(
+            &topology.exchange,
+            "attacker.scored",
+            event,
+        ))
         .await
         .expect("publish event");
     // Not bound: must not reach the work queue.
@@ -203,15 +199,11 @@ async fn dlq_replay_moves_letters_back_within_the_limit_and_purge_drops_the_rest
     for i in 0..5 {
         let body = format!(r#"{{"attacker_ip":"8.8.8.{i}"}}"#);
         publisher
-            .publish(Outgoing {
-                exchange: &topology.dead_letter_exchange,
-                routing_key: &topology.dead_queue,
-                body: body.as_bytes(),
-                message_id: None,
-                persistent: true,
-                expiration_ms: None,
-                headers: None,
-            })
+            .publish(Outgoing::persistent(
+                &topology.dead_letter_exchange,
+                &topology.dead_queue,
+                body.as_bytes(),
+            ))
             .await
             .expect("seed dead letter");
     }

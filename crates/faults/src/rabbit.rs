@@ -119,15 +119,11 @@ impl Vhost {
                 let publisher = publisher.clone();
                 async move {
                     publisher
-                        .publish(Outgoing {
-                            exchange: EXCHANGE,
-                            routing_key: "attacker.scored",
-                            body: body.as_bytes(),
-                            message_id: None,
-                            persistent: true,
-                            expiration_ms: None,
-                            headers: None,
-                        })
+                        .publish(Outgoing::persistent(
+                            EXCHANGE,
+                            "attacker.scored",
+                            body.as_bytes(),
+                        ))
                         .await
                 }
             })

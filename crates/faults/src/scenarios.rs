@@ -201,11 +201,7 @@ async fn lifted(world: &mut World<'_>, report: &mut Report) -> Result<()> {
     let started = Instant::now();
     publish_and_wait(world, &ips, 10).await?;
     let n = i64::try_from(ips.len())?;
-    let (p, done) = world
-        .wait_for("every attacker enriched", Duration::from_secs(300), |p| {
-            p.enriched >= n && p.ptr >= n
-        })
-        .await?;
+    let (p, done) = world.wait_all_enriched(n, Duration::from_secs(300)).await?;
     let took = started.elapsed().as_secs_f64();
     Report::figure(
         "enriched",
@@ -281,12 +277,7 @@ async fn kill9(world: &mut World<'_>, report: &mut Report) -> Result<()> {
     let n = i64::try_from(ips.len())?;
     world.start_replicas(3).await?;
     publish_and_wait(world, &ips, 10).await?;
-    let (at_kill, reached) = world
-        .wait_for("a quarter enriched", Duration::from_secs(120), |p| {
-            p.enriched >= n / 4
-        })
-        .await?;
-    anyhow::ensure!(reached, "the run never got a quarter done: {at_kill:?}");
+    let at_kill = world.wait_some_enriched("a quarter", n / 4).await?;
     let victim = &mut world.replicas[1];
     victim.kill9().await?;
     let killed = Instant::now();
@@ -298,11 +289,7 @@ async fn kill9(world: &mut World<'_>, report: &mut Report) -> Result<()> {
             at_kill.enriched
         ),
     );
-    let (p, done) = world
-        .wait_for("every attacker enriched", Duration::from_secs(240), |p| {
-            p.enriched >= n && p.ptr >= n
-        })
-        .await?;
+    let (p, done) = world.wait_all_enriched(n, Duration::from_secs(240)).await?;
     Report::figure(
         "completed after the kill",
         format!(
@@ -344,12 +331,7 @@ async fn rabbitmq_restart(ctx: &Ctx, world: &mut World<'_>, report: &mut Report)
     world.start_replicas(3).await?;
     let before: Vec<String> = world.vhost.work_consumers().await?;
     publish_and_wait(world, &ips, 10).await?;
-    let (at, reached) = world
-        .wait_for("a fifth enriched", Duration::from_secs(120), |p| {
-            p.enriched >= n / 5
-        })
-        .await?;
-    anyhow::ensure!(reached, "the run never got a fifth done: {at:?}");
+    let at = world.wait_some_enriched("a fifth", n / 5).await?;
     let away = ctx.services.restart_rabbitmq().await?;
     let back = Instant::now();
     Report::figure(
@@ -378,11 +360,7 @@ async fn rabbitmq_restart(ctx: &Ctx, world: &mut World<'_>, report: &mut Report)
             before.len()
         ),
     );
-    let (p, done) = world
-        .wait_for("every attacker enriched", Duration::from_secs(240), |p| {
-            p.enriched >= n && p.ptr >= n
-        })
-        .await?;
+    let (p, done) = world.wait_all_enriched(n, Duration::from_secs(240)).await?;
     check_enriched(report, &p, ips.len(), done);
     check_drained(world, report).await;
     check_no_duplicate_rows(world, report).await?;
@@ -405,12 +383,7 @@ async fn postgres_restart(ctx: &Ctx, world: &mut World<'_>, report: &mut Report)
     let n = i64::try_from(ips.len())?;
     world.start_replicas(3).await?;
     publish_and_wait(world, &ips, 10).await?;
-    let (at, reached) = world
-        .wait_for("a fifth enriched", Duration::from_secs(120), |p| {
-            p.enriched >= n / 5
-        })
-        .await?;
-    anyhow::ensure!(reached, "the run never got a fifth done: {at:?}");
+    let at = world.wait_some_enriched("a fifth", n / 5).await?;
     let away = ctx.services.restart_postgres().await?;
     let back = Instant::now();
     Report::figure(
@@ -421,11 +394,7 @@ async fn postgres_restart(ctx: &Ctx, world: &mut World<'_>, report: &mut Report)
             away.as_secs_f64()
         ),
     );
-    let (p, done) = world
-        .wait_for("every attacker enriched", Duration::from_secs(240), |p| {
-            p.enriched >= n && p.ptr >= n
-        })
-        .await?;
+    let (p, done) = world.wait_all_enriched(n, Duration::from_secs(240)).await?;
     Report::figure(
         "completed after the restart",
         format!("{:.1} s", back.elapsed().as_secs_f64()),

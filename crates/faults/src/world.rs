@@ -248,6 +248,31 @@ impl<'a> World<'a> {
             .count()
     }
 
+    /// Waits up to `within` until every one of `n` attackers is enriched and named; returns
+    /// the last progress and whether it got there.
+    pub(crate) async fn wait_all_enriched(
+        &mut self,
+        n: i64,
+        within: Duration,
+    ) -> Result<(Progress, bool)> {
+        self.wait_for("every attacker enriched", within, |p| {
+            p.enriched >= n && p.ptr >= n
+        })
+        .await
+    }
+
+    /// Waits until `count` attackers are enriched, the point where a scenario strikes; `what`
+    /// names that share ("a fifth"). A run that never gets there fails the scenario.
+    pub(crate) async fn wait_some_enriched(&mut self, what: &str, count: i64) -> Result<Progress> {
+        let (at, reached) = self
+            .wait_for(&format!("{what} enriched"), Duration::from_secs(120), |p| {
+                p.enriched >= count
+            })
+            .await?;
+        anyhow::ensure!(reached, "the run never got {what} done: {at:?}");
+        Ok(at)
+    }
+
     /// Polls the database until `done` holds or `within` passes; returns the last progress
     /// and whether `done` held. A database that does not answer (restarting) is polled again.
     /// Fails early when every replica has exited.

@@ -106,13 +106,8 @@ async fn publish(publisher: &Publisher, exchange: &str, row: &OutboxRow) -> bool
         .and_then(|v| v.get("id").and_then(|id| id.as_str().map(str::to_owned)));
     let result = publisher
         .publish(Outgoing {
-            exchange,
-            routing_key: TOPIC_INTEL_ENRICHED,
-            body: row.payload.as_bytes(),
             message_id: message_id.as_deref(),
-            persistent: true,
-            expiration_ms: None,
-            headers: None,
+            ..Outgoing::persistent(exchange, TOPIC_INTEL_ENRICHED, row.payload.as_bytes())
         })
         .await;
     match result {

@@ -121,6 +121,30 @@ impl StoreError {
     }
 }
 
+/// Attempts at a transaction that hit a serialization failure, deadlock or busy database.
+const TX_ATTEMPTS: u32 = 4;
+
+/// Runs the transaction `attempt` makes, again (up to [`TX_ATTEMPTS`] times in all) while it
+/// fails with a serialization failure, deadlock or busy database.
+pub(crate) async fn retry_busy<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(e) if e.is_retryable() && tries < TX_ATTEMPTS => {
+                // Retry pacing after a lock conflict, not synchronisation: the other writer
+                // just committed.
+                tokio::time::sleep(std::time::Duration::from_millis(15 * u64::from(tries))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl From<StoreError> for enrichd_core::messages::PersistError {
     fn from(err: StoreError) -> Self {
         let text = enrichd_core::error::chain(&err);

@@ -14,15 +14,13 @@ use enrichd_core::ProviderId;
 use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
-use crate::work::backoff;
+use crate::error::retry_busy;
 use crate::{Store, StoreError};
 
 /// A slot further ahead than this is not held for: the caller is told `Busy`.
 pub const SLOT_HORIZON: Duration = Duration::from_secs(2);
 /// The longest park a provider can impose.
 const MAX_PARK: chrono::Duration = chrono::Duration::hours(24);
-/// Attempts at a reservation that hit a busy database or a serialization failure.
-const TX_ATTEMPTS: u32 = 4;
 
 /// The stored limits row of one provider.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -435,14 +433,7 @@ impl ProviderGate for Store {
         if !rate_limited && limits.daily_quota == 0 {
             return self.reserve_unmetered(provider, limits).await;
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.reserve_once(provider, limits).await {
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                other => return other,
-            }
-        }
+        retry_busy(move || self.reserve_once(provider, limits)).await
     }
 
     async fn parked_until(
@@ -450,31 +441,28 @@ impl ProviderGate for Store {
         provider: ProviderId,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let sql = self.sql;
-        let now = self.db_now().await?;
+        // The database clock inside the statement: one round trip on every metered call.
         let row = self
             .read
             .query_one_raw(sql.stmt(
-                "SELECT parked_until FROM enrichd_provider_limits WHERE provider = $1",
+                format!(
+                    "SELECT parked_until FROM enrichd_provider_limits WHERE provider = $1 \
+                     AND parked_until > {}",
+                    sql.now_expr()
+                ),
                 vec![provider.as_str().into()],
             ))
             .await?;
-        let until = match row {
-            Some(row) => sql.get_ts(&row, "parked_until")?,
-            None => None,
-        };
-        Ok(until.filter(|u| *u > now))
+        match row {
+            Some(row) => sql.get_ts(&row, "parked_until"),
+            None => Ok(None),
+        }
     }
 
     async fn record(&self, provider: ProviderId, event: GateEvent) -> Result<(), StoreError> {
         self.gate_cache.forget(provider);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.record_once(provider, &event).await {
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                other => return other,
-            }
-        }
+        let event = &event;
+        retry_busy(move || self.record_once(provider, event)).await
     }
 }
 

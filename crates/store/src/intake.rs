@@ -8,13 +8,12 @@ use enrichd_core::payload::IntelPayload;
 use enrichd_core::text::column_text;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
+use crate::error::retry_busy;
 use crate::sql::{Params, ROWS_PER_STATEMENT};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::work::{backoff, mapped_attackers_of, read_provider_states, read_ptr};
+use crate::work::{distinct_rounds, mapped_attackers_of, read_provider_states, read_ptr};
 use crate::{Store, StoreError};
 
-/// Attempts at an intake transaction that hit a busy database or a serialization failure.
-const TX_ATTEMPTS: u32 = 4;
 /// Mapping rounds per backlog call.
 const MAP_ROUNDS: u32 = 20;
 
@@ -72,13 +71,8 @@ impl Store {
     pub async fn note_events(&self, notes: Vec<EventNote>) -> Vec<Result<Intake, StoreError>> {
         let mut results: Vec<Option<Result<Intake, StoreError>>> =
             notes.iter().map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..notes.len()).collect();
-        while !pending.is_empty() {
-            let mut seen = std::collections::HashSet::new();
-            let (mut round, later): (Vec<usize>, Vec<usize>) =
-                pending.into_iter().partition(|&i| seen.insert(notes[i].ip));
-            pending = later;
-            round.sort_by_cached_key(|&i| notes[i].ip.to_string());
+        let ips: Vec<CanonicalIp> = notes.iter().map(|n| n.ip).collect();
+        for round in distinct_rounds(&ips) {
             let refs: Vec<&EventNote> = round.iter().map(|&i| &notes[i]).collect();
             match self.note_round(&refs).await {
                 Ok(intakes) => {
@@ -108,14 +102,7 @@ impl Store {
     }
 
     async fn note_round(&self, notes: &[&EventNote]) -> Result<Vec<Intake>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.note_once(notes).await {
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                other => return other,
-            }
-        }
+        retry_busy(move || self.note_once(notes)).await
     }
 
     /// One intake transaction over `notes` (distinct addresses in key order).

@@ -7,12 +7,9 @@ use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
 
+use crate::error::retry_busy;
 use crate::sql::{Params, ROWS_PER_STATEMENT};
-use crate::work::backoff;
 use crate::{Store, StoreError};
-
-/// Attempts at an outbox transaction that hit a busy database.
-const TX_ATTEMPTS: u32 = 4;
 
 /// One claimed outbox row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,14 +38,7 @@ impl Store {
         limit: u32,
         claim_for: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.claim_outbox_once(limit, claim_for).await {
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                other => return other,
-            }
-        }
+        retry_busy(move || self.claim_outbox_once(limit, claim_for)).await
     }
 
     async fn claim_outbox_once(

@@ -14,6 +14,7 @@ use enrichd_core::{
 };
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
 
+use crate::error::retry_busy;
 use crate::sql::{self, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState, StoredScope};
 use crate::{Store, StoreError};
@@ -22,8 +23,6 @@ use crate::{Store, StoreError};
 const LAST_ERROR_CHARS: usize = 512;
 /// Column limit of `attackers.ptr_record` / `enrichd_ip_state.ptr_name`.
 const PTR_CHARS: usize = 256;
-/// Attempts at a transaction that hit a serialization failure, deadlock or busy database.
-const TX_ATTEMPTS: u32 = 4;
 
 /// A lease on one piece of work, claimed on the database clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,16 +111,12 @@ impl Store {
         wanted.sort_unstable();
         wanted.dedup();
         let mut by_ip: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+        // The provider insert writes a row per address and provider.
         let chunk = (sql::ROWS_PER_STATEMENT / wanted.len().max(1)).max(1);
         for keys in keys.chunks(chunk) {
-            let mut attempt = 0;
-            let claimed = loop {
-                attempt += 1;
-                match self.claim_once(keys, &wanted, ptr, lease_for, mode).await {
-                    Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                    other => break other?,
-                }
-            };
+            let wanted = &wanted;
+            let claimed =
+                retry_busy(move || self.claim_once(keys, wanted, ptr, lease_for, mode)).await?;
             by_ip.extend(claimed);
         }
         Ok(ips
@@ -309,13 +304,8 @@ impl Store {
         let items: Vec<ApplyItem> = items.into_iter().map(ApplyItem::normalised).collect();
         let mut results: Vec<Option<Result<ApplyOutcome, StoreError>>> =
             items.iter().map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..items.len()).collect();
-        while !pending.is_empty() {
-            let mut seen = HashSet::new();
-            let (mut round, later): (Vec<usize>, Vec<usize>) =
-                pending.into_iter().partition(|&i| seen.insert(items[i].ip));
-            pending = later;
-            round.sort_by_cached_key(|&i| items[i].ip.to_string());
+        let ips: Vec<CanonicalIp> = items.iter().map(|i| i.ip).collect();
+        for round in distinct_rounds(&ips) {
             if let [only] = round[..] {
                 results[only] = Some(self.apply_alone(&items[only], ctx).await);
                 continue;
@@ -391,14 +381,7 @@ impl Store {
         ctx: &ApplyContext,
         write_rows: bool,
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.apply_once(items, ctx, write_rows).await {
-                Err(e) if e.is_retryable() && attempt < TX_ATTEMPTS => backoff(attempt).await,
-                other => return other,
-            }
-        }
+        retry_busy(move || self.apply_once(items, ctx, write_rows)).await
     }
 
     async fn apply_once(
@@ -496,9 +479,21 @@ impl Store {
     }
 }
 
-pub(crate) async fn backoff(attempt: u32) {
-    // Retry pacing after a lock conflict, not synchronisation: the other writer just committed.
-    tokio::time::sleep(Duration::from_millis(15 * u64::from(attempt))).await;
+/// Indices into `ips` in rounds of distinct addresses, each round in ascending key order (the
+/// order every writer locks in). An address named again goes into the next round, so a batch
+/// writes it exactly as a second call after the first would.
+pub(crate) fn distinct_rounds(ips: &[CanonicalIp]) -> Vec<Vec<usize>> {
+    let mut rounds = Vec::new();
+    let mut pending: Vec<usize> = (0..ips.len()).collect();
+    while !pending.is_empty() {
+        let mut seen = HashSet::new();
+        let (mut round, later): (Vec<usize>, Vec<usize>) =
+            pending.into_iter().partition(|&i| seen.insert(ips[i]));
+        pending = later;
+        round.sort_by_cached_key(|&i| ips[i].to_string());
+        rounds.push(round);
+    }
+    rounds
 }
 
 /// A claim is always newer than the result it may replace, even within the clock's
@@ -687,6 +682,17 @@ async fn lock_ip_rows(
     Ok(rows)
 }
 
+/// The `SET` assignments of an upsert that end the lease `<prefix>_until`/`<prefix>_owner` of
+/// `table` when the owner placeholder `owner` (this process) holds it, and leave another
+/// owner's lease alone. Both read the row's old values, so their order does not matter.
+fn end_our_lease(table: &str, prefix: &str, owner: &str) -> String {
+    let ours = format!("{table}.{prefix}_owner = {owner}");
+    format!(
+        "{prefix}_until = CASE WHEN {ours} THEN NULL ELSE {table}.{prefix}_until END, \
+         {prefix}_owner = CASE WHEN {ours} THEN NULL ELSE {table}.{prefix}_owner END"
+    )
+}
+
 /// Writes the scope and fresh PTR state of each address in `writes`: two statements at most.
 async fn write_ip_states(
     store: &Store,
@@ -699,7 +705,7 @@ async fn write_ip_states(
         .iter()
         .filter_map(|w| w.ptr.as_ref().map(|ptr| (w, ptr)))
         .collect();
-    for chunk in with_ptr.chunks(sql::ROWS_PER_STATEMENT / 10) {
+    for chunk in with_ptr.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let owner = p.push(store.owner.to_string());
         let now_p = p.push(sql.ts(now));
@@ -719,7 +725,7 @@ async fn write_ip_states(
                 )
             })
             .collect();
-        let ours = format!("enrichd_ip_state.ptr_lease_owner = {owner}");
+        let end_lease = end_our_lease("enrichd_ip_state", "ptr_lease", &owner);
         txn.execute_raw(sql.stmt(
             format!(
                 "INSERT INTO enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, \
@@ -729,10 +735,7 @@ async fn write_ip_states(
                  ptr_resolved_at = excluded.ptr_resolved_at, \
                  ptr_expires_at = excluded.ptr_expires_at, ptr_attempts = excluded.ptr_attempts, \
                  ptr_queried_at = excluded.ptr_queried_at, \
-                 ptr_lease_until = CASE WHEN {ours} THEN NULL \
-                 ELSE enrichd_ip_state.ptr_lease_until END, \
-                 ptr_lease_owner = CASE WHEN {ours} THEN NULL \
-                 ELSE enrichd_ip_state.ptr_lease_owner END, \
+                 {end_lease}, \
                  updated_at = excluded.updated_at",
                 rows.join(", ")
             ),
@@ -779,7 +782,7 @@ async fn write_provider_states(
 ) -> Result<HashSet<(String, ProviderId)>, StoreError> {
     let sql = store.sql;
     let mut written = HashSet::with_capacity(writes.len());
-    for chunk in writes.chunks(sql::ROWS_PER_STATEMENT / 13) {
+    for chunk in writes.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let owner = p.push(store.owner.to_string());
         let now_p = p.push(sql.ts(now));
@@ -806,7 +809,7 @@ async fn write_provider_states(
                 )
             })
             .collect();
-        let ours = format!("enrichd_provider_state.lease_owner = {owner}");
+        let end_lease = end_our_lease("enrichd_provider_state", "lease", &owner);
         let returned = txn
             .query_all_raw(sql.stmt(
                 format!(
@@ -819,10 +822,7 @@ async fn write_provider_states(
                      expires_at = excluded.expires_at, \
                      next_attempt_at = excluded.next_attempt_at, attempts = excluded.attempts, \
                      last_error = excluded.last_error, \
-                     lease_until = CASE WHEN {ours} THEN NULL \
-                     ELSE enrichd_provider_state.lease_until END, \
-                     lease_owner = CASE WHEN {ours} THEN NULL \
-                     ELSE enrichd_provider_state.lease_owner END, \
+                     {end_lease}, \
                      updated_at = excluded.updated_at \
                      WHERE enrichd_provider_state.queried_at IS NULL \
                      OR enrichd_provider_state.queried_at < excluded.queried_at \
@@ -1187,7 +1187,7 @@ async fn upsert_intel_rows(
         .iter()
         .map(|c| format!("{c} = excluded.{c}"))
         .collect();
-    for chunk in intel.chunks(sql::ROWS_PER_STATEMENT / 2) {
+    for chunk in intel.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let version = p.push(1_i32);
         let rows: Vec<String> = chunk
@@ -1387,6 +1387,20 @@ mod tests {
             },
             serde_json::json!({"ip_address": "1.2.3.4"}),
         )
+    }
+
+    #[test]
+    fn repeated_addresses_wait_for_the_next_round_and_rounds_go_in_key_order() {
+        let ip = |t: &str| CanonicalIp::parse(t).unwrap();
+        let ips = [
+            ip("9.9.9.9"),
+            ip("1.1.1.1"),
+            ip("9.9.9.9"),
+            ip("8.8.8.8"),
+            ip("9.9.9.9"),
+        ];
+        assert_eq!(distinct_rounds(&ips), vec![vec![1, 3, 0], vec![2], vec![4]]);
+        assert!(distinct_rounds(&[]).is_empty());
     }
 
     #[test]

@@ -532,15 +532,11 @@ async fn dlq_replay_and_purge_from_the_command_line() {
     for i in 0..3 {
         let body = format!(r#"{{"attacker_ip":"8.8.13.{i}"}}"#);
         bus.publisher
-            .publish(enrichd_bus::publish::Outgoing {
-                exchange: &bus.topology.dead_letter_exchange,
-                routing_key: &bus.topology.dead_queue,
-                body: body.as_bytes(),
-                message_id: None,
-                persistent: true,
-                expiration_ms: None,
-                headers: None,
-            })
+            .publish(enrichd_bus::publish::Outgoing::persistent(
+                &bus.topology.dead_letter_exchange,
+                &bus.topology.dead_queue,
+                body.as_bytes(),
+            ))
             .await
             .unwrap();
     }

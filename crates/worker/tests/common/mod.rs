@@ -164,15 +164,11 @@ impl TestBus {
 
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
         self.publisher
-            .publish(Outgoing {
-                exchange: &self.topology.exchange,
+            .publish(Outgoing::persistent(
+                &self.topology.exchange,
                 routing_key,
                 body,
-                message_id: None,
-                persistent: true,
-                expiration_ms: None,
-                headers: None,
-            })
+            ))
             .await
             .expect("publish");
     }
