@@ -158,6 +158,71 @@ async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
     .await;
 }
 
+/// New provider rows are created already leased, and only the rows that existed go through
+/// the lease update: an address with both kinds still gets each due provider exactly once.
+#[tokio::test]
+async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
+    on_both(|db: TestDb| async move {
+        let (a, conn, targets) = with_attackers(&db, "45.155.207", 3).await;
+        let ctx = crate::store_common::ctx(&[ProviderId::Greynoise]);
+        // The first address has a fresh GreyNoise answer; the second's GreyNoise lease is ours
+        // and still open.
+        let first = a
+            .claim_work(
+                ip(&targets[0]),
+                &[ProviderId::Greynoise],
+                false,
+                LEASE,
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        let written = a
+            .apply_batch(vec![answers(0, &targets[0], &first)], &ctx)
+            .await;
+        assert!(written[0].is_ok(), "{} {written:?}", db.label());
+        let held = a
+            .claim_work(
+                ip(&targets[1]),
+                &[ProviderId::Greynoise],
+                false,
+                LEASE,
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert_eq!(held.providers.len(), 1, "{}", db.label());
+
+        let asked: Vec<_> = targets.iter().map(|t| ip(t)).collect();
+        let claims = a
+            .claim_batch(&asked, &BOTH, false, LEASE, ClaimMode::Due)
+            .await
+            .unwrap();
+        let claimed: Vec<Vec<ProviderId>> = claims
+            .iter()
+            .map(|c| c.providers.iter().map(|(p, _)| *p).collect())
+            .collect();
+        assert_eq!(
+            claimed,
+            [vec![ProviderId::Abuseipdb], BOTH.to_vec(), BOTH.to_vec()],
+            "{}",
+            db.label()
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM enrichd_provider_state WHERE lease_owner IS NOT NULL",
+                vec![]
+            )
+            .await,
+            5,
+            "{}",
+            db.label()
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn one_refused_address_costs_the_others_nothing() {
     on_both(|db: TestDb| async move {

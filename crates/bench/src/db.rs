@@ -346,7 +346,7 @@ pub(crate) async fn pg_counters(target: &Target) -> Value {
     opt.max_connections(1).sqlx_logging(false);
     if let Ok(db) = Database::connect(opt).await {
         let sql = "SELECT relname, seq_scan, COALESCE(idx_scan, 0), n_tup_ins, n_tup_upd, \
-                   n_tup_del, n_live_tup FROM pg_stat_user_tables ORDER BY relname";
+                   n_tup_del, n_live_tup, n_tup_hot_upd FROM pg_stat_user_tables ORDER BY relname";
         if let Ok(rows) = db
             .query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
             .await
@@ -360,7 +360,7 @@ pub(crate) async fn pg_counters(target: &Target) -> Value {
                 tables.insert(
                     table,
                     json!({"seq_scan": n(1), "idx_scan": n(2), "ins": n(3), "upd": n(4),
-                           "del": n(5), "live": n(6)}),
+                           "del": n(5), "live": n(6), "hot_upd": n(7)}),
                 );
             }
             out["tables"] = Value::Object(tables);

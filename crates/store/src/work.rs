@@ -843,9 +843,11 @@ async fn write_provider_states(
     Ok(written)
 }
 
-/// Creates the missing provider rows of `keys` and leases the due ones: one statement for
-/// each, whatever the number of addresses. The fence of each lease comes back with the claim
-/// (`RETURNING`).
+/// Creates the missing provider rows of `keys` already leased, then leases the due ones among
+/// the rows that existed: one statement for each, whatever the number of addresses. The fence
+/// of each lease comes back with the claim (`RETURNING`). A new address's rows are written
+/// once, not inserted and then rewritten by the lease, which halved the provider-state updates
+/// of a backfill of new addresses.
 async fn claim_providers(
     store: &Store,
     txn: &DatabaseTransaction,
@@ -858,32 +860,50 @@ async fn claim_providers(
     let sql = store.sql;
     let mut p = Params::default();
     let now_p = p.push(sql.ts(now));
+    let owner = p.push(store.owner.to_string());
+    let until = p.push(sql.ts(lease.until));
     let ip_params: Vec<String> = keys.iter().map(|k| p.push(k.clone())).collect();
     let provider_params: Vec<String> = wanted.iter().map(|w| p.push(w.as_str())).collect();
     let rows: Vec<String> = ip_params
         .iter()
         .flat_map(|ip| {
-            let now_p = &now_p;
+            let (now_p, owner, until) = (&now_p, &owner, &until);
             provider_params
                 .iter()
-                .map(move |provider| format!("({ip}, {provider}, 0, {now_p})"))
+                .map(move |provider| format!("({ip}, {provider}, 0, {now_p}, {owner}, {until})"))
         })
         .collect();
-    txn.execute_raw(sql.stmt(
-        format!(
-            "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at) \
-             VALUES {} ON CONFLICT (ip, provider) DO NOTHING",
-            rows.join(", ")
-        ),
-        p.0,
-    ))
-    .await?;
+    let created = txn
+        .query_all_raw(sql.stmt(
+            format!(
+                "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
+                 lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
+                 RETURNING ip, provider",
+                rows.join(", ")
+            ),
+            p.0,
+        ))
+        .await?;
+    let mut leases = Vec::with_capacity(keys.len() * wanted.len());
+    for row in &created {
+        let (ip, provider) = provider_row(row)?;
+        // A new row has never been asked: no fence to stay above.
+        leases.push((ip, provider, lease));
+    }
+    if leases.len() == keys.len() * wanted.len() {
+        return Ok(leases);
+    }
+    let fresh: HashSet<(String, ProviderId)> =
+        leases.iter().map(|(ip, p, _)| (ip.clone(), *p)).collect();
+    let existing = keys
+        .iter()
+        .filter(|k| wanted.iter().any(|w| !fresh.contains(&((*k).clone(), *w))));
 
     let mut p = Params::default();
     let owner = p.push(store.owner.to_string());
     let until = p.push(sql.ts(lease.until));
     let now_p = p.push(sql.ts(now));
-    let ips = p.list(keys.iter().cloned());
+    let ips = p.list(existing.cloned());
     let providers = p.list(wanted.iter().map(|w| w.as_str()));
     let due = match mode {
         ClaimMode::Due => format!(" AND (outcome IS NULL OR next_attempt_at <= {now_p})"),
@@ -900,16 +920,25 @@ async fn claim_providers(
             p.0,
         ))
         .await?;
-    let mut leases = Vec::with_capacity(claimed.len());
     for row in &claimed {
-        let ip: String = row.try_get("", "ip")?;
-        let label: String = row.try_get("", "provider")?;
-        let provider = ProviderId::from_id(&label)
-            .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
+        let (ip, provider) = provider_row(row)?;
+        // An address with both new and old rows re-leases its new ones here: they are ours
+        // already and counted once.
+        if fresh.contains(&(ip.clone(), provider)) {
+            continue;
+        }
         let fence = sql.get_ts(row, "queried_at")?;
         leases.push((ip, provider, newer_than(lease, fence)));
     }
     Ok(leases)
+}
+
+fn provider_row(row: &QueryResult) -> Result<(String, ProviderId), StoreError> {
+    let ip: String = row.try_get("", "ip")?;
+    let label: String = row.try_get("", "provider")?;
+    let provider = ProviderId::from_id(&label)
+        .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
+    Ok((ip, provider))
 }
 
 fn count(value: Option<i64>) -> u32 {
