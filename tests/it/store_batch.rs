@@ -158,8 +158,8 @@ async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
     .await;
 }
 
-/// New provider rows are created already leased, and only the rows that existed go through
-/// the lease update: an address with both kinds still gets each due provider exactly once.
+/// New provider and address rows are created already leased, and only the rows that existed go
+/// through the lease update: an address with both kinds still gets each due item exactly once.
 #[tokio::test]
 async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
     on_both(|db: TestDb| async move {
@@ -195,7 +195,7 @@ async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
 
         let asked: Vec<_> = targets.iter().map(|t| ip(t)).collect();
         let claims = a
-            .claim_batch(&asked, &BOTH, false, LEASE, ClaimMode::Due)
+            .claim_batch(&asked, &BOTH, true, LEASE, ClaimMode::Due)
             .await
             .unwrap();
         let claimed: Vec<Vec<ProviderId>> = claims
@@ -216,6 +216,19 @@ async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
             )
             .await,
             5,
+            "{}",
+            db.label()
+        );
+        // PTR: the first two rows existed (created by the single claims), the third is new.
+        assert!(claims.iter().all(|c| c.ptr.is_some()), "{}", db.label());
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM enrichd_ip_state WHERE ptr_lease_owner IS NOT NULL",
+                vec![]
+            )
+            .await,
+            3,
             "{}",
             db.label()
         );

@@ -143,37 +143,44 @@ impl Store {
             claimed_at: sql::micros(now),
             until: sql::micros(until),
         };
-        ensure_ip_rows(self, &txn, keys, now).await?;
+        let created = ensure_ip_rows(self, &txn, keys, now, ptr.then_some(lease.until)).await?;
         lock_ip_rows(self, &txn, keys, "ip").await?;
         let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
         if ptr {
-            let mut p = Params::default();
-            let owner = p.push(self.owner.to_string());
-            let until = p.push(sql.ts(lease.until));
-            let now_p = p.push(sql.ts(now));
-            let list = p.list(keys.iter().cloned());
-            let due = match mode {
-                ClaimMode::Due => {
-                    format!(" AND (ptr_outcome IS NULL OR ptr_expires_at <= {now_p})")
+            // A row created just now has never been asked: it is due, leased, and has no fence.
+            for ip in &created {
+                claims.entry(ip.clone()).or_default().ptr = Some(lease);
+            }
+            let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
+            if !known.is_empty() {
+                let mut p = Params::default();
+                let owner = p.push(self.owner.to_string());
+                let until = p.push(sql.ts(lease.until));
+                let now_p = p.push(sql.ts(now));
+                let list = p.list(known.into_iter().cloned());
+                let due = match mode {
+                    ClaimMode::Due => {
+                        format!(" AND (ptr_outcome IS NULL OR ptr_expires_at <= {now_p})")
+                    }
+                    ClaimMode::Refresh => String::new(),
+                };
+                // RETURNING hands back each fence in the same round trip as the claim.
+                let rows = txn
+                    .query_all_raw(sql.stmt(
+                        format!(
+                            "UPDATE enrichd_ip_state SET ptr_lease_owner = {owner}, \
+                             ptr_lease_until = {until} WHERE ip IN ({list}) \
+                             AND (ptr_lease_until IS NULL OR ptr_lease_until < {now_p} \
+                             OR ptr_lease_owner = {owner}){due} RETURNING ip, ptr_queried_at"
+                        ),
+                        p.0,
+                    ))
+                    .await?;
+                for row in &rows {
+                    let ip: String = row.try_get("", "ip")?;
+                    let fence = sql.get_ts(row, "ptr_queried_at")?;
+                    claims.entry(ip).or_default().ptr = Some(newer_than(lease, fence));
                 }
-                ClaimMode::Refresh => String::new(),
-            };
-            // RETURNING hands back each fence in the same round trip as the claim.
-            let rows = txn
-                .query_all_raw(sql.stmt(
-                    format!(
-                        "UPDATE enrichd_ip_state SET ptr_lease_owner = {owner}, \
-                         ptr_lease_until = {until} WHERE ip IN ({list}) \
-                         AND (ptr_lease_until IS NULL OR ptr_lease_until < {now_p} \
-                         OR ptr_lease_owner = {owner}){due} RETURNING ip, ptr_queried_at"
-                    ),
-                    p.0,
-                ))
-                .await?;
-            for row in &rows {
-                let ip: String = row.try_get("", "ip")?;
-                let fence = sql.get_ts(row, "ptr_queried_at")?;
-                claims.entry(ip).or_default().ptr = Some(newer_than(lease, fence));
             }
         }
         if !wanted.is_empty() {
@@ -397,7 +404,7 @@ impl Store {
         let mut outcomes = vec![ApplyOutcome::default(); items.len()];
 
         // The IPs' rows first, in key order: every writer for these IPs queues here.
-        ensure_ip_rows(self, &txn, &keys, now).await?;
+        ensure_ip_rows(self, &txn, &keys, now, None).await?;
         let mut stored: HashMap<String, (PtrState, Option<String>)> = HashMap::new();
         for row in lock_ip_rows(self, &txn, &keys, "*").await? {
             let ip: String = row.try_get("", "ip")?;
@@ -627,31 +634,51 @@ async fn write_attacker_rows(
     Ok(())
 }
 
-/// Creates the missing `enrichd_ip_state` rows of `keys` (sorted), in one statement.
+/// Creates the missing `enrichd_ip_state` rows of `keys` (sorted), a statement per few hundred
+/// rows, and returns the addresses it created. With `ptr_lease` (this process's owner and the
+/// lease's end) they are created holding the PTR lease, so a claim of a new address writes its
+/// row once.
 pub(crate) async fn ensure_ip_rows(
     store: &Store,
     txn: &DatabaseTransaction,
     keys: &[String],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+    ptr_lease: Option<DateTime<Utc>>,
+) -> Result<HashSet<String>, StoreError> {
+    let mut created = HashSet::new();
     for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let now_p = p.push(store.sql.ts(now));
+        let (columns, lease) = match ptr_lease {
+            Some(until) => (
+                ", ptr_lease_owner, ptr_lease_until",
+                format!(
+                    ", {}, {}",
+                    p.push(store.owner.to_string()),
+                    p.push(store.sql.ts(until))
+                ),
+            ),
+            None => ("", String::new()),
+        };
         let rows: Vec<String> = keys
             .iter()
-            .map(|k| format!("({}, 0, {now_p})", p.push(k.clone())))
+            .map(|k| format!("({}, 0, {now_p}{lease})", p.push(k.clone())))
             .collect();
-        txn.execute_raw(store.sql.stmt(
-            format!(
-                "INSERT INTO enrichd_ip_state (ip, ptr_attempts, updated_at) VALUES {} \
-                 ON CONFLICT (ip) DO NOTHING",
-                rows.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        let inserted = txn
+            .query_all_raw(store.sql.stmt(
+                format!(
+                    "INSERT INTO enrichd_ip_state (ip, ptr_attempts, updated_at{columns}) \
+                     VALUES {} ON CONFLICT (ip) DO NOTHING RETURNING ip",
+                    rows.join(", ")
+                ),
+                p.0,
+            ))
+            .await?;
+        for row in &inserted {
+            created.insert(row.try_get::<String>("", "ip")?);
+        }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Locks the `enrichd_ip_state` rows of `keys` in key order (PostgreSQL; SQLite's write
