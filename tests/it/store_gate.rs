@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use enrichd_core::ProviderId;
+use enrichd_core::Secret;
 use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
-use enrichd_store::{Store, key_fingerprint};
+use enrichd_intel::key_fingerprint;
+use enrichd_store::Store;
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{migrated, on_both};
@@ -13,7 +15,7 @@ fn limits(rate: f64, quota: u32, key: &str) -> ProviderLimits {
     ProviderLimits {
         rate_per_sec: rate,
         daily_quota: quota,
-        key_fingerprint: Some(key_fingerprint(key)),
+        key_fingerprint: Some(key_fingerprint(&Secret::new(key))),
     }
 }
 
@@ -92,7 +94,7 @@ async fn parks_and_key_rejection_are_shared_and_a_new_key_lifts_a_rejection() {
         a.record(
             ProviderId::Threatfox,
             GateEvent::KeyRejected {
-                key_fingerprint: key_fingerprint("old-key"),
+                key_fingerprint: key_fingerprint(&Secret::new("old-key")),
             },
         )
         .await

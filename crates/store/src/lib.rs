@@ -29,7 +29,7 @@ pub mod store;
 pub mod work;
 
 pub use error::{StoreError, StoreFate};
-pub use gate::{ProviderStatus, key_fingerprint};
+pub use gate::ProviderStatus;
 pub use intake::{EventNote, Intake};
 pub use outbox::{OutboxRow, OutboxStats};
 pub use state::{ApplyContext, ProviderState, PtrState, StoredScope};
