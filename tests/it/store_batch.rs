@@ -9,7 +9,7 @@ use enrichd_store::{ApplyItem, ClaimMode, Claims, EventNote, Store, StoreError, 
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, count, exec, greynoise, ip, migrated, on_both, texts,
+    abuseipdb, add_attacker, claim_one, count, exec, greynoise, ip, migrated, on_both, texts,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -72,10 +72,7 @@ async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
         let mut ctx = crate::store_common::ctx(&BOTH);
         ctx.ptr_enabled = true;
         // Another replica holds AbuseIPDB for the first address.
-        let held = other
-            .claim_work(ip(&targets[0]), &[ProviderId::Abuseipdb], false, LEASE, ClaimMode::Due)
-            .await
-            .unwrap();
+        let held = claim_one(&other, &targets[0], ProviderId::Abuseipdb, LEASE).await;
         assert_eq!(held.providers.len(), 1);
 
         // The second address is named twice: both get the same claims.
@@ -167,30 +164,12 @@ async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
         let ctx = crate::store_common::ctx(&[ProviderId::Greynoise]);
         // The first address has a fresh GreyNoise answer; the second's GreyNoise lease is ours
         // and still open.
-        let first = a
-            .claim_work(
-                ip(&targets[0]),
-                &[ProviderId::Greynoise],
-                false,
-                LEASE,
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let first = claim_one(&a, &targets[0], ProviderId::Greynoise, LEASE).await;
         let written = a
             .apply_batch(vec![answers(0, &targets[0], &first)], &ctx)
             .await;
         assert!(written[0].is_ok(), "{} {written:?}", db.label());
-        let held = a
-            .claim_work(
-                ip(&targets[1]),
-                &[ProviderId::Greynoise],
-                false,
-                LEASE,
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let held = claim_one(&a, &targets[1], ProviderId::Greynoise, LEASE).await;
         assert_eq!(held.providers.len(), 1, "{}", db.label());
 
         let asked: Vec<_> = targets.iter().map(|t| ip(t)).collect();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use enrichd_core::{
     CanonicalIp, ProviderFields, ProviderId, ProviderOutcome, ProviderReport, Verdict,
 };
-use enrichd_store::{ApplyContext, Store};
+use enrichd_store::{ApplyContext, ClaimMode, Claims, Store};
 use enrichd_testkit::db::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
 
@@ -34,6 +34,19 @@ pub(crate) async fn migrated(db: &TestDb) -> Store {
     let store = Store::connect(db.url()).await.expect("connect");
     store.migrate().await.expect("migrate");
     store
+}
+
+/// `store`'s claim of one due provider for one address, without PTR.
+pub(crate) async fn claim_one(
+    store: &Store,
+    target: &str,
+    provider: ProviderId,
+    lease: Duration,
+) -> Claims {
+    store
+        .claim_work(ip(target), &[provider], false, lease, ClaimMode::Due)
+        .await
+        .expect("claim")
 }
 
 pub(crate) fn ip(text: &str) -> CanonicalIp {
