@@ -44,6 +44,12 @@ async fn with_attackers(
     (store, conn, targets)
 }
 
+/// How many rows of `table` hold a lease in `owner_column`, whoever holds it.
+async fn leases_held(conn: &sea_orm::DatabaseConnection, table: &str, owner_column: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {table} WHERE {owner_column} IS NOT NULL");
+    count(conn, &sql, vec![]).await
+}
+
 /// The items a pass would write for `claims`: a PTR name and an answer per claimed provider.
 fn answers(n: usize, target: &str, claims: &Claims) -> ApplyItem {
     ApplyItem {
@@ -126,23 +132,13 @@ async fn a_batch_claims_and_writes_many_addresses_like_one_call_each() {
         assert_eq!(count(&conn, "SELECT COUNT(*) FROM enrichd_outbox", vec![]).await, 6);
         // Our leases ended with the write; the other replica's lease is untouched.
         assert_eq!(
-            count(
-                &conn,
-                "SELECT COUNT(*) FROM enrichd_provider_state WHERE lease_owner IS NOT NULL",
-                vec![]
-            )
-            .await,
+            leases_held(&conn, "enrichd_provider_state", "lease_owner").await,
             1,
             "{}",
             db.label()
         );
         assert_eq!(
-            count(
-                &conn,
-                "SELECT COUNT(*) FROM enrichd_ip_state WHERE ptr_lease_owner IS NOT NULL",
-                vec![]
-            )
-            .await,
+            leases_held(&conn, "enrichd_ip_state", "ptr_lease_owner").await,
             0
         );
         // Nothing is due any more but the held item.
@@ -188,12 +184,7 @@ async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
             db.label()
         );
         assert_eq!(
-            count(
-                &conn,
-                "SELECT COUNT(*) FROM enrichd_provider_state WHERE lease_owner IS NOT NULL",
-                vec![]
-            )
-            .await,
+            leases_held(&conn, "enrichd_provider_state", "lease_owner").await,
             5,
             "{}",
             db.label()
@@ -201,12 +192,7 @@ async fn a_claim_over_new_and_known_rows_leases_each_due_provider_once() {
         // PTR: the first two rows existed (created by the single claims), the third is new.
         assert!(claims.iter().all(|c| c.ptr.is_some()), "{}", db.label());
         assert_eq!(
-            count(
-                &conn,
-                "SELECT COUNT(*) FROM enrichd_ip_state WHERE ptr_lease_owner IS NOT NULL",
-                vec![]
-            )
-            .await,
+            leases_held(&conn, "enrichd_ip_state", "ptr_lease_owner").await,
             3,
             "{}",
             db.label()

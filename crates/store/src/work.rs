@@ -147,40 +147,8 @@ impl Store {
         lock_ip_rows(self, &txn, keys, "ip").await?;
         let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
         if ptr {
-            // A row created just now has never been asked: it is due, leased, and has no fence.
-            for ip in &created {
-                claims.entry(ip.clone()).or_default().ptr = Some(lease);
-            }
-            let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
-            if !known.is_empty() {
-                let mut p = Params::default();
-                let owner = p.push(self.owner.to_string());
-                let until = p.push(sql.ts(lease.until));
-                let now_p = p.push(sql.ts(now));
-                let list = p.list(known.into_iter().cloned());
-                let due = match mode {
-                    ClaimMode::Due => {
-                        format!(" AND (ptr_outcome IS NULL OR ptr_expires_at <= {now_p})")
-                    }
-                    ClaimMode::Refresh => String::new(),
-                };
-                // RETURNING hands back each fence in the same round trip as the claim.
-                let rows = txn
-                    .query_all_raw(sql.stmt(
-                        format!(
-                            "UPDATE enrichd_ip_state SET ptr_lease_owner = {owner}, \
-                             ptr_lease_until = {until} WHERE ip IN ({list}) \
-                             AND (ptr_lease_until IS NULL OR ptr_lease_until < {now_p} \
-                             OR ptr_lease_owner = {owner}){due} RETURNING ip, ptr_queried_at"
-                        ),
-                        p.0,
-                    ))
-                    .await?;
-                for row in &rows {
-                    let ip: String = row.try_get("", "ip")?;
-                    let fence = sql.get_ts(row, "ptr_queried_at")?;
-                    claims.entry(ip).or_default().ptr = Some(newer_than(lease, fence));
-                }
+            for (ip, lease) in claim_ptr(self, &txn, keys, &created, lease, now, mode).await? {
+                claims.entry(ip).or_default().ptr = Some(lease);
             }
         }
         if !wanted.is_empty() {
@@ -635,9 +603,9 @@ async fn write_attacker_rows(
 }
 
 /// Creates the missing `enrichd_ip_state` rows of `keys` (sorted), a statement per few hundred
-/// rows, and returns the addresses it created. With `ptr_lease` (this process's owner and the
-/// lease's end) they are created holding the PTR lease, so a claim of a new address writes its
-/// row once.
+/// rows, and returns the addresses it created. With `ptr_lease` (the end of this process's
+/// lease) they are created holding the PTR lease, so a claim of a new address writes its row
+/// once.
 pub(crate) async fn ensure_ip_rows(
     store: &Store,
     txn: &DatabaseTransaction,
@@ -870,6 +838,53 @@ async fn write_provider_states(
     Ok(written)
 }
 
+/// Leases the PTR of `keys`: the rows in `created` were created holding the lease by
+/// [`ensure_ip_rows`], and the due rows among the others are leased by one update, each fence
+/// coming back with the claim (`RETURNING`).
+async fn claim_ptr(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    created: &HashSet<String>,
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<Vec<(String, Lease)>, StoreError> {
+    // A row created just now has never been asked: it is due and has no fence.
+    let mut leases: Vec<(String, Lease)> = created.iter().map(|ip| (ip.clone(), lease)).collect();
+    let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
+    if known.is_empty() {
+        return Ok(leases);
+    }
+    let sql = store.sql;
+    let mut p = Params::default();
+    let owner = p.push(store.owner.to_string());
+    let until = p.push(sql.ts(lease.until));
+    let now_p = p.push(sql.ts(now));
+    let list = p.list(known.into_iter().cloned());
+    let due = match mode {
+        ClaimMode::Due => format!(" AND (ptr_outcome IS NULL OR ptr_expires_at <= {now_p})"),
+        ClaimMode::Refresh => String::new(),
+    };
+    let rows = txn
+        .query_all_raw(sql.stmt(
+            format!(
+                "UPDATE enrichd_ip_state SET ptr_lease_owner = {owner}, \
+                 ptr_lease_until = {until} WHERE ip IN ({list}) \
+                 AND (ptr_lease_until IS NULL OR ptr_lease_until < {now_p} \
+                 OR ptr_lease_owner = {owner}){due} RETURNING ip, ptr_queried_at"
+            ),
+            p.0,
+        ))
+        .await?;
+    for row in &rows {
+        let ip: String = row.try_get("", "ip")?;
+        let fence = sql.get_ts(row, "ptr_queried_at")?;
+        leases.push((ip, newer_than(lease, fence)));
+    }
+    Ok(leases)
+}
+
 /// Creates the missing provider rows of `keys` already leased, then leases the due ones among
 /// the rows that existed: one statement for each, whatever the number of addresses. The fence
 /// of each lease comes back with the claim (`RETURNING`). A new address's rows are written
@@ -911,20 +926,21 @@ async fn claim_providers(
             p.0,
         ))
         .await?;
-    let mut leases = Vec::with_capacity(keys.len() * wanted.len());
-    for row in &created {
-        let (ip, provider) = provider_row(row)?;
-        // A new row has never been asked: no fence to stay above.
-        leases.push((ip, provider, lease));
-    }
+    let created: Vec<(String, ProviderId)> =
+        created.iter().map(provider_row).collect::<Result<_, _>>()?;
+    // A new row has never been asked: no fence to stay above.
+    let mut leases: Vec<(String, ProviderId, Lease)> = created
+        .iter()
+        .map(|(ip, provider)| (ip.clone(), *provider, lease))
+        .collect();
     if leases.len() == keys.len() * wanted.len() {
         return Ok(leases);
     }
-    let fresh: HashSet<(String, ProviderId)> =
-        leases.iter().map(|(ip, p, _)| (ip.clone(), *p)).collect();
+    let fresh: HashSet<(&str, ProviderId)> =
+        created.iter().map(|(ip, p)| (ip.as_str(), *p)).collect();
     let existing = keys
         .iter()
-        .filter(|k| wanted.iter().any(|w| !fresh.contains(&((*k).clone(), *w))));
+        .filter(|k| wanted.iter().any(|w| !fresh.contains(&(k.as_str(), *w))));
 
     let mut p = Params::default();
     let owner = p.push(store.owner.to_string());
@@ -951,7 +967,7 @@ async fn claim_providers(
         let (ip, provider) = provider_row(row)?;
         // An address with both new and old rows re-leases its new ones here: they are ours
         // already and counted once.
-        if fresh.contains(&(ip.clone(), provider)) {
+        if fresh.contains(&(ip.as_str(), provider)) {
             continue;
         }
         let fence = sql.get_ts(row, "queried_at")?;
