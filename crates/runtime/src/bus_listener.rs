@@ -25,6 +25,7 @@ use enrichd_core::metric_names;
 use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
 use enrichd_store::Store;
 use futures::StreamExt;
+use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -32,6 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::acks::AckBatcher;
 use crate::aggregator::Aggregator;
 use crate::coordinator::Shutdown;
 use crate::health::HealthSource;
@@ -344,23 +346,36 @@ async fn session(
     info!(queue = %config.topology.queue, prefetch = config.prefetch, "Connected to the bus.");
     let mut background = start_background(config, deps, &publisher, &relay_stop);
 
-    let mut deliveries: JoinSet<()> = JoinSet::new();
+    // What every delivery's task needs, shared: cloning the handles and names for each of
+    // tens of thousands of deliveries a second was measurable allocation work.
+    let settling = Arc::new(Settling {
+        deps: deps.clone(),
+        publisher: publisher.clone(),
+        topology: config.topology.clone(),
+    });
+    let mut deliveries: JoinSet<(u64, Fate)> = JoinSet::new();
+    let mut acks: AckBatcher<Acker> = AckBatcher::default();
     let mut intake_open = !*intake_stop.borrow();
     let end = loop {
+        let held_until = acks.next_deadline();
         tokio::select! {
             next = work.next(), if intake_open => match next {
                 Some(Ok(delivery)) => {
                     deps.stats.consumed.fetch_add(1, Ordering::Relaxed);
                     enrichd_metrics::global().counter(metric_names::EVENTS_CONSUMED, &[]).inc();
-                    let (deps, publisher, topology, stop) =
-                        (deps.clone(), publisher.clone(), config.topology.clone(), intake_stop.clone());
-                    deliveries.spawn(async move { settle(delivery, &deps, &publisher, &topology, stop).await });
+                    acks.delivered(delivery.delivery_tag);
+                    let (settling, stop) = (Arc::clone(&settling), intake_stop.clone());
+                    deliveries.spawn(async move {
+                        let tag = delivery.delivery_tag;
+                        (tag, settle(delivery, &settling, stop).await)
+                    });
                 }
                 Some(Err(e)) => break SessionEnd::Failed(format!("consumer: {e}")),
                 None => break SessionEnd::Failed("consumer cancelled by the broker".into()),
             },
             next = control.next(), if intake_open => if let Some(Ok(delivery)) = next {
                 on_control(&delivery, deps);
+                // Acked before any coalesced ack can go out, so none settles it by accident.
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             },
             _ = intake_stop.changed(), if intake_open => {
@@ -368,11 +383,22 @@ async fn session(
                 let _ = consume_ch.basic_cancel(work_tag.as_str().into(), BasicCancelOptions::default()).await;
                 let _ = consume_ch.basic_cancel(control_tag.as_str().into(), BasicCancelOptions::default()).await;
                 // Deliveries in flight still settle; then intake is off.
-                while deliveries.join_next().await.is_some() {}
+                while let Some(joined) = deliveries.join_next().await {
+                    record_fate(&mut acks, joined);
+                }
+                send_acks(&mut acks, deps, true).await;
                 deps.stats.connected.send_replace(false);
                 info!("Intake stopped.");
             },
-            Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {},
+            Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
+                record_fate(&mut acks, joined);
+                // Everything else that settled meanwhile joins this round of acks.
+                while let Some(joined) = deliveries.try_join_next() {
+                    record_fate(&mut acks, joined);
+                }
+                send_acks(&mut acks, deps, false).await;
+            },
+            () = sleep_until_some(held_until) => send_acks(&mut acks, deps, false).await,
             Some(joined) = background.join_next() => {
                 if matches!(joined, Ok(true)) {
                     break SessionEnd::Failed("publishing connection failed".into());
@@ -390,19 +416,75 @@ async fn session(
     end
 }
 
-/// Decides and applies the fate of one delivery (the only place that does).
-async fn settle(
-    delivery: Delivery,
-    deps: &BusDeps,
-    publisher: &Publisher,
-    topology: &Topology,
-    mut stop: watch::Receiver<bool>,
-) {
+/// How one delivery ended.
+enum Fate {
+    /// Its state is durable: ack it (coalesced with others by the [`AckBatcher`]).
+    Ack(Acker),
+    /// Dead-lettered and acked on its own.
+    Settled,
+    /// Left unacked for redelivery: no ack may cover it.
+    Unsettled,
+}
+
+fn record_fate(acks: &mut AckBatcher<Acker>, joined: Result<(u64, Fate), tokio::task::JoinError>) {
+    // A delivery whose task failed to join stays outstanding: never acked, redelivered.
+    let Ok((tag, fate)) = joined else { return };
+    match fate {
+        Fate::Ack(acker) => acks.ready(tag, acker, tokio::time::Instant::now()),
+        Fate::Settled => acks.settled_elsewhere(tag),
+        Fate::Unsettled => {}
+    }
+}
+
+/// Sends the acks that are due (all that are ready with `flush`).
+async fn send_acks(acks: &mut AckBatcher<Acker>, deps: &BusDeps, flush: bool) {
+    let round = acks.take(tokio::time::Instant::now(), flush);
+    if round.is_empty() {
+        return;
+    }
+    let mut sent = 0u64;
+    if let Some(acker) = round.multiple
+        && acker.ack(BasicAckOptions { multiple: true }).await.is_ok()
+    {
+        sent += u64::try_from(round.covered).unwrap_or(u64::MAX);
+    }
+    for acker in round.singles {
+        if acker.ack(BasicAckOptions::default()).await.is_ok() {
+            sent += 1;
+        }
+    }
+    // A failed ack means the channel is gone: the broker redelivers those deliveries.
+    deps.stats.acked.fetch_add(sent, Ordering::Relaxed);
+    enrichd_metrics::global()
+        .counter(metric_names::EVENTS_ACKED, &[])
+        .add(sent);
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What settling a delivery needs.
+struct Settling {
+    deps: BusDeps,
+    publisher: Publisher,
+    topology: Topology,
+}
+
+/// Decides the fate of one delivery (the only place that does); dead-letters poison.
+async fn settle(delivery: Delivery, settling: &Settling, mut stop: watch::Receiver<bool>) -> Fate {
+    let Settling {
+        deps,
+        publisher,
+        topology,
+    } = settling;
     let request = match decode(&delivery.data, delivery.routing_key.as_str()) {
         Ok(request) => request,
         Err(poison) => {
-            dead_letter(&delivery, deps, publisher, topology, &poison.to_string()).await;
-            return;
+            return dead_letter(&delivery, deps, publisher, topology, &poison.to_string()).await;
         }
     };
     let first_seen = request.first_seen.as_deref().and_then(parse_first_seen);
@@ -419,22 +501,13 @@ async fn settle(
             })
             .await;
         match answer {
-            Ok(Ok(())) => {
-                if delivery.ack(BasicAckOptions::default()).await.is_ok() {
-                    deps.stats.acked.fetch_add(1, Ordering::Relaxed);
-                    enrichd_metrics::global()
-                        .counter(metric_names::EVENTS_ACKED, &[])
-                        .inc();
-                }
-                return;
-            }
+            Ok(Ok(())) => return Fate::Ack(delivery.acker),
             Ok(Err(PersistError::Rejected(reason))) => {
                 let reason = format!(
                     "store rejected: {}",
                     reason.chars().take(200).collect::<String>()
                 );
-                dead_letter(&delivery, deps, publisher, topology, &reason).await;
-                return;
+                return dead_letter(&delivery, deps, publisher, topology, &reason).await;
             }
             Ok(Err(PersistError::Unavailable(reason))) => {
                 attempt += 1;
@@ -446,12 +519,12 @@ async fn settle(
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     // Shutting down: leave it unacked; the broker redelivers it.
-                    _ = stop.changed() => if *stop.borrow() { return },
+                    _ = stop.changed() => if *stop.borrow() { return Fate::Unsettled },
                 }
             }
             Err(e) => {
                 error!(error = %e, "Aggregator unreachable; delivery left for redelivery.");
-                return;
+                return Fate::Unsettled;
             }
         }
     }
@@ -463,7 +536,7 @@ async fn dead_letter(
     publisher: &Publisher,
     topology: &Topology,
     reason: &str,
-) {
+) -> Fate {
     match publisher
         .dead_letter(
             &topology.dead_letter_exchange,
@@ -474,18 +547,22 @@ async fn dead_letter(
         .await
     {
         Ok(()) => {
-            if delivery.ack(BasicAckOptions::default()).await.is_ok() {
-                deps.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                // The reason without its details keeps the label set small and fixed.
-                let kind = reason.split([':', '(']).next().unwrap_or("other").trim();
-                enrichd_metrics::global()
-                    .counter(metric_names::EVENTS_DEAD_LETTERED, &[("reason", kind)])
-                    .inc();
-            }
             warn!(reason, "Delivery dead-lettered.");
+            if delivery.ack(BasicAckOptions::default()).await.is_err() {
+                // The channel is gone; the broker redelivers it.
+                return Fate::Unsettled;
+            }
+            deps.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            // The reason without its details keeps the label set small and fixed.
+            let kind = reason.split([':', '(']).next().unwrap_or("other").trim();
+            enrichd_metrics::global()
+                .counter(metric_names::EVENTS_DEAD_LETTERED, &[("reason", kind)])
+                .inc();
+            Fate::Settled
         }
         Err(e) => {
             warn!(error = %enrichd_core::error::chain(&e), "Dead-lettering failed; delivery left for redelivery.");
+            Fate::Unsettled
         }
     }
 }

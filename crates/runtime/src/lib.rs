@@ -1,6 +1,7 @@
 //! The enrichd actor system (SPEC §3): thin actix shells around the adapter crates.
 //!
 //! # Layout
+//! - [`acks`]: coalesced acknowledgements of one consuming channel.
 //! - [`job`]: one enrichment pass for one address (claim, ask, write).
 //! - [`coordinator`]: `Coordinator`, the root: shutdown order and exit code.
 //! - [`bus_listener`]: `BusListener`, consuming, settling, relay and health beats.
@@ -15,6 +16,7 @@
 //! - [`provider_actor`]: `ProviderActor`, one per provider: concurrency cap, circuit breaker,
 //!   cluster-wide slot reservation, parks.
 
+pub mod acks;
 pub mod aggregator;
 pub mod backfill;
 pub mod bus_listener;

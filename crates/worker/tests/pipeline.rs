@@ -212,6 +212,16 @@ async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
             .await
             > 0
     );
+
+    // The acks are coalesced: what the counter says was acked, the broker has settled. Once
+    // the killed worker's consumer is gone, any delivery it left unacked is back in the queue.
+    drop(worker);
+    let consumer_gone = eventually(WAIT, || async {
+        bus.queue_counts(&bus.topology.queue).await.1 == 0
+    })
+    .await;
+    assert!(consumer_gone);
+    assert_eq!(bus.queue_depth(&bus.topology.queue).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,11 @@ impl TestBus {
 
     /// Messages waiting in `queue` (passive declare).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.queue_counts(queue).await.0
+    }
+
+    /// Messages waiting in `queue` and its consumers (passive declare).
+    pub async fn queue_counts(&self, queue: &str) -> (u32, u32) {
         let channel = self.connection.create_channel().await.expect("channel");
         channel
             .queue_declare(
@@ -196,7 +201,9 @@ impl TestBus {
                 FieldTable::default(),
             )
             .await
-            .map_or(u32::MAX, |q| q.message_count())
+            .map_or((u32::MAX, u32::MAX), |q| {
+                (q.message_count(), q.consumer_count())
+            })
     }
 }
 
