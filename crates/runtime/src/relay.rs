@@ -100,10 +100,18 @@ async fn relay_once(
     }
 }
 
+/// The one field of an envelope the relay needs. Reading only it, borrowed, skips building
+/// the whole payload as a `serde_json::Value` for every row published.
+#[derive(serde::Deserialize)]
+struct EnvelopeId<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+}
+
 async fn publish(publisher: &Publisher, exchange: &str, row: &OutboxRow) -> bool {
-    let message_id = serde_json::from_str::<serde_json::Value>(&row.payload)
+    let message_id = serde_json::from_str::<EnvelopeId<'_>>(&row.payload)
         .ok()
-        .and_then(|v| v.get("id").and_then(|id| id.as_str().map(str::to_owned)));
+        .and_then(|envelope| envelope.id);
     let result = publisher
         .publish(Outgoing {
             message_id: message_id.as_deref(),
