@@ -310,8 +310,7 @@ impl Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<Reservation, StoreError> {
-        let txn = self.begin_write().await?;
-        let now = self.sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let mut row = self.lock_limits(&txn, provider, now).await?;
         let before = row.clone();
         let decision = decide(&mut row, limits, now);
@@ -356,8 +355,7 @@ impl Store {
     }
 
     async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
-        let txn = self.begin_write().await?;
-        let now = self.sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let mut row = self.lock_limits(&txn, provider, now).await?;
         observe(&mut row, event, now);
         self.store_limits(&txn, provider, &row, now).await?;

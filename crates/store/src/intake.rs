@@ -109,8 +109,7 @@ impl Store {
     async fn note_once(&self, notes: &[&EventNote]) -> Result<Vec<Intake>, StoreError> {
         let sql = self.sql;
         let keys: Vec<String> = notes.iter().map(|n| n.ip.to_string()).collect();
-        let txn = self.begin_write().await?;
-        let now = sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let firsts: Vec<DateTime<Utc>> = notes
             .iter()
             .map(|n| n.first_seen.map_or(now, |f| f.min(now)))
@@ -253,8 +252,7 @@ impl Store {
     /// Returns how many rows were mapped.
     pub async fn sync_attacker_map(&self, limit: u32) -> Result<usize, StoreError> {
         let sql = self.sql;
-        let txn = self.begin_write().await?;
-        let now = sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let rows = txn
             .query_all_raw(sql.stmt(
                 "SELECT a.uuid AS uuid, a.ip AS ip FROM attackers a WHERE NOT EXISTS \

@@ -47,8 +47,7 @@ impl Store {
         claim_for: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let sql = self.sql;
-        let txn = self.begin_write().await?;
-        let now = sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let until =
             now + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::seconds(30));
         let skip_locked = if sql.is_pg() {

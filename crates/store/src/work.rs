@@ -134,9 +134,7 @@ impl Store {
         lease_for: Duration,
         mode: ClaimMode,
     ) -> Result<HashMap<String, Claims>, StoreError> {
-        let sql = self.sql;
-        let txn = self.begin_write().await?;
-        let now = sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let until =
             now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::seconds(60));
         let lease = Lease {
@@ -365,10 +363,8 @@ impl Store {
         ctx: &ApplyContext,
         write_rows: bool,
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        let sql = self.sql;
         let keys: Vec<String> = items.iter().map(|i| i.ip.to_string()).collect();
-        let txn = self.begin_write().await?;
-        let now = sql.now(&txn).await?;
+        let (txn, now) = self.begin_write_at().await?;
         let mut outcomes = vec![ApplyOutcome::default(); items.len()];
 
         // The IPs' rows first, in key order: every writer for these IPs queues here.
