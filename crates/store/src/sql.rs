@@ -58,6 +58,20 @@ impl Params {
         format!("${}", self.0.len())
     }
 
+    /// Adds a JSON value and returns its placeholder. The value goes as text, serialised
+    /// straight from the borrowed value, with a cast on PostgreSQL (the column is `json`; on
+    /// SQLite it is text). Binding `sea_query::Value::Json` needs an owned deep copy first:
+    /// raw provider bodies were copied once more per parameter, and those copies were the
+    /// largest part of the write path's allocation work.
+    pub(crate) fn push_json(&mut self, sql: Sql, value: Option<&serde_json::Value>) -> String {
+        let placeholder = self.push(Value::String(value.map(ToString::to_string)));
+        if sql.is_pg() {
+            format!("CAST({placeholder} AS json)")
+        } else {
+            placeholder
+        }
+    }
+
     /// Adds every value and returns their placeholders joined by commas (for `IN (…)`).
     pub(crate) fn list<V: Into<Value>>(&mut self, values: impl IntoIterator<Item = V>) -> String {
         values
@@ -96,24 +110,6 @@ impl Sql {
         match value {
             Some(v) => self.ts(v),
             None if self.is_pg() => Value::ChronoDateTime(None),
-            None => Value::String(None),
-        }
-    }
-
-    /// A JSON parameter (a `json` column on PostgreSQL, text on SQLite).
-    pub(crate) fn json(self, value: &serde_json::Value) -> Value {
-        if self.is_pg() {
-            Value::Json(Some(Box::new(value.clone())))
-        } else {
-            Value::String(Some(value.to_string()))
-        }
-    }
-
-    /// An optional JSON parameter.
-    pub(crate) fn json_opt(self, value: Option<&serde_json::Value>) -> Value {
-        match value {
-            Some(v) => self.json(v),
-            None if self.is_pg() => Value::Json(None),
             None => Value::String(None),
         }
     }

@@ -12,7 +12,7 @@ use enrichd_core::text::column_text;
 use enrichd_core::{
     CanonicalIp, ProviderFields, ProviderId, ProviderOutcome, ProviderReport, PtrOutcome, Verdict,
 };
-use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
 use crate::error::retry_busy;
 use crate::sql::{self, Params};
@@ -791,8 +791,8 @@ async fn write_provider_states(
                     p.push(next.provider.as_str()),
                     p.push(next.outcome.map(|o| o.as_str().to_owned())),
                     p.push(next.verdict.map(|v| v.as_str().to_owned())),
-                    p.push(sql.json_opt(fields.as_ref())),
-                    p.push(sql.json_opt(next.raw.as_ref())),
+                    p.push_json(sql, fields.as_ref()),
+                    p.push_json(sql, next.raw.as_ref()),
                     p.push(sql.ts_opt(next.answered_at)),
                     p.push(sql.ts(lease.claimed_at)),
                     p.push(i64::from(next.attempts)),
@@ -1262,34 +1262,34 @@ async fn upsert_intel_rows(
             .iter()
             .filter_map(|(attacker_uuid, index)| {
                 let c = columns.get(*index)?;
-                let values: Vec<Value> = vec![
-                    uuid::Uuid::new_v4().simple().to_string().into(),
-                    attacker_uuid.clone().into(),
-                    c.attacker_ip.clone().into(),
-                    c.greynoise_classification.clone().into(),
-                    c.greynoise_name.clone().into(),
-                    sql.json(&c.greynoise_tags),
-                    sql.json(&c.greynoise_raw),
-                    sql.ts_opt(c.greynoise_queried_at),
-                    c.abuseipdb_score.into(),
-                    sql.json(&c.abuseipdb_categories),
-                    sql.json(&c.abuseipdb_raw),
-                    sql.ts_opt(c.abuseipdb_queried_at),
-                    c.feodo_listed.into(),
-                    c.feodo_malware_family.clone().into(),
-                    sql.json(&c.feodo_raw),
-                    sql.ts_opt(c.feodo_queried_at),
-                    c.threatfox_listed.into(),
-                    sql.json(&c.threatfox_threat_types),
-                    sql.json(&c.threatfox_ioc_types),
-                    sql.json(&c.threatfox_malware_families),
-                    sql.json(&c.threatfox_raw),
-                    sql.ts_opt(c.threatfox_queried_at),
-                    c.aggregate_verdict.clone().into(),
-                    sql.ts(c.cached_at),
-                    sql.ts(c.expires_at),
+                let placeholders = [
+                    p.push(uuid::Uuid::new_v4().simple().to_string()),
+                    p.push(attacker_uuid.clone()),
+                    p.push(c.attacker_ip.clone()),
+                    p.push(c.greynoise_classification.clone()),
+                    p.push(c.greynoise_name.clone()),
+                    p.push_json(sql, Some(&c.greynoise_tags)),
+                    p.push_json(sql, Some(&c.greynoise_raw)),
+                    p.push(sql.ts_opt(c.greynoise_queried_at)),
+                    p.push(c.abuseipdb_score),
+                    p.push_json(sql, Some(&c.abuseipdb_categories)),
+                    p.push_json(sql, Some(&c.abuseipdb_raw)),
+                    p.push(sql.ts_opt(c.abuseipdb_queried_at)),
+                    p.push(c.feodo_listed),
+                    p.push(c.feodo_malware_family.clone()),
+                    p.push_json(sql, Some(&c.feodo_raw)),
+                    p.push(sql.ts_opt(c.feodo_queried_at)),
+                    p.push(c.threatfox_listed),
+                    p.push_json(sql, Some(&c.threatfox_threat_types)),
+                    p.push_json(sql, Some(&c.threatfox_ioc_types)),
+                    p.push_json(sql, Some(&c.threatfox_malware_families)),
+                    p.push_json(sql, Some(&c.threatfox_raw)),
+                    p.push(sql.ts_opt(c.threatfox_queried_at)),
+                    p.push(c.aggregate_verdict.clone()),
+                    p.push(sql.ts(c.cached_at)),
+                    p.push(sql.ts(c.expires_at)),
                 ];
-                Some(format!("({}, {version})", p.list(values)))
+                Some(format!("({}, {version})", placeholders.join(", ")))
             })
             .collect();
         if rows.is_empty() {
