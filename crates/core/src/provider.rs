@@ -1,6 +1,7 @@
 //! Threat-intel providers: their ids, what an answer carries, and how a call can fail.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -131,7 +132,9 @@ pub struct ProviderReport {
     /// Columns to write; `Some` exactly for `ok` and `not_found`.
     pub fields: Option<ProviderFields>,
     /// The raw body kept for analysts (already cut as the contract says); `{}` when none.
-    pub raw: serde_json::Value,
+    /// Shared, not owned: a report is copied into the pass's write, the stored state and the
+    /// compatible row, and deep copies of the body were the write path's largest cost.
+    pub raw: Arc<serde_json::Value>,
     /// A short reason for `error` outcomes, safe to log and store (never a secret or a body).
     pub error: Option<String>,
     /// For `rate_limited` / `skipped_quota`: when the provider may be asked again.
@@ -148,7 +151,7 @@ impl ProviderReport {
             outcome,
             verdict: None,
             fields: None,
-            raw: serde_json::Value::Object(serde_json::Map::new()),
+            raw: Arc::new(serde_json::Value::Object(serde_json::Map::new())),
             error: None,
             resume_at: None,
             min_backoff: None,
@@ -160,14 +163,14 @@ impl ProviderReport {
         outcome: ProviderOutcome,
         verdict: Option<Verdict>,
         fields: ProviderFields,
-        raw: serde_json::Value,
+        raw: impl Into<Arc<serde_json::Value>>,
     ) -> Self {
         Self {
             provider: fields.provider(),
             outcome,
             verdict,
             fields: Some(fields),
-            raw,
+            raw: raw.into(),
             error: None,
             resume_at: None,
             min_backoff: None,

@@ -64,7 +64,21 @@ impl Params {
     /// raw provider bodies were copied once more per parameter, and those copies were the
     /// largest part of the write path's allocation work.
     pub(crate) fn push_json(&mut self, sql: Sql, value: Option<&serde_json::Value>) -> String {
-        let placeholder = self.push(Value::String(value.map(ToString::to_string)));
+        self.push_json_text(sql, value.map(ToString::to_string))
+    }
+
+    /// [`Params::push_json`] for a `NOT NULL` column whose empty value is `{}`.
+    pub(crate) fn push_json_object(
+        &mut self,
+        sql: Sql,
+        value: Option<&serde_json::Value>,
+    ) -> String {
+        let text = value.map_or_else(|| "{}".to_owned(), ToString::to_string);
+        self.push_json_text(sql, Some(text))
+    }
+
+    fn push_json_text(&mut self, sql: Sql, text: Option<String>) -> String {
+        let placeholder = self.push(Value::String(text));
         if sql.is_pg() {
             format!("CAST({placeholder} AS json)")
         } else {

@@ -72,8 +72,8 @@ pub struct ProviderState {
     pub verdict: Option<Verdict>,
     /// Columns of the last answer (kept across errors).
     pub fields: Option<ProviderFields>,
-    /// Raw body of the last answer.
-    pub raw: Option<serde_json::Value>,
+    /// Raw body of the last answer (shared with the report it came from).
+    pub raw: Option<std::sync::Arc<serde_json::Value>>,
     /// When the last answer was obtained (the claim time of its lease).
     pub answered_at: Option<DateTime<Utc>>,
     /// Claim time of the last applied result (the fence).
@@ -143,26 +143,29 @@ impl Default for ApplyContext {
 
 /// The compatible `attacker_intel` columns of one IP (all but `uuid`, `attacker_uuid`).
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct IntelColumns {
+pub(crate) struct IntelColumns<'a> {
     pub(crate) attacker_ip: String,
     pub(crate) greynoise_classification: Option<String>,
     pub(crate) greynoise_name: Option<String>,
     pub(crate) greynoise_tags: serde_json::Value,
-    pub(crate) greynoise_raw: serde_json::Value,
+    /// Borrowed from the stored state it came from: raw bodies are the largest values a
+    /// write handles, and copying each into the row cost more than the rest of the merge.
+    /// `None` is written as `{}`.
+    pub(crate) greynoise_raw: Option<&'a serde_json::Value>,
     pub(crate) greynoise_queried_at: Option<DateTime<Utc>>,
     pub(crate) abuseipdb_score: Option<i32>,
     pub(crate) abuseipdb_categories: serde_json::Value,
-    pub(crate) abuseipdb_raw: serde_json::Value,
+    pub(crate) abuseipdb_raw: Option<&'a serde_json::Value>,
     pub(crate) abuseipdb_queried_at: Option<DateTime<Utc>>,
     pub(crate) feodo_listed: Option<bool>,
     pub(crate) feodo_malware_family: Option<String>,
-    pub(crate) feodo_raw: serde_json::Value,
+    pub(crate) feodo_raw: Option<&'a serde_json::Value>,
     pub(crate) feodo_queried_at: Option<DateTime<Utc>>,
     pub(crate) threatfox_listed: Option<bool>,
     pub(crate) threatfox_threat_types: serde_json::Value,
     pub(crate) threatfox_ioc_types: serde_json::Value,
     pub(crate) threatfox_malware_families: serde_json::Value,
-    pub(crate) threatfox_raw: serde_json::Value,
+    pub(crate) threatfox_raw: Option<&'a serde_json::Value>,
     pub(crate) threatfox_queried_at: Option<DateTime<Utc>>,
     pub(crate) aggregate_verdict: Option<String>,
     pub(crate) cached_at: DateTime<Utc>,
@@ -171,10 +174,6 @@ pub(crate) struct IntelColumns {
 
 fn empty_list() -> serde_json::Value {
     serde_json::Value::Array(Vec::new())
-}
-
-fn empty_object() -> serde_json::Value {
-    serde_json::Value::Object(serde_json::Map::new())
 }
 
 fn strings(items: &[String]) -> serde_json::Value {
@@ -186,7 +185,7 @@ fn strings(items: &[String]) -> serde_json::Value {
     )
 }
 
-impl IntelColumns {
+impl<'a> IntelColumns<'a> {
     /// A row with every provider column empty.
     fn empty(ip: &str, cached_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> Self {
         Self {
@@ -194,21 +193,21 @@ impl IntelColumns {
             greynoise_classification: None,
             greynoise_name: None,
             greynoise_tags: empty_list(),
-            greynoise_raw: empty_object(),
+            greynoise_raw: None,
             greynoise_queried_at: None,
             abuseipdb_score: None,
             abuseipdb_categories: empty_list(),
-            abuseipdb_raw: empty_object(),
+            abuseipdb_raw: None,
             abuseipdb_queried_at: None,
             feodo_listed: None,
             feodo_malware_family: None,
-            feodo_raw: empty_object(),
+            feodo_raw: None,
             feodo_queried_at: None,
             threatfox_listed: None,
             threatfox_threat_types: empty_list(),
             threatfox_ioc_types: empty_list(),
             threatfox_malware_families: empty_list(),
-            threatfox_raw: empty_object(),
+            threatfox_raw: None,
             threatfox_queried_at: None,
             aggregate_verdict: None,
             cached_at,
@@ -216,8 +215,8 @@ impl IntelColumns {
         }
     }
 
-    fn fill(&mut self, state: &ProviderState, fields: &ProviderFields) {
-        let raw = state.raw.clone().unwrap_or_else(empty_object);
+    fn fill(&mut self, state: &'a ProviderState, fields: &ProviderFields) {
+        let raw = state.raw.as_deref();
         let at = state.answered_at;
         match fields {
             ProviderFields::Greynoise {
@@ -271,8 +270,8 @@ impl IntelColumns {
 /// The merged view of one IP: its `attacker_intel` columns and its payload (with
 /// `attacker_uuid` unset).
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Merged {
-    pub(crate) columns: IntelColumns,
+pub(crate) struct Merged<'a> {
+    pub(crate) columns: IntelColumns<'a>,
     pub(crate) payload: IntelPayload,
 }
 
@@ -281,14 +280,14 @@ pub(crate) struct Merged {
 /// `states` may hold providers that are no longer configured: their stored answers still
 /// count (the data is true), but only configured providers decide `expires_at` and appear in
 /// `provider_outcomes`.
-pub(crate) fn merge(
+pub(crate) fn merge<'a>(
     ip: &str,
     scope: StoredScope,
-    states: &[ProviderState],
+    states: &'a [ProviderState],
     ptr: &PtrState,
     ctx: &ApplyContext,
     now: DateTime<Utc>,
-) -> Merged {
+) -> Merged<'a> {
     let ptr_record = ptr.name.clone();
     // Never asked: say why rather than leave the reader guessing.
     let unasked = if !scope.is_global() {
@@ -388,7 +387,7 @@ fn json_strings(value: &serde_json::Value) -> Vec<String> {
 }
 
 fn payload_from(
-    c: &IntelColumns,
+    c: &IntelColumns<'_>,
     providers: Vec<String>,
     ptr_record: Option<String>,
     ptr_outcome: Option<String>,
@@ -448,7 +447,7 @@ mod tests {
             outcome: Some(ProviderOutcome::Ok),
             verdict,
             fields: Some(fields),
-            raw: Some(serde_json::json!({"k": 1})),
+            raw: Some(serde_json::json!({"k": 1}).into()),
             answered_at: Some(now()),
             queried_at: Some(now()),
             next_attempt_at: Some(now() + chrono::Duration::hours(24)),
@@ -517,10 +516,11 @@ mod tests {
         );
         state.outcome = Some(ProviderOutcome::Error);
         state.next_attempt_at = Some(now() + chrono::Duration::minutes(5));
+        let states = [state];
         let m = merge(
             "1.2.3.4",
             StoredScope::Global,
-            &[state],
+            &states,
             &PtrState::default(),
             &ctx(&[ProviderId::Feodo]),
             now(),
@@ -559,7 +559,7 @@ mod tests {
         let with_unasked = merge(
             "2001:4860::1",
             StoredScope::Global,
-            &[skipped],
+            std::slice::from_ref(&skipped),
             &PtrState::default(),
             &ctx(&[ProviderId::Greynoise, ProviderId::Threatfox]),
             now(),

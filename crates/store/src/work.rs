@@ -516,11 +516,11 @@ struct IpWrite {
 
 /// Rows a batch writes once every address's state is known.
 #[derive(Default)]
-struct RowWrites {
+struct RowWrites<'a> {
     /// `attacker_intel` rows: attacker uuid and the index of its address's columns.
     intel: Vec<(String, usize)>,
     /// Merged columns, one per address in batch order.
-    columns: Vec<IntelColumns>,
+    columns: Vec<IntelColumns<'a>>,
     /// `attackers.ptr_record` values to set: attacker uuid and name.
     ptr_names: Vec<(String, String)>,
     /// Addresses whose stored name a negative answer cleared, with that name.
@@ -559,8 +559,7 @@ async fn write_attacker_rows(
     let mut rows = RowWrites::default();
     for (index, (item, key)) in items.iter().zip(keys).enumerate() {
         let (old_ptr, new_ptr) = &ptrs[index];
-        let empty = Vec::new();
-        let known = states.get(key).unwrap_or(&empty);
+        let known = states.get(key).map_or(&[][..], Vec::as_slice);
         let merged = state::merge(key, item.scope, known, new_ptr, ctx, now);
         let of_ip = attackers.get(key).map_or(&[][..], Vec::as_slice);
         match (old_ptr.name.as_deref(), new_ptr.name.as_deref()) {
@@ -792,7 +791,7 @@ async fn write_provider_states(
                     p.push(next.outcome.map(|o| o.as_str().to_owned())),
                     p.push(next.verdict.map(|v| v.as_str().to_owned())),
                     p.push_json(sql, fields.as_ref()),
-                    p.push_json(sql, next.raw.as_ref()),
+                    p.push_json(sql, next.raw.as_deref()),
                     p.push(sql.ts_opt(next.answered_at)),
                     p.push(sql.ts(lease.claimed_at)),
                     p.push(i64::from(next.attempts)),
@@ -1051,7 +1050,7 @@ pub(crate) async fn read_provider_states_of<C: ConnectionTrait>(
                 outcome,
                 verdict: verdict.as_deref().and_then(Verdict::from_label),
                 fields,
-                raw: sql.get_json(&row, "raw")?,
+                raw: sql.get_json(&row, "raw")?.map(std::sync::Arc::new),
                 answered_at: sql.get_ts(&row, "answered_at")?,
                 queried_at: sql.get_ts(&row, "queried_at")?,
                 next_attempt_at: sql.get_ts(&row, "next_attempt_at")?,
@@ -1223,7 +1222,7 @@ async fn upsert_intel_rows(
     store: &Store,
     txn: &DatabaseTransaction,
     intel: &[(String, usize)],
-    columns: &[IntelColumns],
+    columns: &[IntelColumns<'_>],
 ) -> Result<(), StoreError> {
     const COLUMNS: [&str; 23] = [
         "attacker_ip",
@@ -1269,21 +1268,21 @@ async fn upsert_intel_rows(
                     p.push(c.greynoise_classification.clone()),
                     p.push(c.greynoise_name.clone()),
                     p.push_json(sql, Some(&c.greynoise_tags)),
-                    p.push_json(sql, Some(&c.greynoise_raw)),
+                    p.push_json_object(sql, c.greynoise_raw),
                     p.push(sql.ts_opt(c.greynoise_queried_at)),
                     p.push(c.abuseipdb_score),
                     p.push_json(sql, Some(&c.abuseipdb_categories)),
-                    p.push_json(sql, Some(&c.abuseipdb_raw)),
+                    p.push_json_object(sql, c.abuseipdb_raw),
                     p.push(sql.ts_opt(c.abuseipdb_queried_at)),
                     p.push(c.feodo_listed),
                     p.push(c.feodo_malware_family.clone()),
-                    p.push_json(sql, Some(&c.feodo_raw)),
+                    p.push_json_object(sql, c.feodo_raw),
                     p.push(sql.ts_opt(c.feodo_queried_at)),
                     p.push(c.threatfox_listed),
                     p.push_json(sql, Some(&c.threatfox_threat_types)),
                     p.push_json(sql, Some(&c.threatfox_ioc_types)),
                     p.push_json(sql, Some(&c.threatfox_malware_families)),
-                    p.push_json(sql, Some(&c.threatfox_raw)),
+                    p.push_json_object(sql, c.threatfox_raw),
                     p.push(sql.ts_opt(c.threatfox_queried_at)),
                     p.push(c.aggregate_verdict.clone()),
                     p.push(sql.ts(c.cached_at)),

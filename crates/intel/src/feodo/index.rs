@@ -18,8 +18,8 @@ pub struct Listing {
     /// The first entry's `malware`.
     pub malware_family: Option<String>,
     /// The first entry plus `ports`: every port the feed lists for the address, sorted,
-    /// unique.
-    pub raw: Value,
+    /// unique. Shared with every report made from it.
+    pub raw: std::sync::Arc<Value>,
 }
 
 /// The blocklist by canonical address. Immutable once built; a refresh builds a new one and
@@ -75,7 +75,7 @@ impl FeodoIndex {
                     ip,
                     Listing {
                         malware_family,
-                        raw: first,
+                        raw: std::sync::Arc::new(first),
                     },
                 )
             })

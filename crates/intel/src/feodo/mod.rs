@@ -261,7 +261,7 @@ impl Feodo {
                     listed: true,
                     malware_family: listing.malware_family.clone(),
                 },
-                listing.raw.clone(),
+                Arc::clone(&listing.raw),
             ),
             None => ProviderReport::answer(
                 ProviderOutcome::NotFound,

@@ -166,7 +166,7 @@ mod tests {
             assert_eq!(report.verdict, Some(verdict), "{file}");
             assert_eq!(report.fields, Some(expected), "{file}");
             let raw: Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(report.raw, raw, "{file}: raw keeps the body");
+            assert_eq!(*report.raw, raw, "{file}: raw keeps the body");
         }
     }
 

@@ -295,7 +295,7 @@ mod tests {
                     malware_families: vec![],
                 })
             );
-            assert_eq!(r.raw, json!({}));
+            assert_eq!(*r.raw, json!({}));
         }
     }
 
