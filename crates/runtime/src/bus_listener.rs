@@ -443,17 +443,20 @@ async fn send_acks(acks: &mut AckBatcher<Acker>, deps: &BusDeps, flush: bool) {
         return;
     }
     let mut sent = 0u64;
+    // `Ok(false)` or an error: the channel is gone, and the broker redelivers those.
     if let Some(acker) = round.multiple
-        && acker.ack(BasicAckOptions { multiple: true }).await.is_ok()
+        && matches!(
+            acker.ack(BasicAckOptions { multiple: true }).await,
+            Ok(true)
+        )
     {
         sent += u64::try_from(round.covered).unwrap_or(u64::MAX);
     }
     for acker in round.singles {
-        if acker.ack(BasicAckOptions::default()).await.is_ok() {
+        if matches!(acker.ack(BasicAckOptions::default()).await, Ok(true)) {
             sent += 1;
         }
     }
-    // A failed ack means the channel is gone: the broker redelivers those deliveries.
     deps.stats.acked.fetch_add(sent, Ordering::Relaxed);
     enrichd_metrics::global()
         .counter(metric_names::EVENTS_ACKED, &[])
@@ -548,7 +551,7 @@ async fn dead_letter(
     {
         Ok(()) => {
             warn!(reason, "Delivery dead-lettered.");
-            if delivery.ack(BasicAckOptions::default()).await.is_err() {
+            if !matches!(delivery.ack(BasicAckOptions::default()).await, Ok(true)) {
                 // The channel is gone; the broker redelivers it.
                 return Fate::Unsettled;
             }
