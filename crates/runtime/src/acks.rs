@@ -32,14 +32,9 @@ pub struct AckRound<T> {
 }
 
 impl<T> AckRound<T> {
-    /// Deliveries this round settles.
-    pub fn len(&self) -> usize {
-        self.covered + self.singles.len()
-    }
-
     /// Whether this round sends nothing.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.multiple.is_none() && self.singles.is_empty()
     }
 }
 
@@ -95,16 +90,11 @@ impl<T> AckBatcher<T> {
         let below = std::mem::replace(&mut self.ready, above);
         let covered = below.len();
         let multiple = below.into_values().next_back().map(|(acker, _)| acker);
-        let mut singles = Vec::new();
-        let mut kept = BTreeMap::new();
-        for (tag, (acker, at)) in std::mem::take(&mut self.ready) {
-            if flush || now >= at + HOLD {
-                singles.push(acker);
-            } else {
-                kept.insert(tag, (acker, at));
-            }
-        }
-        self.ready = kept;
+        let singles = self
+            .ready
+            .extract_if(.., |_, (_, at)| flush || now >= *at + HOLD)
+            .map(|(_, (acker, _))| acker)
+            .collect();
         AckRound {
             multiple,
             covered,

@@ -683,6 +683,50 @@ fn end_our_lease(table: &str, prefix: &str, owner: &str) -> String {
     )
 }
 
+/// The placeholders of a claim (this process, the lease's end, the database clock) and the
+/// rule every claim shares: a lease may be taken when it is free, has lapsed, or is ours.
+struct LeaseTerms {
+    owner: String,
+    until: String,
+    now: String,
+}
+
+impl LeaseTerms {
+    fn push(p: &mut Params, store: &Store, lease: Lease, now: DateTime<Utc>) -> Self {
+        Self {
+            owner: p.push(store.owner.to_string()),
+            until: p.push(store.sql.ts(lease.until)),
+            now: p.push(store.sql.ts(now)),
+        }
+    }
+
+    /// The `SET` assignments taking the lease `<prefix>_owner`/`<prefix>_until`.
+    fn take(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}_owner = {}, {prefix}_until = {}",
+            self.owner, self.until
+        )
+    }
+
+    /// The condition under which that lease may be taken.
+    fn takeable(&self, prefix: &str) -> String {
+        format!(
+            "({prefix}_until IS NULL OR {prefix}_until < {now} OR {prefix}_owner = {owner})",
+            now = self.now,
+            owner = self.owner
+        )
+    }
+
+    /// ` AND <due>` in [`ClaimMode::Due`] (`due` gets the clock's placeholder); nothing when
+    /// refreshing.
+    fn only_due(&self, mode: ClaimMode, due: impl FnOnce(&str) -> String) -> String {
+        match mode {
+            ClaimMode::Due => format!(" AND ({})", due(&self.now)),
+            ClaimMode::Refresh => String::new(),
+        }
+    }
+}
+
 /// Writes the scope and fresh PTR state of each address in `writes`: two statements at most.
 async fn write_ip_states(
     store: &Store,
@@ -853,21 +897,18 @@ async fn claim_ptr(
     }
     let sql = store.sql;
     let mut p = Params::default();
-    let owner = p.push(store.owner.to_string());
-    let until = p.push(sql.ts(lease.until));
-    let now_p = p.push(sql.ts(now));
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
     let list = p.list(known.into_iter().cloned());
-    let due = match mode {
-        ClaimMode::Due => format!(" AND (ptr_outcome IS NULL OR ptr_expires_at <= {now_p})"),
-        ClaimMode::Refresh => String::new(),
-    };
+    let due = terms.only_due(mode, |now| {
+        format!("ptr_outcome IS NULL OR ptr_expires_at <= {now}")
+    });
     let rows = txn
         .query_all_raw(sql.stmt(
             format!(
-                "UPDATE enrichd_ip_state SET ptr_lease_owner = {owner}, \
-                 ptr_lease_until = {until} WHERE ip IN ({list}) \
-                 AND (ptr_lease_until IS NULL OR ptr_lease_until < {now_p} \
-                 OR ptr_lease_owner = {owner}){due} RETURNING ip, ptr_queried_at"
+                "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
+                 RETURNING ip, ptr_queried_at",
+                terms.take("ptr_lease"),
+                terms.takeable("ptr_lease")
             ),
             p.0,
         ))
@@ -896,18 +937,16 @@ async fn claim_providers(
 ) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
     let sql = store.sql;
     let mut p = Params::default();
-    let now_p = p.push(sql.ts(now));
-    let owner = p.push(store.owner.to_string());
-    let until = p.push(sql.ts(lease.until));
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
     let ip_params: Vec<String> = keys.iter().map(|k| p.push(k.clone())).collect();
     let provider_params: Vec<String> = wanted.iter().map(|w| p.push(w.as_str())).collect();
     let rows: Vec<String> = ip_params
         .iter()
         .flat_map(|ip| {
-            let (now_p, owner, until) = (&now_p, &owner, &until);
+            let LeaseTerms { owner, until, now } = &terms;
             provider_params
                 .iter()
-                .map(move |provider| format!("({ip}, {provider}, 0, {now_p}, {owner}, {until})"))
+                .map(move |provider| format!("({ip}, {provider}, 0, {now}, {owner}, {until})"))
         })
         .collect();
     let created = txn
@@ -938,22 +977,19 @@ async fn claim_providers(
         .filter(|k| wanted.iter().any(|w| !fresh.contains(&(k.as_str(), *w))));
 
     let mut p = Params::default();
-    let owner = p.push(store.owner.to_string());
-    let until = p.push(sql.ts(lease.until));
-    let now_p = p.push(sql.ts(now));
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
     let ips = p.list(existing.cloned());
     let providers = p.list(wanted.iter().map(|w| w.as_str()));
-    let due = match mode {
-        ClaimMode::Due => format!(" AND (outcome IS NULL OR next_attempt_at <= {now_p})"),
-        ClaimMode::Refresh => String::new(),
-    };
+    let due = terms.only_due(mode, |now| {
+        format!("outcome IS NULL OR next_attempt_at <= {now}")
+    });
     let claimed = txn
         .query_all_raw(sql.stmt(
             format!(
-                "UPDATE enrichd_provider_state SET lease_owner = {owner}, lease_until = {until} \
-                 WHERE ip IN ({ips}) AND provider IN ({providers}) AND (lease_until IS NULL \
-                 OR lease_until < {now_p} OR lease_owner = {owner}){due} \
-                 RETURNING ip, provider, queried_at"
+                "UPDATE enrichd_provider_state SET {} WHERE ip IN ({ips}) \
+                 AND provider IN ({providers}) AND {}{due} RETURNING ip, provider, queried_at",
+                terms.take("lease"),
+                terms.takeable("lease")
             ),
             p.0,
         ))
