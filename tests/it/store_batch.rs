@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{ProviderId, PtrOutcome};
-use enrichd_store::{ApplyItem, ClaimMode, Claims, EventNote, Store, StoreError, StoredScope};
+use enrichd_store::{
+    ApplyItem, ClaimMode, ClaimSettings, Claims, EventNote, Store, StoreError, StoredScope,
+};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
@@ -268,6 +270,7 @@ async fn one_intake_batch_creates_one_attacker_row_per_address() {
             scope: StoredScope::Global,
             attacker_uuid: uuid.map(str::to_owned),
             first_seen: None,
+            claim: false,
         };
         // The second address comes twice in the batch, the third names its attacker row.
         let notes = vec![
@@ -277,7 +280,7 @@ async fn one_intake_batch_creates_one_attacker_row_per_address() {
             note("45.155.207.2", None),
         ];
         let intakes: Vec<_> = a
-            .note_events(notes)
+            .note_events(notes, &ClaimSettings::default())
             .await
             .into_iter()
             .map(|r| r.unwrap_or_else(|e| panic!("{}: {e}", db.label())))
@@ -301,6 +304,82 @@ async fn one_intake_batch_creates_one_attacker_row_per_address() {
             )
             .await,
             3,
+            "{}",
+            db.label()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_intake_batch_claims_the_work_of_the_events_that_ask_for_it() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = migrated(&db).await;
+        let providers = [ProviderId::Greynoise, ProviderId::Abuseipdb];
+        let settings = ClaimSettings {
+            providers: providers.to_vec(),
+            ptr: true,
+            lease: Duration::from_secs(30),
+        };
+        let note = |text: &str, claim: bool| EventNote {
+            ip: ip(text),
+            scope: StoredScope::Global,
+            attacker_uuid: None,
+            first_seen: None,
+            claim,
+        };
+        let intakes: Vec<_> = a
+            .note_events(
+                vec![note("45.155.208.1", true), note("45.155.208.2", false)],
+                &settings,
+            )
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{}: {e}", db.label())))
+            .collect();
+        let claimed = intakes[0].claims.clone().expect("claimed with the intake");
+        assert!(claimed.ptr.is_some(), "{}", db.label());
+        assert_eq!(
+            claimed
+                .providers
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>(),
+            providers,
+            "{}",
+            db.label()
+        );
+        assert!(intakes[0].created.is_some());
+        assert_eq!(
+            intakes[1].claims, None,
+            "an event that does not ask claims nothing"
+        );
+
+        // The intake's leases hold against another replica; the unclaimed address is free.
+        let other = b
+            .claim_work(
+                ip("45.155.208.1"),
+                &providers,
+                true,
+                Duration::from_secs(30),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert!(other.is_empty(), "{}: {other:?}", db.label());
+        let free = b
+            .claim_work(
+                ip("45.155.208.2"),
+                &providers,
+                true,
+                Duration::from_secs(30),
+                ClaimMode::Due,
+            )
+            .await
+            .unwrap();
+        assert!(
+            free.ptr.is_some() && free.providers.len() == 2,
             "{}",
             db.label()
         );

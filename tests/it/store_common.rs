@@ -59,6 +59,7 @@ pub(crate) fn ctx(providers: &[ProviderId]) -> ApplyContext {
         ttl: Duration::from_hours(24),
         outbox_enabled: true,
         ptr_enabled: false,
+        relay_claim: None,
     }
 }
 

@@ -6,7 +6,9 @@ use enrichd_core::ProviderId;
 use enrichd_store::{ClaimMode, StoredScope};
 use enrichd_testkit::db::TestDb;
 
-use crate::store_common::{abuseipdb, add_attacker, count, ctx, greynoise, ip, migrated, on_both};
+use crate::store_common::{
+    abuseipdb, add_attacker, count, ctx, exec, greynoise, ip, long_ago, migrated, on_both,
+};
 
 const UUID: &str = "00000000-0000-4000-8000-000000000001";
 
@@ -135,6 +137,151 @@ async fn without_a_bus_nothing_is_written_to_the_outbox() {
             0,
             "{}",
             db.label()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_for_the_relay_hands_over_the_rows_no_live_claim_holds() {
+    on_both(|db: TestDb| async move {
+        let store = migrated(&db).await;
+        let conn = db.connect().await;
+        add_attacker(&conn, UUID, "7.7.7.9", 0).await;
+        let target = ip("7.7.7.9");
+        let mut relayed = ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]);
+        relayed.relay_claim = Some(Duration::from_secs(30));
+        let pass = |provider: ProviderId, report: enrichd_core::ProviderReport| {
+            let store = store.clone();
+            let relayed = relayed.clone();
+            async move {
+                let claims = store
+                    .claim_work(
+                        target,
+                        &[provider],
+                        false,
+                        Duration::from_secs(30),
+                        ClaimMode::Refresh,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .apply(
+                        target,
+                        StoredScope::Global,
+                        None,
+                        vec![(claims.providers[0].1, report)],
+                        &relayed,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+
+        let first = pass(ProviderId::Greynoise, greynoise("benign")).await;
+        assert_eq!(first.events, 1, "{}", db.label());
+        assert_eq!(first.handed_off.len(), 1, "a new row is handed over");
+        assert_eq!(
+            (
+                first.handed_off[0].attacker_uuid.as_str(),
+                first.handed_off[0].version
+            ),
+            (UUID, 1)
+        );
+        let envelope: serde_json::Value =
+            serde_json::from_str(&first.handed_off[0].payload).unwrap();
+        assert_eq!(envelope["payload"]["greynoise_classification"], "benign");
+        assert!(
+            store
+                .claim_outbox(10, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a handed-over row is claimed: no other relay takes it"
+        );
+
+        // v1 is still out (claimed): v2 is not handed over, and waits for v1's delete.
+        let second = pass(ProviderId::Abuseipdb, abuseipdb(40)).await;
+        assert_eq!((second.events, second.handed_off.len()), (1, 0));
+        assert!(!store.delete_outbox(UUID, 1).await.unwrap());
+        let released = store
+            .claim_outbox(10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].version, 2);
+        assert!(store.delete_outbox(UUID, 2).await.unwrap());
+
+        // With nothing in flight, the next change is handed over again.
+        let third = pass(ProviderId::Abuseipdb, abuseipdb(90)).await;
+        assert_eq!(third.handed_off.len(), 1);
+        assert_eq!(third.handed_off[0].version, 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_takes_over_an_unpublished_row_whose_claim_lapsed() {
+    on_both(|db: TestDb| async move {
+        let store = migrated(&db).await;
+        let conn = db.connect().await;
+        add_attacker(&conn, UUID, "7.7.7.10", 0).await;
+        let target = ip("7.7.7.10");
+        let plain = ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]);
+        let mut relayed = plain.clone();
+        relayed.relay_claim = Some(Duration::from_secs(30));
+        let write = |provider: ProviderId, report: enrichd_core::ProviderReport, ctx| {
+            let store = store.clone();
+            async move {
+                let claims = store
+                    .claim_work(
+                        target,
+                        &[provider],
+                        false,
+                        Duration::from_secs(30),
+                        ClaimMode::Refresh,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .apply(
+                        target,
+                        StoredScope::Global,
+                        None,
+                        vec![(claims.providers[0].1, report)],
+                        &ctx,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        // Written for some other relay (as `lookup` does), claimed by one that then died.
+        let left = write(ProviderId::Greynoise, greynoise("benign"), plain).await;
+        assert!(left.handed_off.is_empty(), "{}", db.label());
+        assert_eq!(
+            store
+                .claim_outbox(10, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        exec(
+            &conn,
+            "UPDATE enrichd_outbox SET claimed_until = $1",
+            vec![long_ago(&db)],
+        )
+        .await;
+
+        let taken = write(ProviderId::Abuseipdb, abuseipdb(40), relayed).await;
+        assert_eq!(taken.handed_off.len(), 1, "a lapsed claim is taken over");
+        assert_eq!(taken.handed_off[0].version, 2);
+        assert!(
+            store
+                .claim_outbox(10, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_empty()
         );
     })
     .await;

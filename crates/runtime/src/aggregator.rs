@@ -106,11 +106,13 @@ impl Aggregator {
         }
     }
 
+    /// Starts the job for `ip`; with `event`, its first transaction records that bus event.
     fn start_job(
         &mut self,
         ip: CanonicalIp,
         mode: ClaimMode,
         job_id: JobId,
+        event: Option<EventNote>,
         ctx: &mut Context<Self>,
     ) {
         self.jobs.entry(ip).or_default();
@@ -128,9 +130,10 @@ impl Aggregator {
             // Never closed, so the permit always comes.
             let _permit = running.acquire_owned().await;
             let durable_to = me.clone();
-            let durable = move || durable_to.do_send(JobDurable { ip });
+            let durable =
+                move |attacker_uuids| durable_to.do_send(JobDurable { ip, attacker_uuids });
             let result = match crate::supervision::contain_future(enrich(
-                job_id, ip, mode, &deps, &writer, durable,
+                job_id, ip, mode, event, &deps, &writer, durable,
             ))
             .await
             {
@@ -171,7 +174,7 @@ impl Aggregator {
             let _ = waiter.send(reply.clone());
         }
         if state.rerun && result.is_ok() {
-            self.start_job(ip, ClaimMode::Due, JobId::new(), ctx);
+            self.start_job(ip, ClaimMode::Due, JobId::new(), None, ctx);
         }
         self.stats
             .in_flight
@@ -237,7 +240,7 @@ impl Aggregator {
             }
         };
         self.jobs.insert(ip, state);
-        self.start_job(ip, mode, job_id, ctx);
+        self.start_job(ip, mode, job_id, None, ctx);
         rx
     }
 }
@@ -294,10 +297,12 @@ impl Actor for Aggregator {
 
 /// The job for `ip` committed its claims. Sent by the job to its own aggregator; losing it
 /// only delays the answers until the job ends, so `do_send` is fine.
-#[derive(Debug, Clone, Copy, Message)]
+#[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 struct JobDurable {
     ip: CanonicalIp,
+    /// The attacker rows of the bus event the job recorded itself (see [`StartRecorded`]).
+    attacker_uuids: Vec<String>,
 }
 
 /// A job ended. Sent by the job's task to its aggregator.
@@ -325,6 +330,40 @@ struct JoinJob {
     origin: Origin,
     job_id: JobId,
     attacker_uuids: Vec<String>,
+}
+
+/// Start a job for a bus event not recorded yet, whose first transaction records it and
+/// claims the address's work together. Sent by the request's own task. The event comes back
+/// when it must be recorded on its own first: a job for the address is already running
+/// (it is joined after the record), or the running jobs are at their cap (a job that waits
+/// for a turn must not hold its event's record back, or the event's ack waits with it).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<oneshot::Receiver<Result<(), PersistError>>, EventNote>")]
+struct StartRecorded {
+    ip: CanonicalIp,
+    job_id: JobId,
+    event: EventNote,
+}
+
+impl Handler<StartRecorded> for Aggregator {
+    type Result = Result<oneshot::Receiver<Result<(), PersistError>>, EventNote>;
+
+    fn handle(&mut self, msg: StartRecorded, ctx: &mut Context<Self>) -> Self::Result {
+        let StartRecorded { ip, job_id, event } = msg;
+        if self.jobs.contains_key(&ip) || self.jobs.len() >= MAX_RUNNING_JOBS {
+            return Err(event);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.jobs.insert(
+            ip,
+            JobState {
+                waiters: vec![tx],
+                ..JobState::default()
+            },
+        );
+        self.start_job(ip, ClaimMode::Due, job_id, Some(event), ctx);
+        Ok(rx)
+    }
 }
 
 /// The answer to [`JoinJob`].
@@ -365,6 +404,11 @@ impl Handler<JobDurable> for Aggregator {
     fn handle(&mut self, msg: JobDurable, _ctx: &mut Context<Self>) {
         if let Some(state) = self.jobs.get_mut(&msg.ip) {
             state.durable = true;
+            for uuid in msg.attacker_uuids {
+                if !state.attacker_uuids.contains(&uuid) {
+                    state.attacker_uuids.push(uuid);
+                }
+            }
             for waiter in state.waiters.drain(..) {
                 let _ = waiter.send(Ok(()));
             }
@@ -400,21 +444,39 @@ impl Handler<EnrichIp> for Aggregator {
         // The request runs as its own task (see `start_job` for why not in this context).
         Box::pin(async move {
             // Bus events are recorded first: the attacker row is found, mapped or (on a table
-            // we own) created, serialised per address by the store. The batcher bounds how
-            // many are recorded at once; waiting deliveries simply stay unacked a moment longer.
+            // we own) created, serialised per address by the store. A new job records its
+            // event in the transaction of its claims; otherwise the event is recorded alone,
+            // then joins the job. The batcher bounds how many are recorded at once; waiting
+            // deliveries simply stay unacked a moment longer.
             let attacker_uuids = match origin {
                 Origin::Bus(_) => {
-                    let note = EventNote {
+                    let event = EventNote {
                         ip,
                         scope,
                         attacker_uuid,
                         first_seen,
+                        claim: false,
                     };
-                    writer
-                        .note(note)
+                    let started = me
+                        .send(StartRecorded { ip, job_id, event })
                         .await
-                        .map_err(|e| persist_error(&e))?
-                        .attacker_uuids
+                        .map_err(|_| PersistError::Unavailable("aggregator stopped".into()))?;
+                    match started {
+                        // Durable once the job's first commit recorded the event and its
+                        // claims: the ack waits for nothing else, so no deadline is needed.
+                        Ok(durable) => {
+                            return durable.await.unwrap_or_else(|_| {
+                                Err(PersistError::Unavailable("aggregator stopped".into()))
+                            });
+                        }
+                        Err(event) => {
+                            writer
+                                .note(event)
+                                .await
+                                .map_err(|e| persist_error(&e))?
+                                .attacker_uuids
+                        }
+                    }
                 }
                 Origin::Backfill | Origin::Lookup { .. } => Vec::new(),
             };

@@ -37,7 +37,7 @@ use crate::acks::AckBatcher;
 use crate::aggregator::Aggregator;
 use crate::coordinator::Shutdown;
 use crate::health::HealthSource;
-use crate::relay::{RelayEnd, run_relay};
+use crate::relay::{OutboxHandoff, RelayEnd, run_relay};
 
 /// Health beats: at start and every 30 s, expiring after 90 s.
 const HEALTH_EVERY: Duration = Duration::from_secs(30);
@@ -77,8 +77,8 @@ pub struct BusDeps {
     pub aggregator: Addr<Aggregator>,
     /// For the outbox relay.
     pub store: Store,
-    /// Notified when the outbox has new rows.
-    pub outbox_wake: Arc<Notify>,
+    /// Rows this process's writes hand to the relay, and its wake-up for the others.
+    pub outbox: Arc<OutboxHandoff>,
     /// Notified when the bus goes down, so poll mode picks up at once.
     pub backfill_wake: Arc<Notify>,
     /// Health beat contents.
@@ -292,14 +292,14 @@ fn start_background(
 ) -> JoinSet<bool> {
     let mut background = JoinSet::new();
     background.spawn({
-        let (store, publisher, exchange, wake, stop) = (
+        let (store, publisher, exchange, outbox, stop) = (
             deps.store.clone(),
             publisher.clone(),
             config.topology.exchange.clone(),
-            Arc::clone(&deps.outbox_wake),
+            Arc::clone(&deps.outbox),
             relay_stop.clone(),
         );
-        async move { run_relay(store, publisher, exchange, wake, stop).await == RelayEnd::BusFailed }
+        async move { run_relay(store, publisher, exchange, outbox, stop).await == RelayEnd::BusFailed }
     });
     background.spawn({
         let (publisher, exchange, health, mut stop) = (

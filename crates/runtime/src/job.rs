@@ -15,12 +15,14 @@ use enrichd_core::metric_names;
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
 use enrichd_store::{
-    ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, Lease, Store, StoreError, StoredScope,
+    ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Lease, Store, StoreError,
+    StoredScope,
 };
 use futures::future::join_all;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
+use crate::relay::OutboxHandoff;
 use crate::store_batcher::{ClaimSettings, StoreBatcher};
 
 /// Writes tried while the store is unavailable (about 11 s of waiting, well inside the leases).
@@ -46,8 +48,9 @@ pub struct JobDeps {
     pub provider_lease: Duration,
     /// A PTR lease: the lookup deadline plus 20 s.
     pub ptr_lease: Duration,
-    /// Notified when a pass wrote outbox rows, so the relay publishes without polling.
-    pub outbox_wake: Option<Arc<Notify>>,
+    /// This process's relay: rows a pass claimed for it are handed over, and it is woken for
+    /// the others, so it publishes without polling. `None` in tests without a bus.
+    pub outbox: Option<Arc<OutboxHandoff>>,
     /// Longest a bus delivery waits for its job's claims before it is acked anyway (its event
     /// is recorded by then, so the backfill finishes the work): `ENRICHD_ACK_DEADLINE_SECS`.
     pub ack_deadline: Duration,
@@ -94,7 +97,12 @@ pub struct JobSummary {
     pub applied: ApplyOutcome,
 }
 
-/// Runs one pass for `ip`. `on_durable` is called once the claims are committed.
+/// Runs one pass for `ip`. `on_durable` is called once the claims are committed, with the
+/// attacker rows of `event` when there is one.
+///
+/// With `event`, the bus event that asked for the pass is recorded first: in the claim's own
+/// transaction for a global address ([`EventNote::claim`]), so a new address costs one commit
+/// before its lookups instead of two.
 ///
 /// # Errors
 /// [`StoreError`] when the store cannot be read or written; nothing was lost (leases lapse).
@@ -102,12 +110,17 @@ pub async fn enrich(
     job_id: JobId,
     ip: CanonicalIp,
     mode: ClaimMode,
+    event: Option<EventNote>,
     deps: &JobDeps,
     writer: &StoreBatcher,
-    on_durable: impl FnOnce(),
+    on_durable: impl FnOnce(Vec<String>),
 ) -> Result<JobSummary, StoreError> {
     let scope = StoredScope::from(deps.policy.scope(ip));
     if !scope.is_global() {
+        let attacker_uuids = match event {
+            Some(note) => writer.note(note).await?.attacker_uuids,
+            None => Vec::new(),
+        };
         // Recorded as skipped (every provider column empty, aggregate NULL, no event); nothing
         // is sent anywhere.
         let applied = writer
@@ -118,7 +131,7 @@ pub async fn enrich(
                 providers: Vec::new(),
             })
             .await?;
-        on_durable();
+        on_durable(attacker_uuids);
         return Ok(JobSummary {
             applied,
             ..JobSummary::default()
@@ -126,8 +139,19 @@ pub async fn enrich(
     }
 
     let provider_ids: Vec<ProviderId> = deps.providers.iter().map(|(id, _)| *id).collect();
-    let claims = writer.claim(ip, mode).await?;
-    on_durable();
+    let (claims, attacker_uuids) = match event {
+        Some(note) => {
+            let intake = writer
+                .note(EventNote {
+                    claim: true,
+                    ..note
+                })
+                .await?;
+            (intake.claims.unwrap_or_default(), intake.attacker_uuids)
+        }
+        None => (writer.claim(ip, mode).await?, Vec::new()),
+    };
+    on_durable(attacker_uuids);
     debug!(%job_id, %ip, providers = claims.providers.len(), ptr = claims.ptr.is_some(), "Claimed work.");
     record_cache_hits(&provider_ids, deps.ptr.is_some(), &claims);
 
@@ -137,11 +161,12 @@ pub async fn enrich(
     let ptr_resolved = ptr.is_some();
     // Even with nothing new, the write recomputes every attacker row of the address from the
     // stored state: an attacker row that appeared since the last pass gets its intel row.
-    let applied = apply_answers(ip, scope, ptr, reports, writer).await?;
-    if applied.events > 0
-        && let Some(wake) = &deps.outbox_wake
-    {
-        wake.notify_one();
+    let mut applied = apply_answers(ip, scope, ptr, reports, writer).await?;
+    if let Some(outbox) = &deps.outbox {
+        if applied.events > applied.handed_off.len() {
+            outbox.wake_claim();
+        }
+        outbox.hand_off(std::mem::take(&mut applied.handed_off));
     }
     Ok(JobSummary {
         asked: summary_asked,

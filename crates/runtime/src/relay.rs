@@ -1,24 +1,88 @@
 //! The outbox relay: publishes `attacker.intel.enriched` envelopes from the outbox with
 //! publisher confirms and deletes exactly the version the broker confirmed. A crash between
 //! confirm and delete publishes once more (at-least-once; consumers dedupe on the envelope id).
+//!
+//! Rows reach it two ways. This process's writes claim the rows they write and hand them over
+//! ([`OutboxHandoff`]); they are published at once, with no claim transaction on the way. Rows
+//! nobody handed over (written by `lookup`, by a replica without a bus, left by a relay that
+//! died, or released after a newer version replaced one in flight) are claimed from the table
+//! (`FOR UPDATE SKIP LOCKED`). Confirmed versions are deleted by a task of their own, so the
+//! next publish never waits for the previous delete's commit.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use enrichd_bus::publish::{Outgoing, Publisher};
 use enrichd_core::payload::TOPIC_INTEL_ENRICHED;
 use enrichd_store::{OutboxRow, Store};
 use futures::future::join_all;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// Rows per claim. Their publishes are pipelined: confirms are awaited together.
 const BATCH: u32 = 200;
-/// How long a claim hides rows from other relays; far above one batch's publish time.
-const CLAIM_FOR: Duration = Duration::from_secs(30);
+/// How long a claim hides rows from other relays, whether the relay claimed them or a write
+/// claimed them for it; far above one batch's publish time.
+pub const CLAIM_FOR: Duration = Duration::from_secs(30);
+/// A handed-over row older than this is left to its claim's lapse instead of published:
+/// another relay may take it after the lapse and publish a newer version first, and an old
+/// version published after a newer one would overwrite it downstream.
+const HANDOFF_FRESH: Duration = Duration::from_secs(15);
+/// Handed-over rows kept while the bus is down; the oldest go first (their claims lapse and
+/// any relay takes them from the table), so a long outage cannot grow memory.
+const HANDOFF_MAX: usize = 10_000;
 /// Poll when nobody wakes us: rows written by another replica without a bus, or left by a
 /// relay that died.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Between this process's writes and its relay: rows written already claimed for the relay,
+/// and a wake-up for rows only a claim finds.
+#[derive(Debug, Default)]
+pub struct OutboxHandoff {
+    rows: Mutex<VecDeque<(Instant, OutboxRow)>>,
+    handed: Notify,
+    claimable: Notify,
+}
+
+impl OutboxHandoff {
+    /// An empty hand-off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rows a write claimed for this process's relay, to publish at once.
+    pub fn hand_off(&self, rows: Vec<OutboxRow>) {
+        if rows.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut queued = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+            queued.extend(rows.into_iter().map(|row| (now, row)));
+            let over = queued.len().saturating_sub(HANDOFF_MAX);
+            queued.drain(..over);
+        }
+        self.handed.notify_one();
+    }
+
+    /// Rows were written that the relay must claim from the table.
+    pub fn wake_claim(&self) {
+        self.claimable.notify_one();
+    }
+
+    /// Handed-over rows still fresh enough to publish, oldest first.
+    fn take_fresh(&self) -> Vec<OutboxRow> {
+        let queued = std::mem::take(&mut *self.rows.lock().unwrap_or_else(PoisonError::into_inner));
+        let now = Instant::now();
+        queued
+            .into_iter()
+            .filter(|(at, _)| now.duration_since(*at) < HANDOFF_FRESH)
+            .map(|(_, row)| row)
+            .collect()
+    }
+}
 
 /// Why the relay stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,37 +93,29 @@ pub enum RelayEnd {
     BusFailed,
 }
 
-/// Publishes until `stop` or a bus failure. `wake` is notified when new rows are written.
+/// Publishes until `stop` or a bus failure, then returns once every confirmed version is
+/// deleted (or its delete failed).
 pub async fn run_relay(
     store: Store,
     publisher: Publisher,
     exchange: String,
-    wake: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
+    outbox: Arc<OutboxHandoff>,
+    stop: watch::Receiver<bool>,
 ) -> RelayEnd {
-    loop {
-        let stopping = *stop.borrow();
-        let round = relay_once(&store, &publisher, &exchange).await;
-        if stopping {
-            // The drained jobs' last rows went out in this final round (what did not stays in
-            // the outbox for the next relay, of any replica).
-            return match round {
-                Err(RelayError::Bus) => RelayEnd::BusFailed,
-                _ => RelayEnd::Stopped,
-            };
-        }
-        match round {
-            Ok(n) if n >= BATCH as usize => continue,
-            Ok(_) => {}
-            Err(RelayError::Bus) => return RelayEnd::BusFailed,
-            Err(RelayError::Store(e)) => warn!(error = %e, "Outbox claim failed; retrying."),
-        }
-        tokio::select! {
-            () = wake.notified() => {}
-            () = tokio::time::sleep(IDLE_POLL) => {}
-            _ = stop.changed() => {}
-        }
-    }
+    let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
+    let relay = Relay {
+        store: &store,
+        publisher: &publisher,
+        exchange: &exchange,
+        outbox: &outbox,
+        confirmed: confirmed_tx,
+    };
+    let (end, ()) = futures::future::join(
+        relay.publish_loop(stop),
+        delete_confirmed(&store, &outbox, confirmed_rx),
+    )
+    .await;
+    end
 }
 
 enum RelayError {
@@ -67,36 +123,117 @@ enum RelayError {
     Store(String),
 }
 
-/// Publishes one claimed batch; returns how many rows it claimed.
-async fn relay_once(
-    store: &Store,
-    publisher: &Publisher,
-    exchange: &str,
-) -> Result<usize, RelayError> {
-    let rows = store
-        .claim_outbox(BATCH, CLAIM_FOR)
-        .await
-        .map_err(|e| RelayError::Store(enrichd_core::error::chain(&e)))?;
-    let n = rows.len();
-    let confirmed = join_all(rows.iter().map(|row| publish(publisher, exchange, row))).await;
-    let mut bus_failed = false;
-    let mut delivered = Vec::with_capacity(rows.len());
-    for (row, ok) in rows.iter().zip(confirmed) {
-        if ok {
-            delivered.push((row.attacker_uuid.clone(), row.version));
-        } else {
-            bus_failed = true;
+/// Confirmed versions, on their way to the deleting task.
+type Confirmed = Vec<(String, i64)>;
+
+struct Relay<'a> {
+    store: &'a Store,
+    publisher: &'a Publisher,
+    exchange: &'a str,
+    outbox: &'a OutboxHandoff,
+    /// Dropped when the loop ends, which lets the deleting task finish.
+    confirmed: mpsc::UnboundedSender<Confirmed>,
+}
+
+impl Relay<'_> {
+    async fn publish_loop(self, mut stop: watch::Receiver<bool>) -> RelayEnd {
+        // Rows left by a relay that died, by `lookup`, or while the bus was down.
+        let mut claim_due = true;
+        loop {
+            let stopping = *stop.borrow();
+            let handed = self.outbox.take_fresh();
+            let any_handed = !handed.is_empty();
+            if any_handed && self.publish_rows(&handed).await.is_err() {
+                return RelayEnd::BusFailed;
+            }
+            if claim_due || stopping {
+                match self.claim_round().await {
+                    Ok(n) => claim_due = n >= BATCH as usize,
+                    Err(RelayError::Bus) => return RelayEnd::BusFailed,
+                    Err(RelayError::Store(e)) => {
+                        warn!(error = %e, "Outbox claim failed; retrying.");
+                        claim_due = false;
+                    }
+                }
+            }
+            if stopping {
+                // The drained jobs' last rows went out in this final round (what did not stays
+                // in the outbox for the next relay, of any replica).
+                return RelayEnd::Stopped;
+            }
+            if any_handed || claim_due {
+                continue;
+            }
+            tokio::select! {
+                () = self.outbox.handed.notified() => {}
+                () = self.outbox.claimable.notified() => claim_due = true,
+                () = tokio::time::sleep(IDLE_POLL) => claim_due = true,
+                _ = stop.changed() => {}
+            }
         }
     }
-    if let Err(e) = store.delete_outbox_batch(&delivered).await {
-        // Published but not deleted: published again after the claim lapses (consumers dedupe
-        // on the envelope id).
-        warn!(error = %enrichd_core::error::chain(&e), "Outbox delete failed; events may repeat.");
+
+    /// Claims one batch from the table and publishes it; returns how many rows it claimed.
+    async fn claim_round(&self) -> Result<usize, RelayError> {
+        let rows = self
+            .store
+            .claim_outbox(BATCH, CLAIM_FOR)
+            .await
+            .map_err(|e| RelayError::Store(enrichd_core::error::chain(&e)))?;
+        self.publish_rows(&rows).await?;
+        Ok(rows.len())
     }
-    if bus_failed {
-        Err(RelayError::Bus)
-    } else {
-        Ok(n)
+
+    /// Publishes `rows` pipelined and passes the confirmed versions on to be deleted. A row
+    /// that was not confirmed keeps its claim until it lapses, and is published again then.
+    async fn publish_rows(&self, rows: &[OutboxRow]) -> Result<(), RelayError> {
+        let confirmed = join_all(
+            rows.iter()
+                .map(|row| publish(self.publisher, self.exchange, row)),
+        )
+        .await;
+        let mut bus_failed = false;
+        let mut delivered = Vec::with_capacity(rows.len());
+        for (row, ok) in rows.iter().zip(confirmed) {
+            if ok {
+                delivered.push((row.attacker_uuid.clone(), row.version));
+            } else {
+                bus_failed = true;
+            }
+        }
+        if !delivered.is_empty() {
+            // The deleting task outlives this loop (it ends when this sender is dropped).
+            let _ = self.confirmed.send(delivered);
+        }
+        if bus_failed {
+            Err(RelayError::Bus)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Deletes confirmed versions, everything that queued up during the previous delete in one
+/// transaction. A version a newer payload replaced meanwhile is released instead, and the
+/// relay is woken to claim it.
+async fn delete_confirmed(
+    store: &Store,
+    outbox: &OutboxHandoff,
+    mut confirmed: mpsc::UnboundedReceiver<Confirmed>,
+) {
+    while let Some(mut batch) = confirmed.recv().await {
+        while let Ok(more) = confirmed.try_recv() {
+            batch.extend(more);
+        }
+        match store.delete_outbox_batch(&batch).await {
+            Ok(deleted) if deleted < batch.len() as u64 => outbox.wake_claim(),
+            Ok(_) => {}
+            // Published but not deleted: published again after the claim lapses (consumers
+            // dedupe on the envelope id).
+            Err(e) => {
+                warn!(error = %enrichd_core::error::chain(&e), "Outbox delete failed; events may repeat.");
+            }
+        }
     }
 }
 
@@ -124,5 +261,48 @@ async fn publish(publisher: &Publisher, exchange: &str, row: &OutboxRow) -> bool
             debug!(error = %enrichd_core::error::chain(&e), "Outbox publish failed.");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(uuid: &str, version: i64) -> OutboxRow {
+        OutboxRow {
+            attacker_uuid: uuid.to_owned(),
+            version,
+            payload: "{}".to_owned(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handed_rows_come_out_once_in_order() {
+        let outbox = OutboxHandoff::new();
+        outbox.hand_off(vec![row("a", 1), row("b", 1)]);
+        outbox.hand_off(vec![row("a", 2)]);
+        assert_eq!(outbox.take_fresh(), [row("a", 1), row("b", 1), row("a", 2)]);
+        assert!(outbox.take_fresh().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handed_row_past_its_freshness_is_left_to_its_lapse() {
+        let outbox = OutboxHandoff::new();
+        outbox.hand_off(vec![row("old", 1)]);
+        tokio::time::advance(HANDOFF_FRESH).await;
+        outbox.hand_off(vec![row("new", 1)]);
+        assert_eq!(outbox.take_fresh(), [row("new", 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hand_off_keeps_only_the_newest_rows() {
+        let outbox = OutboxHandoff::new();
+        let rows: Vec<OutboxRow> = (0..HANDOFF_MAX + 5)
+            .map(|n| row(&n.to_string(), 1))
+            .collect();
+        outbox.hand_off(rows);
+        let fresh = outbox.take_fresh();
+        assert_eq!(fresh.len(), HANDOFF_MAX);
+        assert_eq!(fresh[0].attacker_uuid, "5");
     }
 }

@@ -10,9 +10,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
-use enrichd_core::{CanonicalIp, ProviderId};
+use enrichd_core::CanonicalIp;
 use enrichd_store::{
     ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Intake, Store, StoreError,
 };
@@ -26,16 +25,7 @@ const MAX_BATCH: usize = 64;
 /// connection); SQLite has one writer, so one of each there.
 const PG_SLOTS: usize = 3;
 
-/// What every claim asks for: the same providers, PTR switch and lease for every job.
-#[derive(Debug, Clone)]
-pub struct ClaimSettings {
-    /// Providers to claim, in contract order.
-    pub providers: Vec<ProviderId>,
-    /// Whether PTR work is claimed.
-    pub ptr: bool,
-    /// How long a lease lasts.
-    pub lease: Duration,
-}
+pub use enrichd_store::ClaimSettings;
 
 struct ClaimRequest {
     ip: CanonicalIp,
@@ -65,15 +55,16 @@ impl StoreBatcher {
     /// Starts the loops on the current runtime.
     pub fn start(store: &Store, claim: ClaimSettings, ctx: ApplyContext) -> Self {
         let slots = if store.single_writer() { 1 } else { PG_SLOTS };
+        let claim = Arc::new(claim);
         let (notes, note_rx) = mpsc::unbounded_channel();
         let note_store = store.clone();
+        let note_claim = Arc::clone(&claim);
         tokio::spawn(batch_loop(note_rx, slots, move |batch| {
-            run_notes(note_store.clone(), batch)
+            run_notes(note_store.clone(), Arc::clone(&note_claim), batch)
         }));
         let (claims, claim_rx) = mpsc::unbounded_channel();
         let (applies, apply_rx) = mpsc::unbounded_channel();
         let claim_store = store.clone();
-        let claim = Arc::new(claim);
         tokio::spawn(batch_loop(claim_rx, slots, move |batch| {
             run_claims(claim_store.clone(), Arc::clone(&claim), batch)
         }));
@@ -89,7 +80,8 @@ impl StoreBatcher {
         }
     }
 
-    /// Records a bus event (see [`Store::note_event`]), in the next intake batch.
+    /// Records a bus event (see [`Store::note_event`]), in the next intake batch; with
+    /// [`EventNote::claim`], claims its due work in the same transaction.
     ///
     /// # Errors
     /// This event's [`StoreError`]; `Unavailable` when the batcher did not answer.
@@ -212,10 +204,10 @@ async fn run_claims(store: Store, claim: Arc<ClaimSettings>, batch: Vec<ClaimReq
     }
 }
 
-async fn run_notes(store: Store, batch: Vec<NoteRequest>) {
+async fn run_notes(store: Store, claim: Arc<ClaimSettings>, batch: Vec<NoteRequest>) {
     let (notes, replies): (Vec<EventNote>, Vec<_>) =
         batch.into_iter().map(|r| (r.note, r.reply)).unzip();
-    let intakes = store.note_events(notes).await;
+    let intakes = store.note_events(notes, &claim).await;
     for (reply, intake) in replies.into_iter().zip(intakes) {
         // A delivery that went away needs no answer; it is redelivered.
         let _ = reply.send(intake);

@@ -200,7 +200,7 @@ fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
         ptr: None,
         provider_lease: Duration::from_secs(30),
         ptr_lease: Duration::from_secs(22),
-        outbox_wake: None,
+        outbox: None,
         backfill_wake: None,
         ack_deadline: Duration::from_secs(30),
     };
@@ -234,7 +234,7 @@ async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory()
         ptr: None,
         provider_lease: Duration::from_secs(30),
         ptr_lease: Duration::from_secs(22),
-        outbox_wake: None,
+        outbox: None,
         backfill_wake: None,
         ack_deadline: Duration::from_secs(30),
     };

@@ -2,6 +2,8 @@
 //! when enrichd owns `attackers`), mapping attacker rows to canonical IPs, the backlog of due
 //! work, and read-only views of stored state.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use enrichd_core::CanonicalIp;
 use enrichd_core::payload::IntelPayload;
@@ -11,7 +13,10 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 use crate::error::retry_busy;
 use crate::sql::{Params, ROWS_PER_STATEMENT};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::work::{distinct_rounds, mapped_attackers_of, read_provider_states, read_ptr};
+use crate::work::{
+    ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
+    read_provider_states, read_ptr,
+};
 use crate::{Store, StoreError};
 
 /// Mapping rounds per backlog call.
@@ -24,6 +29,8 @@ pub struct Intake {
     pub attacker_uuids: Vec<String>,
     /// The attacker row this call created (only when enrichd owns `attackers`).
     pub created: Option<String>,
+    /// The work claimed in the same transaction, for an [`EventNote::claim`] event.
+    pub claims: Option<Claims>,
 }
 
 /// One bus event for [`Store::note_events`].
@@ -37,6 +44,10 @@ pub struct EventNote {
     pub attacker_uuid: Option<String>,
     /// When the event says the attacker was first seen.
     pub first_seen: Option<DateTime<Utc>>,
+    /// Also claim the address's due work, as [`Store::claim_batch`] with the
+    /// [`ClaimSettings`] given to [`Store::note_events`] would, in the intake's own
+    /// transaction: a new address's job then starts with one commit instead of two.
+    pub claim: bool,
 }
 
 impl Store {
@@ -57,8 +68,9 @@ impl Store {
             scope,
             attacker_uuid: attacker_uuid.map(str::to_owned),
             first_seen,
+            claim: false,
         };
-        self.note_events(vec![note])
+        self.note_events(vec![note], &ClaimSettings::default())
             .await
             .pop()
             .unwrap_or_else(|| Err(StoreError::malformed("note_event", "no result")))
@@ -67,14 +79,19 @@ impl Store {
     /// [`Store::note_event`] for many events in one transaction per round of distinct
     /// addresses, a handful of statements whatever the batch size. Results come back in the
     /// order of `notes`. A batch the database refuses is recorded again one event at a time,
-    /// so only the event at fault is refused.
-    pub async fn note_events(&self, notes: Vec<EventNote>) -> Vec<Result<Intake, StoreError>> {
+    /// so only the event at fault is refused. Events marked [`EventNote::claim`] claim their
+    /// address's due work under `claim`.
+    pub async fn note_events(
+        &self,
+        notes: Vec<EventNote>,
+        claim: &ClaimSettings,
+    ) -> Vec<Result<Intake, StoreError>> {
         let mut results: Vec<Option<Result<Intake, StoreError>>> =
             notes.iter().map(|_| None).collect();
         let ips: Vec<CanonicalIp> = notes.iter().map(|n| n.ip).collect();
         for round in distinct_rounds(&ips) {
             let refs: Vec<&EventNote> = round.iter().map(|&i| &notes[i]).collect();
-            match self.note_round(&refs).await {
+            match self.note_round(&refs, claim).await {
                 Ok(intakes) => {
                     for (&i, intake) in round.iter().zip(intakes) {
                         results[i] = Some(Ok(intake));
@@ -87,10 +104,12 @@ impl Store {
                 }
                 Err(_) => {
                     for &i in &round {
-                        results[i] = Some(self.note_round(&[&notes[i]]).await.and_then(|mut v| {
-                            v.pop()
-                                .ok_or_else(|| StoreError::malformed("note_event", "no result"))
-                        }));
+                        results[i] = Some(self.note_round(&[&notes[i]], claim).await.and_then(
+                            |mut v| {
+                                v.pop()
+                                    .ok_or_else(|| StoreError::malformed("note_event", "no result"))
+                            },
+                        ));
                     }
                 }
             }
@@ -101,12 +120,20 @@ impl Store {
             .collect()
     }
 
-    async fn note_round(&self, notes: &[&EventNote]) -> Result<Vec<Intake>, StoreError> {
-        retry_busy(move || self.note_once(notes)).await
+    async fn note_round(
+        &self,
+        notes: &[&EventNote],
+        claim: &ClaimSettings,
+    ) -> Result<Vec<Intake>, StoreError> {
+        retry_busy(move || self.note_once(notes, claim)).await
     }
 
     /// One intake transaction over `notes` (distinct addresses in key order).
-    async fn note_once(&self, notes: &[&EventNote]) -> Result<Vec<Intake>, StoreError> {
+    async fn note_once(
+        &self,
+        notes: &[&EventNote],
+        claim: &ClaimSettings,
+    ) -> Result<Vec<Intake>, StoreError> {
         let sql = self.sql;
         let keys: Vec<String> = notes.iter().map(|n| n.ip.to_string()).collect();
         let (txn, now) = self.begin_write_at().await?;
@@ -171,6 +198,7 @@ impl Store {
             intakes.push(Intake {
                 attacker_uuids: attackers,
                 created: made,
+                claims: None,
             });
         }
         insert_attackers(self, &txn, &created, now).await?;
@@ -188,6 +216,7 @@ impl Store {
             ))
             .await?;
         }
+        claim_with_intake(self, &txn, notes, &keys, claim, now, &mut intakes).await?;
         txn.commit().await?;
         Ok(intakes)
     }
@@ -419,6 +448,46 @@ impl Store {
             })
             .collect())
     }
+}
+/// Claims, in the intake's transaction, the work of the events that ask for it
+/// ([`EventNote::claim`]). The intake's upsert locked their `enrichd_ip_state` rows in key
+/// order, as a claim of its own would.
+async fn claim_with_intake(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    notes: &[&EventNote],
+    keys: &[String],
+    claim: &ClaimSettings,
+    now: DateTime<Utc>,
+    intakes: &mut [Intake],
+) -> Result<(), StoreError> {
+    let to_claim: Vec<String> = notes
+        .iter()
+        .zip(keys)
+        .filter(|(note, _)| note.claim)
+        .map(|(_, key)| key.clone())
+        .collect();
+    if to_claim.is_empty() {
+        return Ok(());
+    }
+    let mut claimed = claim_locked(
+        store,
+        txn,
+        &to_claim,
+        &HashSet::new(),
+        &claim.providers,
+        claim.ptr,
+        Lease::starting(now, claim.lease),
+        now,
+        ClaimMode::Due,
+    )
+    .await?;
+    for ((note, key), intake) in notes.iter().zip(keys).zip(intakes) {
+        if note.claim {
+            intake.claims = Some(claimed.remove(key).unwrap_or_default());
+        }
+    }
+    Ok(())
 }
 
 /// Records `uuid → canonical(stored ip)`, or "not an IP" with the reason, once, for each

@@ -34,7 +34,7 @@ pub use intake::{EventNote, Intake};
 pub use outbox::{OutboxRow, OutboxStats};
 pub use state::{ApplyContext, ProviderState, PtrState, StoredScope};
 pub use store::{SchemaStatus, Store};
-pub use work::{ApplyItem, ApplyOutcome, ClaimMode, Claims, Lease};
+pub use work::{ApplyItem, ApplyOutcome, ClaimMode, ClaimSettings, Claims, Lease};
 
 /// SQLite timestamp text as enrichd writes it (`YYYY-MM-DD HH:MM:SS.ffffff`), for tests and
 /// tools that compare stored text.

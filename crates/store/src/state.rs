@@ -128,6 +128,11 @@ pub struct ApplyContext {
     pub outbox_enabled: bool,
     /// Whether PTR resolution is on (backlog considers PTR due work only then).
     pub ptr_enabled: bool,
+    /// With a relay in this process: outbox rows are written already claimed by it for this
+    /// long and handed to it with the write's outcome ([`crate::ApplyOutcome::handed_off`]),
+    /// so it publishes them without a claim transaction of its own. `None` (`lookup`,
+    /// `backfill`): rows are left for any running worker's relay to claim.
+    pub relay_claim: Option<Duration>,
 }
 
 impl Default for ApplyContext {
@@ -137,6 +142,7 @@ impl Default for ApplyContext {
             ttl: Duration::from_hours(24),
             outbox_enabled: false,
             ptr_enabled: true,
+            relay_claim: None,
         }
     }
 }

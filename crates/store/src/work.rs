@@ -17,7 +17,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 use crate::error::retry_busy;
 use crate::sql::{self, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState, StoredScope};
-use crate::{Store, StoreError};
+use crate::{OutboxRow, Store, StoreError};
 
 /// Column limit of `enrichd_provider_state.last_error`.
 const LAST_ERROR_CHARS: usize = 512;
@@ -51,6 +51,29 @@ pub struct Claims {
     pub providers: Vec<(ProviderId, Lease)>,
 }
 
+/// What every claim of a process asks for: the same providers, PTR switch and lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimSettings {
+    /// Providers to claim, in contract order.
+    pub providers: Vec<ProviderId>,
+    /// Whether PTR work is claimed.
+    pub ptr: bool,
+    /// How long a lease lasts.
+    pub lease: Duration,
+}
+
+impl Lease {
+    /// A lease claimed at `now` (database clock) for `lease_for`.
+    pub(crate) fn starting(now: DateTime<Utc>, lease_for: Duration) -> Self {
+        let until =
+            now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::seconds(60));
+        Self {
+            claimed_at: sql::micros(now),
+            until: sql::micros(until),
+        }
+    }
+}
+
 impl Claims {
     /// Whether nothing was claimed.
     pub fn is_empty(&self) -> bool {
@@ -71,6 +94,10 @@ pub struct ApplyOutcome {
     pub intel_rows: usize,
     /// Outbox rows inserted or bumped.
     pub events: usize,
+    /// Those of [`ApplyOutcome::events`] this write claimed for the process's relay
+    /// ([`ApplyContext::relay_claim`]): publish them, then delete them. The others were
+    /// claimed by a relay already publishing an older version, which releases them.
+    pub handed_off: Vec<OutboxRow>,
 }
 
 // === impl Store: leases ===
@@ -135,34 +162,11 @@ impl Store {
         mode: ClaimMode,
     ) -> Result<HashMap<String, Claims>, StoreError> {
         let (txn, now) = self.begin_write_at().await?;
-        let until =
-            now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::seconds(60));
-        let lease = Lease {
-            claimed_at: sql::micros(now),
-            until: sql::micros(until),
-        };
+        let lease = Lease::starting(now, lease_for);
         let created = ensure_ip_rows(self, &txn, keys, now, ptr.then_some(lease.until)).await?;
         lock_ip_rows(self, &txn, keys, "ip").await?;
-        let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
-        if ptr {
-            for (ip, lease) in claim_ptr(self, &txn, keys, &created, lease, now, mode).await? {
-                claims.entry(ip).or_default().ptr = Some(lease);
-            }
-        }
-        if !wanted.is_empty() {
-            for (ip, provider, lease) in
-                claim_providers(self, &txn, keys, wanted, lease, now, mode).await?
-            {
-                claims
-                    .entry(ip)
-                    .or_default()
-                    .providers
-                    .push((provider, lease));
-            }
-            for c in claims.values_mut() {
-                c.providers.sort_by_key(|(p, _)| *p);
-            }
-        }
+        let claims =
+            claim_locked(self, &txn, keys, &created, wanted, ptr, lease, now, mode).await?;
         txn.commit().await?;
         Ok(claims)
     }
@@ -525,8 +529,8 @@ struct RowWrites<'a> {
     ptr_names: Vec<(String, String)>,
     /// Addresses whose stored name a negative answer cleared, with that name.
     ptr_cleared: Vec<(String, String)>,
-    /// Outbox rows: attacker uuid, payload and its digest.
-    outbox: Vec<(String, IntelPayload, String)>,
+    /// Outbox rows: attacker uuid, payload, its digest and the index of its address.
+    outbox: Vec<(String, IntelPayload, String, usize)>,
 }
 
 /// A batch's addresses with the state the write settled on, in key order.
@@ -577,7 +581,8 @@ async fn write_attacker_rows(
                 if attacker.digest.as_deref() == Some(digest.as_str()) {
                     continue;
                 }
-                rows.outbox.push((attacker.uuid.clone(), payload, digest));
+                rows.outbox
+                    .push((attacker.uuid.clone(), payload, digest, index));
                 outcomes[index].events += 1;
             }
         }
@@ -593,7 +598,12 @@ async fn write_attacker_rows(
     }
     // Attacker order, the order the relay deletes in (no lock cycle between the two).
     rows.outbox.sort_by(|a, b| a.0.cmp(&b.0));
-    enqueue_rows(store, txn, &rows.outbox, now).await?;
+    let claim_until = ctx.relay_claim.map(|claim| {
+        now + chrono::Duration::from_std(claim).unwrap_or(chrono::Duration::seconds(30))
+    });
+    for (index, row) in enqueue_rows(store, txn, &rows.outbox, now, claim_until).await? {
+        outcomes[index].handed_off.push(row);
+    }
     Ok(())
 }
 
@@ -875,6 +885,47 @@ async fn write_provider_states(
         }
     }
     Ok(written)
+}
+
+/// Claims the work of `keys` (sorted, unique) whose `enrichd_ip_state` rows exist and are
+/// locked by `txn`; `created` are those this transaction created already holding the PTR
+/// lease.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by its two callers"
+)]
+pub(crate) async fn claim_locked(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    created: &HashSet<String>,
+    wanted: &[ProviderId],
+    ptr: bool,
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<HashMap<String, Claims>, StoreError> {
+    let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+    if ptr {
+        for (ip, lease) in claim_ptr(store, txn, keys, created, lease, now, mode).await? {
+            claims.entry(ip).or_default().ptr = Some(lease);
+        }
+    }
+    if !wanted.is_empty() {
+        for (ip, provider, lease) in
+            claim_providers(store, txn, keys, wanted, lease, now, mode).await?
+        {
+            claims
+                .entry(ip)
+                .or_default()
+                .providers
+                .push((provider, lease));
+        }
+        for c in claims.values_mut() {
+            c.providers.sort_by_key(|(p, _)| *p);
+        }
+    }
+    Ok(claims)
 }
 
 /// Leases the PTR of `keys`: the rows in `created` were created holding the lease by
@@ -1399,47 +1450,95 @@ async fn clear_ptr_record(
 /// Puts each payload in the outbox for its attacker: a new row at version 1, or a newer
 /// payload replacing an unpublished one with the version bumped. A claim in progress is kept,
 /// so the relay deleting the old version releases the new one (see `delete_outbox`).
+///
+/// With `claim_until` (a relay runs in this process), a row no live claim holds is claimed
+/// until then as it is written, and comes back with its address's index to be handed to that
+/// relay: it is published without waiting for a claim transaction, and if this process dies
+/// first the claim lapses and any relay takes the row.
 async fn enqueue_rows(
     store: &Store,
     txn: &DatabaseTransaction,
-    rows: &[(String, IntelPayload, String)],
+    rows: &[(String, IntelPayload, String, usize)],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
+    claim_until: Option<DateTime<Utc>>,
+) -> Result<Vec<(usize, OutboxRow)>, StoreError> {
     let sql = store.sql;
     #[expect(
         clippy::cast_precision_loss,
         reason = "epoch milliseconds fit an f64 exactly until year 287396"
     )]
     let ts = now.timestamp_micros() as f64 / 1e6;
+    let mut handed_off = Vec::new();
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
+        let claim_p = claim_until.map(|until| p.push(sql.ts(until)));
         let mut values = Vec::with_capacity(chunk.len());
-        for (attacker_uuid, payload, _) in chunk {
+        let mut texts: HashMap<&str, (usize, String)> = HashMap::with_capacity(chunk.len());
+        for (attacker_uuid, payload, _, index) in chunk {
             let envelope = Envelope::new(TOPIC_INTEL_ENRICHED, "intel.enriched", ts, payload);
             let text = serde_json::to_string(&envelope)
                 .map_err(|e| StoreError::malformed("enrichd_outbox.payload", e.to_string()))?;
-            values.push(format!(
-                "({}, 1, {}, {now_p}, {now_p})",
-                p.push(attacker_uuid.clone()),
-                p.push(text)
-            ));
+            let uuid_p = p.push(attacker_uuid.clone());
+            values.push(match &claim_p {
+                Some(claim_p) => {
+                    let text_p = p.push(text.clone());
+                    texts.insert(attacker_uuid.as_str(), (*index, text));
+                    format!("({uuid_p}, 1, {text_p}, {now_p}, {now_p}, {claim_p})")
+                }
+                None => format!("({uuid_p}, 1, {}, {now_p}, {now_p})", p.push(text)),
+            });
         }
-        txn.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                 updated_at) VALUES {} ON CONFLICT (attacker_uuid) DO UPDATE SET \
-                 version = enrichd_outbox.version + 1, payload = excluded.payload, \
-                 updated_at = excluded.updated_at",
-                values.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        let values = values.join(", ");
+        if let Some(claim_p) = &claim_p {
+            let claimed = txn
+                .query_all_raw(sql.stmt(
+                    format!(
+                        "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                         updated_at, claimed_until) VALUES {values} ON CONFLICT (attacker_uuid) \
+                         DO UPDATE SET version = enrichd_outbox.version + 1, \
+                         payload = excluded.payload, updated_at = excluded.updated_at, \
+                         claimed_until = CASE WHEN enrichd_outbox.claimed_until IS NULL \
+                         OR enrichd_outbox.claimed_until < {now_p} \
+                         THEN excluded.claimed_until ELSE enrichd_outbox.claimed_until END \
+                         RETURNING attacker_uuid, version, claimed_until = {claim_p} AS ours"
+                    ),
+                    p.0,
+                ))
+                .await?;
+            for row in claimed {
+                let ours: bool = row.try_get("", "ours")?;
+                if !ours {
+                    continue;
+                }
+                let uuid: String = row.try_get("", "attacker_uuid")?;
+                if let Some((index, payload)) = texts.remove(uuid.as_str()) {
+                    handed_off.push((
+                        index,
+                        OutboxRow {
+                            attacker_uuid: uuid,
+                            version: row.try_get("", "version")?,
+                            payload,
+                        },
+                    ));
+                }
+            }
+        } else {
+            txn.execute_raw(sql.stmt(
+                format!(
+                    "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                     updated_at) VALUES {values} ON CONFLICT (attacker_uuid) DO UPDATE SET \
+                     version = enrichd_outbox.version + 1, payload = excluded.payload, \
+                     updated_at = excluded.updated_at"
+                ),
+                p.0,
+            ))
+            .await?;
+        }
         let mut p = Params::default();
         let arms: Vec<String> = chunk
             .iter()
-            .map(|(uuid, _, digest)| {
+            .map(|(uuid, _, digest, _)| {
                 format!(
                     "WHEN {} THEN {}",
                     p.push(uuid.clone()),
@@ -1447,7 +1546,7 @@ async fn enqueue_rows(
                 )
             })
             .collect();
-        let uuids = p.list(chunk.iter().map(|(uuid, _, _)| uuid.clone()));
+        let uuids = p.list(chunk.iter().map(|(uuid, _, _, _)| uuid.clone()));
         txn.execute_raw(sql.stmt(
             format!(
                 "UPDATE enrichd_attacker_map SET payload_digest = CASE attacker_uuid {} END \
@@ -1458,7 +1557,7 @@ async fn enqueue_rows(
         ))
         .await?;
     }
-    Ok(())
+    Ok(handed_off)
 }
 
 #[cfg(test)]

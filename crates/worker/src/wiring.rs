@@ -17,6 +17,7 @@ use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
 use enrichd_runtime::job::JobDeps;
 use enrichd_runtime::provider_actor::{GetProviderStatus, ProviderActor, ProviderActorConfig};
 use enrichd_runtime::ptr_pool::PtrResolverPool;
+use enrichd_runtime::relay::{self, OutboxHandoff};
 use enrichd_runtime::supervision::{RestartBudget, RestartPolicy};
 use enrichd_store::{ApplyContext, Store};
 use tokio::sync::Notify;
@@ -40,8 +41,8 @@ pub struct Core {
     pub stats: Arc<AggregatorStats>,
     /// Provider actors' status, for health beats and metrics.
     pub provider_status: Vec<(ProviderId, Recipient<GetProviderStatus>)>,
-    /// Woken when jobs write outbox rows.
-    pub outbox_wake: Arc<Notify>,
+    /// Rows jobs hand to the relay, and its wake-up.
+    pub outbox: Arc<OutboxHandoff>,
     /// Woken when deferred work falls due (and when the bus goes down).
     pub backfill_wake: Arc<Notify>,
     /// Keeps the provider arbiters (threads) alive as long as the core.
@@ -56,12 +57,22 @@ type StartedProvider = (
     Arbiter,
 );
 
+/// Where the outbox rows this process writes are published from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxRelay {
+    /// By this process's relay (`run` with a bus): writes claim their rows and hand them over.
+    InProcess,
+    /// By whichever worker's relay claims them (`lookup`, `backfill`).
+    Elsewhere,
+}
+
 /// Starts the actors. `give_up` hears about a spent restart budget (the Coordinator);
 /// `None` outside `run`, where restarts are simply unlimited for the command's short life.
 pub fn start_core(
     settings: &Settings,
     store: &Store,
     give_up: Option<&Recipient<ChildGaveUp>>,
+    relay: OutboxRelay,
 ) -> Core {
     enrichd_intel::install_crypto_provider();
     let mut providers = Vec::new();
@@ -86,7 +97,7 @@ pub fn start_core(
         .ptr_enabled
         .then(|| start_ptr_pool(settings, give_up))
         .flatten();
-    let outbox_wake = Arc::new(Notify::new());
+    let outbox = Arc::new(OutboxHandoff::new());
     let backfill_wake = Arc::new(Notify::new());
     let call_timeout = Duration::from_secs(10);
     let deps = JobDeps {
@@ -97,12 +108,14 @@ pub fn start_core(
             ttl: settings.ttl,
             outbox_enabled: settings.bus.is_some(),
             ptr_enabled: ptr.is_some(),
+            relay_claim: (settings.bus.is_some() && relay == OutboxRelay::InProcess)
+                .then_some(relay::CLAIM_FOR),
         },
         providers,
         ptr,
         provider_lease: SLOT_HORIZON + call_timeout + LEASE_SLACK,
         ptr_lease: settings.dns.timeout + LEASE_SLACK,
-        outbox_wake: Some(Arc::clone(&outbox_wake)),
+        outbox: Some(Arc::clone(&outbox)),
         backfill_wake: Some(Arc::clone(&backfill_wake)),
         ack_deadline: settings
             .bus
@@ -116,7 +129,7 @@ pub fn start_core(
         aggregator,
         stats,
         provider_status,
-        outbox_wake,
+        outbox,
         backfill_wake,
         _arbiters: arbiters,
     }

@@ -18,7 +18,7 @@ pub(super) async fn backfill(settings: &Settings) -> u8 {
         Ok(store) => store,
         Err(code) => return code,
     };
-    let core = wiring::start_core(settings, &store, None);
+    let core = wiring::start_core(settings, &store, None, wiring::OutboxRelay::Elsewhere);
     let estimate = store
         .backlog(ESTIMATE_CAP, &core.deps.ctx)
         .await

@@ -31,7 +31,7 @@ pub(super) async fn lookup(settings: &Settings, ips: &[String], json: bool, refr
         Ok(store) => store,
         Err(code) => return code,
     };
-    let core = wiring::start_core(settings, &store, None);
+    let core = wiring::start_core(settings, &store, None, wiring::OutboxRelay::Elsewhere);
     let answers = join_all(parsed.iter().map(|ip| {
         core.aggregator.send(EnrichIp {
             job_id: JobId::new(),

@@ -40,7 +40,12 @@ pub(super) async fn run(settings: &Settings) -> u8 {
     let mut core_slot = None;
     let coordinator = Coordinator::create(|ctx| {
         let give_up = ctx.address().recipient();
-        let core = wiring::start_core(settings, &store, Some(&give_up));
+        let core = wiring::start_core(
+            settings,
+            &store,
+            Some(&give_up),
+            wiring::OutboxRelay::InProcess,
+        );
         let backfill_wake = Arc::clone(&core.backfill_wake);
         let backfill_stats = Arc::new(BackfillStats::default());
         let backfill = Backfill {
@@ -132,7 +137,7 @@ fn start_bus(
         BusDeps {
             aggregator: core.aggregator.clone(),
             store: store.clone(),
-            outbox_wake: Arc::clone(&core.outbox_wake),
+            outbox: Arc::clone(&core.outbox),
             backfill_wake,
             health,
             coordinator: ctx.address().recipient(),
