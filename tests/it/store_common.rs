@@ -12,7 +12,7 @@ use std::time::Duration;
 use enrichd_core::{
     CanonicalIp, ProviderFields, ProviderId, ProviderOutcome, ProviderReport, Verdict,
 };
-use enrichd_store::{ApplyContext, ClaimMode, Claims, Store};
+use enrichd_store::{ApplyContext, ApplyOutcome, ClaimMode, Claims, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
 
@@ -175,4 +175,34 @@ pub(crate) fn long_ago(db: &TestDb) -> Value {
     } else {
         "2000-01-01 00:00:00.000000".into()
     }
+}
+
+/// One refreshed pass of `provider` for `target`: claim it, then write `report` under `ctx`.
+pub(crate) async fn claim_and_apply(
+    store: &Store,
+    target: CanonicalIp,
+    provider: ProviderId,
+    report: ProviderReport,
+    ctx: &ApplyContext,
+) -> ApplyOutcome {
+    let claims = store
+        .claim_work(
+            target,
+            &[provider],
+            false,
+            Duration::from_secs(30),
+            ClaimMode::Refresh,
+        )
+        .await
+        .expect("claim");
+    store
+        .apply(
+            target,
+            StoredScope::Global,
+            None,
+            vec![(claims.providers[0].1, report)],
+            ctx,
+        )
+        .await
+        .expect("apply")
 }

@@ -7,7 +7,8 @@ use enrichd_store::{ClaimMode, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, count, ctx, exec, greynoise, ip, long_ago, migrated, on_both,
+    abuseipdb, add_attacker, claim_and_apply, count, ctx, exec, greynoise, ip, long_ago, migrated,
+    on_both,
 };
 
 const UUID: &str = "00000000-0000-4000-8000-000000000001";
@@ -20,36 +21,16 @@ async fn a_newer_payload_replaces_an_unpublished_one_and_delete_keeps_the_newer_
         add_attacker(&conn, UUID, "7.7.7.7", 0).await;
         let target = ip("7.7.7.7");
         let both = ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]);
-        let pass = |provider: ProviderId, report: enrichd_core::ProviderReport| {
-            let store = store.clone();
-            let both = both.clone();
-            async move {
-                let claims = store
-                    .claim_work(
-                        target,
-                        &[provider],
-                        false,
-                        Duration::from_secs(30),
-                        ClaimMode::Refresh,
-                    )
-                    .await
-                    .unwrap();
-                store
-                    .apply(
-                        target,
-                        StoredScope::Global,
-                        None,
-                        vec![(claims.providers[0].1, report)],
-                        &both,
-                    )
-                    .await
-                    .unwrap()
-            }
-        };
         assert_eq!(
-            pass(ProviderId::Greynoise, greynoise("benign"))
-                .await
-                .events,
+            claim_and_apply(
+                &store,
+                target,
+                ProviderId::Greynoise,
+                greynoise("benign"),
+                &both
+            )
+            .await
+            .events,
             1
         );
         let first = store
@@ -61,13 +42,24 @@ async fn a_newer_payload_replaces_an_unpublished_one_and_delete_keeps_the_newer_
 
         // Same answer again: the payload is unchanged, nothing new to publish.
         assert_eq!(
-            pass(ProviderId::Greynoise, greynoise("benign"))
-                .await
-                .events,
+            claim_and_apply(
+                &store,
+                target,
+                ProviderId::Greynoise,
+                greynoise("benign"),
+                &both
+            )
+            .await
+            .events,
             0
         );
         // A new provider answer changes it while v1 is being published.
-        assert_eq!(pass(ProviderId::Abuseipdb, abuseipdb(40)).await.events, 1);
+        assert_eq!(
+            claim_and_apply(&store, target, ProviderId::Abuseipdb, abuseipdb(40), &both)
+                .await
+                .events,
+            1
+        );
         assert!(
             store
                 .claim_outbox(10, Duration::from_secs(60))
@@ -151,34 +143,15 @@ async fn a_write_for_the_relay_hands_over_the_rows_no_live_claim_holds() {
         let target = ip("7.7.7.9");
         let mut relayed = ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]);
         relayed.relay_claim = Some(Duration::from_secs(30));
-        let pass = |provider: ProviderId, report: enrichd_core::ProviderReport| {
-            let store = store.clone();
-            let relayed = relayed.clone();
-            async move {
-                let claims = store
-                    .claim_work(
-                        target,
-                        &[provider],
-                        false,
-                        Duration::from_secs(30),
-                        ClaimMode::Refresh,
-                    )
-                    .await
-                    .unwrap();
-                store
-                    .apply(
-                        target,
-                        StoredScope::Global,
-                        None,
-                        vec![(claims.providers[0].1, report)],
-                        &relayed,
-                    )
-                    .await
-                    .unwrap()
-            }
-        };
 
-        let first = pass(ProviderId::Greynoise, greynoise("benign")).await;
+        let first = claim_and_apply(
+            &store,
+            target,
+            ProviderId::Greynoise,
+            greynoise("benign"),
+            &relayed,
+        )
+        .await;
         assert_eq!(first.events, 1, "{}", db.label());
         assert_eq!(first.handed_off.len(), 1, "a new row is handed over");
         assert_eq!(
@@ -201,7 +174,14 @@ async fn a_write_for_the_relay_hands_over_the_rows_no_live_claim_holds() {
         );
 
         // v1 is still out (claimed): v2 is not handed over, and waits for v1's delete.
-        let second = pass(ProviderId::Abuseipdb, abuseipdb(40)).await;
+        let second = claim_and_apply(
+            &store,
+            target,
+            ProviderId::Abuseipdb,
+            abuseipdb(40),
+            &relayed,
+        )
+        .await;
         assert_eq!((second.events, second.handed_off.len()), (1, 0));
         assert!(!store.delete_outbox(UUID, 1).await.unwrap());
         let released = store
@@ -213,7 +193,14 @@ async fn a_write_for_the_relay_hands_over_the_rows_no_live_claim_holds() {
         assert!(store.delete_outbox(UUID, 2).await.unwrap());
 
         // With nothing in flight, the next change is handed over again.
-        let third = pass(ProviderId::Abuseipdb, abuseipdb(90)).await;
+        let third = claim_and_apply(
+            &store,
+            target,
+            ProviderId::Abuseipdb,
+            abuseipdb(90),
+            &relayed,
+        )
+        .await;
         assert_eq!(third.handed_off.len(), 1);
         assert_eq!(third.handed_off[0].version, 1);
     })
@@ -230,33 +217,15 @@ async fn a_write_takes_over_an_unpublished_row_whose_claim_lapsed() {
         let plain = ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]);
         let mut relayed = plain.clone();
         relayed.relay_claim = Some(Duration::from_secs(30));
-        let write = |provider: ProviderId, report: enrichd_core::ProviderReport, ctx| {
-            let store = store.clone();
-            async move {
-                let claims = store
-                    .claim_work(
-                        target,
-                        &[provider],
-                        false,
-                        Duration::from_secs(30),
-                        ClaimMode::Refresh,
-                    )
-                    .await
-                    .unwrap();
-                store
-                    .apply(
-                        target,
-                        StoredScope::Global,
-                        None,
-                        vec![(claims.providers[0].1, report)],
-                        &ctx,
-                    )
-                    .await
-                    .unwrap()
-            }
-        };
         // Written for some other relay (as `lookup` does), claimed by one that then died.
-        let left = write(ProviderId::Greynoise, greynoise("benign"), plain).await;
+        let left = claim_and_apply(
+            &store,
+            target,
+            ProviderId::Greynoise,
+            greynoise("benign"),
+            &plain,
+        )
+        .await;
         assert!(left.handed_off.is_empty(), "{}", db.label());
         assert_eq!(
             store
@@ -273,7 +242,14 @@ async fn a_write_takes_over_an_unpublished_row_whose_claim_lapsed() {
         )
         .await;
 
-        let taken = write(ProviderId::Abuseipdb, abuseipdb(40), relayed).await;
+        let taken = claim_and_apply(
+            &store,
+            target,
+            ProviderId::Abuseipdb,
+            abuseipdb(40),
+            &relayed,
+        )
+        .await;
         assert_eq!(taken.handed_off.len(), 1, "a lapsed claim is taken over");
         assert_eq!(taken.handed_off[0].version, 2);
         assert!(

@@ -1490,14 +1490,15 @@ async fn enqueue_rows(
             });
         }
         let values = values.join(", ");
+        let replace = "ON CONFLICT (attacker_uuid) DO UPDATE SET \
+                       version = enrichd_outbox.version + 1, payload = excluded.payload, \
+                       updated_at = excluded.updated_at";
         if let Some(claim_p) = &claim_p {
             let claimed = txn
                 .query_all_raw(sql.stmt(
                     format!(
                         "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                         updated_at, claimed_until) VALUES {values} ON CONFLICT (attacker_uuid) \
-                         DO UPDATE SET version = enrichd_outbox.version + 1, \
-                         payload = excluded.payload, updated_at = excluded.updated_at, \
+                         updated_at, claimed_until) VALUES {values} {replace}, \
                          claimed_until = CASE WHEN enrichd_outbox.claimed_until IS NULL \
                          OR enrichd_outbox.claimed_until < {now_p} \
                          THEN excluded.claimed_until ELSE enrichd_outbox.claimed_until END \
@@ -1527,9 +1528,7 @@ async fn enqueue_rows(
             txn.execute_raw(sql.stmt(
                 format!(
                     "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                     updated_at) VALUES {values} ON CONFLICT (attacker_uuid) DO UPDATE SET \
-                     version = enrichd_outbox.version + 1, payload = excluded.payload, \
-                     updated_at = excluded.updated_at"
+                     updated_at) VALUES {values} {replace}"
                 ),
                 p.0,
             ))
