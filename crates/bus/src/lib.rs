@@ -40,6 +40,10 @@ pub enum BusError {
         /// Where it was going.
         routing_key: String,
     },
+    /// The broker neither confirmed nor refused a publish in time: the connection is gone
+    /// without lapin having noticed, so the caller treats it as failed.
+    #[error("no confirm from the broker within {0:?}")]
+    ConfirmTimeout(std::time::Duration),
     /// The dedicated runtime could not be created.
     #[error("cannot start the amqp runtime")]
     Runtime(#[source] std::io::Error),

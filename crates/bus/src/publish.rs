@@ -9,6 +9,12 @@ use crate::BusError;
 /// AMQP `delivery_mode` for messages that must survive a broker restart.
 const PERSISTENT: u8 = 2;
 
+/// Longest wait for a publisher confirm. A loaded broker confirms within milliseconds; one
+/// that went away mid-publish may leave lapin's publish or confirm pending forever
+/// (amqp-rs/lapin#409),
+/// and a relay waiting on it would never notice the session is gone.
+pub const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A channel in confirm mode: every publish resolves only when the broker has taken it.
 #[derive(Debug, Clone)]
 pub struct Publisher {
@@ -75,7 +81,8 @@ impl Publisher {
     /// Publishes and waits for the broker's confirm.
     ///
     /// # Errors
-    /// [`BusError::Amqp`] on a channel failure, [`BusError::Nacked`] on a nack.
+    /// [`BusError::Amqp`] on a channel failure, [`BusError::Nacked`] on a nack,
+    /// [`BusError::ConfirmTimeout`] when the broker answers neither way in time.
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
         let mut properties =
             BasicProperties::default().with_content_type(ShortString::from("application/json"));
@@ -91,18 +98,24 @@ impl Publisher {
         if let Some(headers) = message.headers {
             properties = properties.with_headers(headers);
         }
-        let confirm = self
-            .channel
-            .basic_publish(
-                message.exchange.into(),
-                message.routing_key.into(),
-                BasicPublishOptions::default(),
-                message.body,
-                properties,
-            )
+        let published = async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    message.exchange.into(),
+                    message.routing_key.into(),
+                    BasicPublishOptions::default(),
+                    message.body,
+                    properties,
+                )
+                .await
+                .map_err(BusError::amqp("publish"))?;
+            confirm.await.map_err(BusError::amqp("await confirm"))
+        };
+        let confirmation = tokio::time::timeout(CONFIRM_WITHIN, published)
             .await
-            .map_err(BusError::amqp("publish"))?;
-        match confirm.await.map_err(BusError::amqp("await confirm"))? {
+            .map_err(|_| BusError::ConfirmTimeout(CONFIRM_WITHIN))?;
+        match confirmation? {
             Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
             Confirmation::Nack(_) => Err(BusError::Nacked {
                 routing_key: message.routing_key.to_owned(),

@@ -25,10 +25,10 @@ use enrichd_core::metric_names;
 use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
 use enrichd_store::Store;
 use futures::StreamExt;
-use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Acker, Event};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -38,6 +38,21 @@ use crate::aggregator::Aggregator;
 use crate::coordinator::Shutdown;
 use crate::health::HealthSource;
 use crate::relay::{OutboxHandoff, RelayEnd, run_relay};
+
+/// Longest wait for an ack, a cancel or a close. Each takes microseconds on a live
+/// connection; on one that died without lapin settling its promise it may never finish, and a
+/// session loop waiting on it would never reconnect (a replica once stayed silent after a
+/// broker restart in the fault suite until it was stopped).
+const BUS_CALL_WITHIN: Duration = Duration::from_secs(5);
+
+/// Longest wait for both connections, the topology and the consumers. A broker still starting
+/// may answer `connection.open` with `connection.close`, and lapin has left `connect` pending
+/// on that before (amqp-rs/lapin#470).
+const OPEN_WITHIN: Duration = Duration::from_secs(30);
+
+/// How often a session checks that both connections and the consuming channel are still up,
+/// for a failure that reached neither a consumer stream nor a connection's events.
+const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Health beats: at start and every 30 s, expiring after 90 s.
 const HEALTH_EVERY: Duration = Duration::from_secs(30);
@@ -338,10 +353,19 @@ async fn session(
         work_tag,
         mut control,
         control_tag,
-    } = match open_session(config).await {
-        Ok(session) => session,
-        Err(reason) => return SessionEnd::Failed(reason),
+    } = match tokio::time::timeout(OPEN_WITHIN, open_session(config)).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(reason)) => return SessionEnd::Failed(reason),
+        Err(_) => return SessionEnd::Failed(hung("opening the session")),
     };
+    // Subscribed before anything else happens on the connections: lapin sends events only
+    // while someone listens.
+    let mut connection_events = futures::stream::select(
+        consume_conn.events_listener(),
+        publish_conn.events_listener(),
+    );
+    let mut liveness = tokio::time::interval(LIVENESS_EVERY);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     deps.stats.connected.send_replace(true);
     info!(queue = %config.topology.queue, prefetch = config.prefetch, "Connected to the bus.");
     let mut background = start_background(config, deps, &publisher, &relay_stop);
@@ -376,18 +400,17 @@ async fn session(
             next = control.next(), if intake_open => if let Some(Ok(delivery)) = next {
                 on_control(&delivery, deps);
                 // Acked before any coalesced ack can go out, so none settles it by accident.
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                if within(delivery.ack(BasicAckOptions::default())).await.is_none() {
+                    break SessionEnd::Failed(hung("control ack"));
+                }
             },
             _ = intake_stop.changed(), if intake_open => {
                 intake_open = false;
-                let _ = consume_ch.basic_cancel(work_tag.as_str().into(), BasicCancelOptions::default()).await;
-                let _ = consume_ch.basic_cancel(control_tag.as_str().into(), BasicCancelOptions::default()).await;
-                // Deliveries in flight still settle; then intake is off.
-                while let Some(joined) = deliveries.join_next().await {
-                    record_fate(&mut acks, joined);
-                }
-                send_acks(&mut acks, deps, true).await;
+                let stopped = stop_intake(&consume_ch, [&work_tag, &control_tag], &mut deliveries, &mut acks, deps).await;
                 deps.stats.connected.send_replace(false);
+                if let Err(reason) = stopped {
+                    break SessionEnd::Failed(reason);
+                }
                 info!("Intake stopped.");
             },
             Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
@@ -396,9 +419,19 @@ async fn session(
                 while let Some(joined) = deliveries.try_join_next() {
                     record_fate(&mut acks, joined);
                 }
-                send_acks(&mut acks, deps, false).await;
+                if let Err(reason) = send_acks(&mut acks, deps, false).await {
+                    break SessionEnd::Failed(reason);
+                }
             },
-            () = sleep_until_some(held_until) => send_acks(&mut acks, deps, false).await,
+            () = sleep_until_some(held_until) => if let Err(reason) = send_acks(&mut acks, deps, false).await {
+                break SessionEnd::Failed(reason);
+            },
+            Some(event) = connection_events.next() => if let Event::Error(e) = event {
+                break SessionEnd::Failed(format!("connection: {e}"));
+            },
+            _ = liveness.tick() => if !all_up(&consume_conn, &publish_conn, &consume_ch) {
+                break SessionEnd::Failed("connection lost".into());
+            },
             Some(joined) = background.join_next() => {
                 if matches!(joined, Ok(true)) {
                     break SessionEnd::Failed("publishing connection failed".into());
@@ -411,9 +444,47 @@ async fn session(
     };
     background.abort_all();
     deliveries.abort_all();
-    let _ = consume_conn.close(200, "bye".into()).await;
-    let _ = publish_conn.close(200, "bye".into()).await;
+    // Best effort: after a failure the broker has closed them already.
+    let _ = within(consume_conn.close(200, "bye".into())).await;
+    let _ = within(publish_conn.close(200, "bye".into())).await;
     end
+}
+
+fn all_up(
+    consume: &lapin::Connection,
+    publish: &lapin::Connection,
+    channel: &lapin::Channel,
+) -> bool {
+    consume.status().connected() && publish.status().connected() && channel.status().connected()
+}
+
+/// `call`, or `None` when it has not finished within [`BUS_CALL_WITHIN`].
+async fn within<T>(call: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(BUS_CALL_WITHIN, call).await.ok()
+}
+
+/// Why a session ends when a call on it hung.
+fn hung(call: &str) -> String {
+    format!("{call} not done in time; the connection is taken as lost")
+}
+
+/// Cancels both consumers, lets the deliveries in flight settle and sends their acks. `Err`
+/// when an ack hung.
+async fn stop_intake(
+    consume_ch: &lapin::Channel,
+    consumer_tags: [&str; 2],
+    deliveries: &mut JoinSet<(u64, Fate)>,
+    acks: &mut AckBatcher<Acker>,
+    deps: &BusDeps,
+) -> Result<(), String> {
+    for tag in consumer_tags {
+        // A cancel that hangs is a dead connection: the broker requeues everything anyway.
+        let _ = within(consume_ch.basic_cancel(tag.into(), BasicCancelOptions::default())).await;
+    }
+    while let Some(joined) = deliveries.join_next().await {
+        record_fate(acks, joined);
+    }
+    send_acks(acks, deps, true).await
 }
 
 /// How one delivery ended.
@@ -436,31 +507,42 @@ fn record_fate(acks: &mut AckBatcher<Acker>, joined: Result<(u64, Fate), tokio::
     }
 }
 
-/// Sends the acks that are due (all that are ready with `flush`).
-async fn send_acks(acks: &mut AckBatcher<Acker>, deps: &BusDeps, flush: bool) {
+/// Sends the acks that are due (all that are ready with `flush`). `Err` when an ack hung: the
+/// connection is gone, and the acks not sent are redelivered to whoever consumes next.
+async fn send_acks(
+    acks: &mut AckBatcher<Acker>,
+    deps: &BusDeps,
+    flush: bool,
+) -> Result<(), String> {
     let round = acks.take(tokio::time::Instant::now(), flush);
     if round.is_empty() {
-        return;
+        return Ok(());
     }
     let mut sent = 0u64;
+    let mut outcome = Ok(());
     // `Ok(false)` or an error: the channel is gone, and the broker redelivers those.
-    if let Some(acker) = round.multiple
-        && matches!(
-            acker.ack(BasicAckOptions { multiple: true }).await,
-            Ok(true)
-        )
-    {
-        sent += u64::try_from(round.covered).unwrap_or(u64::MAX);
+    if let Some(acker) = round.multiple {
+        match within(acker.ack(BasicAckOptions { multiple: true })).await {
+            Some(Ok(true)) => sent += u64::try_from(round.covered).unwrap_or(u64::MAX),
+            Some(_) => {}
+            None => outcome = Err(hung("ack")),
+        }
     }
     for acker in round.singles {
-        if matches!(acker.ack(BasicAckOptions::default()).await, Ok(true)) {
-            sent += 1;
+        if outcome.is_err() {
+            break;
+        }
+        match within(acker.ack(BasicAckOptions::default())).await {
+            Some(Ok(true)) => sent += 1,
+            Some(_) => {}
+            None => outcome = Err(hung("ack")),
         }
     }
     deps.stats.acked.fetch_add(sent, Ordering::Relaxed);
     enrichd_metrics::global()
         .counter(metric_names::EVENTS_ACKED, &[])
         .add(sent);
+    outcome
 }
 
 async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
@@ -551,7 +633,10 @@ async fn dead_letter(
     {
         Ok(()) => {
             warn!(reason, "Delivery dead-lettered.");
-            if !matches!(delivery.ack(BasicAckOptions::default()).await, Ok(true)) {
+            if !matches!(
+                within(delivery.ack(BasicAckOptions::default())).await,
+                Some(Ok(true))
+            ) {
                 // The channel is gone; the broker redelivers it.
                 return Fate::Unsettled;
             }
