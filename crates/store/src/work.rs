@@ -372,9 +372,25 @@ impl Store {
         let mut outcomes = vec![ApplyOutcome::default(); items.len()];
 
         // The IPs' rows first, in key order: every writer for these IPs queues here.
-        ensure_ip_rows(self, &txn, &keys, now, None).await?;
+        let mut locked = lock_ip_rows(self, &txn, &keys, "*").await?;
+        if locked.len() < keys.len() {
+            // An address with no row yet (written without intake: `lookup`, a skipped scope):
+            // created and locked after the others. That is out of key order, and a deadlock
+            // it may cause is retried like any other.
+            let found: HashSet<String> = locked
+                .iter()
+                .map(|row| row.try_get::<String>("", "ip"))
+                .collect::<Result<_, _>>()?;
+            let missing: Vec<String> = keys
+                .iter()
+                .filter(|k| !found.contains(*k))
+                .cloned()
+                .collect();
+            ensure_ip_rows(self, &txn, &missing, now, None).await?;
+            locked.extend(lock_ip_rows(self, &txn, &missing, "*").await?);
+        }
         let mut stored: HashMap<String, (PtrState, Option<String>)> = HashMap::new();
-        for row in lock_ip_rows(self, &txn, &keys, "*").await? {
+        for row in locked {
             let ip: String = row.try_get("", "ip")?;
             let scope: Option<String> = row.try_get("", "scope")?;
             stored.insert(ip, (read_ptr(self, &row)?, scope));
@@ -1256,7 +1272,7 @@ pub(crate) struct MappedAttacker {
 
 /// Maps attacker rows whose stored `ip` is one of these canonical texts (the common case;
 /// other spellings are mapped by `sync_attacker_map`), then lists every attacker of each IP:
-/// two statements in all.
+/// one statement on PostgreSQL, two on SQLite.
 pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
     store: &Store,
     db: &C,
@@ -1269,29 +1285,35 @@ pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
         let list = p.list(keys.iter().cloned());
-        db.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, mapped_at) \
-                 SELECT a.uuid, a.ip, {now_p} FROM attackers a WHERE a.ip IN ({list}) \
-                 AND NOT EXISTS (SELECT 1 FROM enrichd_attacker_map m \
-                 WHERE m.attacker_uuid = a.uuid) ON CONFLICT (attacker_uuid) DO NOTHING"
-            ),
-            p.0,
-        ))
-        .await?;
-        let mut p = Params::default();
-        let list = p.list(keys.iter().cloned());
-        let rows = db
-            .query_all_raw(sql.stmt(
+        let sync = format!(
+            "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, mapped_at) \
+             SELECT a.uuid, a.ip, {now_p} FROM attackers a WHERE a.ip IN ({list}) \
+             AND NOT EXISTS (SELECT 1 FROM enrichd_attacker_map m \
+             WHERE m.attacker_uuid = a.uuid) ON CONFLICT (attacker_uuid) DO NOTHING"
+        );
+        let rows = if sql.is_pg() {
+            // One round trip: the rows the sync maps come back from it, since the outer
+            // query's snapshot does not see them (so none is listed twice).
+            db.query_all_raw(sql.stmt(
                 format!(
-                    "SELECT m.ip AS ip, m.attacker_uuid AS attacker_uuid, \
-                     m.payload_digest AS payload_digest \
-                     FROM enrichd_attacker_map m JOIN attackers a ON a.uuid = m.attacker_uuid \
-                     WHERE m.ip IN ({list}) ORDER BY m.ip, m.attacker_uuid"
+                    "WITH synced AS ({sync} RETURNING ip, attacker_uuid, payload_digest) \
+                     {} UNION ALL SELECT ip, attacker_uuid, payload_digest FROM synced \
+                     ORDER BY ip, attacker_uuid",
+                    mapped_select(&list)
                 ),
                 p.0,
             ))
-            .await?;
+            .await?
+        } else {
+            db.execute_raw(sql.stmt(sync, p.0)).await?;
+            let mut p = Params::default();
+            let list = p.list(keys.iter().cloned());
+            db.query_all_raw(sql.stmt(
+                format!("{} ORDER BY m.ip, m.attacker_uuid", mapped_select(&list)),
+                p.0,
+            ))
+            .await?
+        };
         for row in &rows {
             let ip: String = row.try_get("", "ip")?;
             by_ip.entry(ip).or_default().push(MappedAttacker {
@@ -1301,6 +1323,15 @@ pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
         }
     }
     Ok(by_ip)
+}
+
+/// The attackers mapped to the addresses in the placeholder `list`.
+fn mapped_select(list: &str) -> String {
+    format!(
+        "SELECT m.ip AS ip, m.attacker_uuid AS attacker_uuid, m.payload_digest AS payload_digest \
+         FROM enrichd_attacker_map m JOIN attackers a ON a.uuid = m.attacker_uuid \
+         WHERE m.ip IN ({list})"
+    )
 }
 
 /// Every `attacker_intel` row in `intel` (attacker uuid, index into `columns`) upserted,
