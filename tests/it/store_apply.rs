@@ -9,8 +9,8 @@ use enrichd_store::{ClaimMode, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, count, ctx, exec, feodo, greynoise, ip, long_ago, migrated, on_both,
-    texts,
+    abuseipdb, add_attacker, claim_and_apply, claim_one, count, ctx, exec, feodo, greynoise, ip,
+    long_ago, migrated, on_both, texts,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -32,26 +32,8 @@ async fn two_writers_for_two_providers_of_one_ip_merge_into_one_row() {
             )
             .await;
             let target = ip(&text);
-            let ca = a
-                .claim_work(
-                    target,
-                    &[ProviderId::Greynoise],
-                    false,
-                    LEASE,
-                    ClaimMode::Due,
-                )
-                .await
-                .unwrap();
-            let cb = b
-                .claim_work(
-                    target,
-                    &[ProviderId::Abuseipdb],
-                    false,
-                    LEASE,
-                    ClaimMode::Due,
-                )
-                .await
-                .unwrap();
+            let ca = claim_one(&a, &text, ProviderId::Greynoise, LEASE).await;
+            let cb = claim_one(&b, &text, ProviderId::Abuseipdb, LEASE).await;
             let (ra, rb) = tokio::join!(
                 a.apply(
                     target,
@@ -111,16 +93,7 @@ async fn a_late_result_from_a_lapsed_lease_does_not_overwrite_a_newer_one() {
         add_attacker(&conn, "00000000-0000-4000-8000-000000000001", "8.8.4.4", 0).await;
         let target = ip("8.8.4.4");
         let only = ctx(&[ProviderId::Greynoise]);
-        let late = a
-            .claim_work(
-                target,
-                &[ProviderId::Greynoise],
-                false,
-                LEASE,
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let late = claim_one(&a, "8.8.4.4", ProviderId::Greynoise, LEASE).await;
         // A's lease lapses (as if A stalled past it); B takes the work over.
         exec(
             &conn,
@@ -128,16 +101,7 @@ async fn a_late_result_from_a_lapsed_lease_does_not_overwrite_a_newer_one() {
             vec![long_ago(&db)],
         )
         .await;
-        let fresh = b
-            .claim_work(
-                target,
-                &[ProviderId::Greynoise],
-                false,
-                LEASE,
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let fresh = claim_one(&b, "8.8.4.4", ProviderId::Greynoise, LEASE).await;
         assert_eq!(fresh.providers.len(), 1, "a lapsed lease is taken over");
         let newer = b
             .apply(
@@ -192,32 +156,7 @@ async fn an_error_keeps_the_earlier_answer_and_a_negative_answer_replaces_it() {
         add_attacker(&conn, "00000000-0000-4000-8000-000000000001", "5.6.7.8", 0).await;
         let target = ip("5.6.7.8");
         let only = ctx(&[ProviderId::Feodo]);
-        let pass = |report: ProviderReport| {
-            let store = store.clone();
-            let only = only.clone();
-            async move {
-                let claims = store
-                    .claim_work(
-                        target,
-                        &[ProviderId::Feodo],
-                        false,
-                        LEASE,
-                        ClaimMode::Refresh,
-                    )
-                    .await
-                    .unwrap();
-                store
-                    .apply(
-                        target,
-                        StoredScope::Global,
-                        None,
-                        vec![(claims.providers[0].1, report)],
-                        &only,
-                    )
-                    .await
-                    .unwrap()
-            }
-        };
+        let pass = |report| claim_and_apply(&store, target, ProviderId::Feodo, report, &only);
         pass(feodo(true)).await;
         pass(ProviderReport::error(ProviderId::Feodo, "server error 503")).await;
         let sql = "SELECT CAST(feodo_listed AS TEXT) || ' ' || COALESCE(feodo_malware_family, '-') \
@@ -405,26 +344,14 @@ async fn sqlite_timestamps_are_stored_as_fixed_width_text() {
         .await
         .unwrap();
     assert!(intake.created.is_some(), "enrichd owns attackers here");
-    let claims = store
-        .claim_work(
-            target,
-            &[ProviderId::Greynoise],
-            false,
-            LEASE,
-            ClaimMode::Due,
-        )
-        .await
-        .unwrap();
-    store
-        .apply(
-            target,
-            StoredScope::Global,
-            None,
-            vec![(claims.providers[0].1, greynoise("benign"))],
-            &ctx(&[ProviderId::Greynoise]),
-        )
-        .await
-        .unwrap();
+    claim_and_apply(
+        &store,
+        target,
+        ProviderId::Greynoise,
+        greynoise("benign"),
+        &ctx(&[ProviderId::Greynoise]),
+    )
+    .await;
     let stored = texts(
         &conn,
         "SELECT cached_at FROM attacker_intel UNION ALL SELECT expires_at FROM attacker_intel \
