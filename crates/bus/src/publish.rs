@@ -11,8 +11,7 @@ const PERSISTENT: u8 = 2;
 
 /// Longest wait for a publisher confirm. A loaded broker confirms within milliseconds; one
 /// that went away mid-publish may leave lapin's publish or confirm pending forever
-/// (amqp-rs/lapin#409),
-/// and a relay waiting on it would never notice the session is gone.
+/// (amqp-rs/lapin#409), and a relay waiting on it would never notice the session is gone.
 pub const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A channel in confirm mode: every publish resolves only when the broker has taken it.

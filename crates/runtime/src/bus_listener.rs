@@ -450,6 +450,7 @@ async fn session(
     end
 }
 
+/// Whether lapin still counts both connections and the consuming channel as connected.
 fn all_up(
     consume: &lapin::Connection,
     publish: &lapin::Connection,
