@@ -9,8 +9,8 @@ use enrichd_store::{ClaimMode, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, claim_and_apply, claim_one, count, ctx, exec, feodo, greynoise, ip,
-    long_ago, migrated, on_both, texts,
+    abuseipdb, add_attacker, claim, claim_and_apply, claim_one, count, ctx, exec, feodo, greynoise,
+    ip, long_ago, migrated, on_both, texts,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -205,16 +205,15 @@ async fn every_attacker_row_of_an_ip_gets_the_row_and_the_ptr_name_is_restored()
         let target = ip("8.8.8.8");
         let mut c = ctx(&[ProviderId::Greynoise]);
         c.ptr_enabled = true;
-        let claims = store
-            .claim_work(
-                target,
-                &[ProviderId::Greynoise],
-                true,
-                LEASE,
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let claims = claim(
+            &store,
+            target,
+            &[ProviderId::Greynoise],
+            true,
+            LEASE,
+            ClaimMode::Due,
+        )
+        .await;
         let ptr = PtrReport {
             outcome: PtrOutcome::Ok,
             name: Some("dns.google".into()),
@@ -250,10 +249,7 @@ async fn every_attacker_row_of_an_ip_gets_the_row_and_the_ptr_name_is_restored()
 
         // Something else nulls it; the next pass (a PTR failure) restores the good name.
         exec(&conn, "UPDATE attackers SET ptr_record = NULL", vec![]).await;
-        let claims = store
-            .claim_work(target, &[], true, LEASE, ClaimMode::Refresh)
-            .await
-            .unwrap();
+        let claims = claim(&store, target, &[], true, LEASE, ClaimMode::Refresh).await;
         let out = store
             .apply(
                 target,

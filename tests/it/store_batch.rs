@@ -11,7 +11,7 @@ use enrichd_store::{
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, claim_one, count, exec, greynoise, ip, migrated, on_both, texts,
+    abuseipdb, add_attacker, claim, claim_one, count, exec, greynoise, ip, migrated, on_both, texts,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -357,27 +357,25 @@ async fn an_intake_batch_claims_the_work_of_the_events_that_ask_for_it() {
         );
 
         // The intake's leases hold against another replica; the unclaimed address is free.
-        let other = b
-            .claim_work(
-                ip("45.155.208.1"),
-                &providers,
-                true,
-                Duration::from_secs(30),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let other = claim(
+            &b,
+            ip("45.155.208.1"),
+            &providers,
+            true,
+            LEASE,
+            ClaimMode::Due,
+        )
+        .await;
         assert!(other.is_empty(), "{}: {other:?}", db.label());
-        let free = b
-            .claim_work(
-                ip("45.155.208.2"),
-                &providers,
-                true,
-                Duration::from_secs(30),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let free = claim(
+            &b,
+            ip("45.155.208.2"),
+            &providers,
+            true,
+            LEASE,
+            ClaimMode::Due,
+        )
+        .await;
         assert!(
             free.ptr.is_some() && free.providers.len() == 2,
             "{}",

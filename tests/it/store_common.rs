@@ -43,8 +43,20 @@ pub(crate) async fn claim_one(
     provider: ProviderId,
     lease: Duration,
 ) -> Claims {
+    claim(store, ip(target), &[provider], false, lease, ClaimMode::Due).await
+}
+
+/// `store`'s claim of `target`'s `providers` (and its PTR lookup with `ptr`) for `lease`.
+pub(crate) async fn claim(
+    store: &Store,
+    target: CanonicalIp,
+    providers: &[ProviderId],
+    ptr: bool,
+    lease: Duration,
+    mode: ClaimMode,
+) -> Claims {
     store
-        .claim_work(ip(target), &[provider], false, lease, ClaimMode::Due)
+        .claim_work(target, providers, ptr, lease, mode)
         .await
         .expect("claim")
 }
@@ -185,16 +197,15 @@ pub(crate) async fn claim_and_apply(
     report: ProviderReport,
     ctx: &ApplyContext,
 ) -> ApplyOutcome {
-    let claims = store
-        .claim_work(
-            target,
-            &[provider],
-            false,
-            Duration::from_secs(30),
-            ClaimMode::Refresh,
-        )
-        .await
-        .expect("claim");
+    let claims = claim(
+        store,
+        target,
+        &[provider],
+        false,
+        Duration::from_secs(30),
+        ClaimMode::Refresh,
+    )
+    .await;
     store
         .apply(
             target,

@@ -9,7 +9,7 @@ use enrichd_store::{ClaimMode, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    add_attacker, count, ctx, exec, greynoise, ip, long_ago, migrated, on_both,
+    add_attacker, claim, count, ctx, exec, greynoise, ip, long_ago, migrated, on_both,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -127,16 +127,15 @@ async fn backlog_is_newest_first_deduplicated_and_skips_fresh_leased_and_parked_
 
         // Fresh work leaves the backlog.
         let target = ip("1.0.0.2");
-        let claims = a
-            .claim_work(
-                target,
-                &[ProviderId::Greynoise],
-                false,
-                Duration::from_secs(30),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let claims = claim(
+            &a,
+            target,
+            &[ProviderId::Greynoise],
+            false,
+            Duration::from_secs(30),
+            ClaimMode::Due,
+        )
+        .await;
         a.apply(
             target,
             StoredScope::Global,
@@ -153,15 +152,15 @@ async fn backlog_is_newest_first_deduplicated_and_skips_fresh_leased_and_parked_
 
         // Leased by a live owner: in nobody's backlog, the holder's included (its own job is
         // running, or the lease holds back work whose provider was unavailable).
-        b.claim_work(
+        claim(
+            &b,
             ip("1.0.0.3"),
             &[ProviderId::Greynoise],
             false,
             Duration::from_secs(60),
             ClaimMode::Due,
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(names(a.backlog(10, &c).await.unwrap()), ["1.0.0.1"]);
         assert_eq!(names(b.backlog(10, &c).await.unwrap()), ["1.0.0.1"]);
 

@@ -7,7 +7,10 @@ use enrichd_store::{ClaimMode, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 use enrichd_testkit::eventually;
 
-use crate::store_common::{ctx, greynoise, ip, migrated, on_both};
+use crate::store_common::{claim, ctx, greynoise, ip, migrated, on_both};
+
+const SHORT: Duration = Duration::from_secs(1);
+const LONG: Duration = Duration::from_secs(300);
 
 #[tokio::test]
 async fn a_lease_is_refused_to_another_owner_until_it_lapses_on_the_database_clock() {
@@ -16,24 +19,12 @@ async fn a_lease_is_refused_to_another_owner_until_it_lapses_on_the_database_clo
         let b = Store::connect(db.url()).await.unwrap();
         let target = ip("9.9.9.9");
         let work = [ProviderId::Greynoise, ProviderId::Threatfox];
-        let held = a
-            .claim_work(target, &work, true, Duration::from_secs(1), ClaimMode::Due)
-            .await
-            .unwrap();
+        let held = claim(&a, target, &work, true, SHORT, ClaimMode::Due).await;
         assert_eq!(held.providers.len(), 2, "{}", db.label());
         let lease = held.ptr.expect("ptr lease");
         assert!(lease.until > lease.claimed_at);
 
-        let refused = b
-            .claim_work(
-                target,
-                &work,
-                true,
-                Duration::from_secs(30),
-                ClaimMode::Refresh,
-            )
-            .await
-            .unwrap();
+        let refused = claim(&b, target, &work, true, LONG, ClaimMode::Refresh).await;
         assert!(refused.is_empty(), "{refused:?}");
 
         let taken = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -41,10 +32,7 @@ async fn a_lease_is_refused_to_another_owner_until_it_lapses_on_the_database_clo
             let b = b.clone();
             let taken = taken.clone();
             async move {
-                let claims = b
-                    .claim_work(target, &work, true, Duration::from_secs(30), ClaimMode::Due)
-                    .await
-                    .unwrap();
+                let claims = claim(&b, target, &work, true, LONG, ClaimMode::Due).await;
                 let got = !claims.is_empty();
                 if got {
                     *taken.lock().unwrap() = Some(claims);
@@ -73,51 +61,14 @@ async fn fresh_work_is_not_claimed_and_released_leases_are_free_at_once() {
         let b = Store::connect(db.url()).await.unwrap();
         let target = ip("9.9.9.10");
         let only = [ProviderId::Greynoise];
-        let claims = a
-            .claim_work(
-                target,
-                &only,
-                false,
-                Duration::from_secs(300),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let claims = claim(&a, target, &only, false, LONG, ClaimMode::Due).await;
         // The holder itself may renew its own lease; another owner may not take it.
-        let renewed = a
-            .claim_work(
-                target,
-                &only,
-                false,
-                Duration::from_secs(300),
-                ClaimMode::Refresh,
-            )
-            .await
-            .unwrap();
+        let renewed = claim(&a, target, &only, false, LONG, ClaimMode::Refresh).await;
         assert_eq!(renewed.providers.len(), 1);
-        assert!(
-            b.claim_work(
-                target,
-                &only,
-                false,
-                Duration::from_secs(300),
-                ClaimMode::Refresh
-            )
-            .await
-            .unwrap()
-            .is_empty()
-        );
+        let other = claim(&b, target, &only, false, LONG, ClaimMode::Refresh).await;
+        assert!(other.is_empty(), "{other:?}");
         assert_eq!(a.release_leases().await.unwrap(), 1);
-        let claims_b = b
-            .claim_work(
-                target,
-                &only,
-                false,
-                Duration::from_secs(300),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let claims_b = claim(&b, target, &only, false, LONG, ClaimMode::Due).await;
         assert_eq!(
             claims_b.providers.len(),
             1,
@@ -135,27 +86,9 @@ async fn fresh_work_is_not_claimed_and_released_leases_are_free_at_once() {
         .await
         .unwrap();
         // Answered and fresh: nothing is due; a refresh still takes it; the lease was cleared.
-        let due = a
-            .claim_work(
-                target,
-                &only,
-                false,
-                Duration::from_secs(30),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
-        assert!(due.is_empty());
-        let refresh = a
-            .claim_work(
-                target,
-                &only,
-                false,
-                Duration::from_secs(30),
-                ClaimMode::Refresh,
-            )
-            .await
-            .unwrap();
+        let due = claim(&a, target, &only, false, LONG, ClaimMode::Due).await;
+        assert!(due.is_empty(), "{due:?}");
+        let refresh = claim(&a, target, &only, false, LONG, ClaimMode::Refresh).await;
         assert_eq!(refresh.providers.len(), 1);
     })
     .await;
@@ -166,44 +99,27 @@ async fn giving_back_one_item_frees_only_that_item() {
     on_both(|db: TestDb| async move {
         let a = migrated(&db).await;
         let b = Store::connect(db.url()).await.unwrap();
-        // Giving back one item frees it for others; the rest stays held.
-        a.claim_work(
-            ip("9.9.9.12"),
-            &[ProviderId::Feodo, ProviderId::Threatfox],
-            true,
-            Duration::from_secs(300),
-            ClaimMode::Due,
-        )
-        .await
-        .unwrap();
-        a.release_work(ip("9.9.9.12"), &[ProviderId::Feodo], true)
+        let target = ip("9.9.9.12");
+        let both = [ProviderId::Feodo, ProviderId::Threatfox];
+        claim(&a, target, &both, true, LONG, ClaimMode::Due).await;
+        a.release_work(target, &[ProviderId::Feodo], true)
             .await
             .unwrap();
-        let partial = b
-            .claim_work(
-                ip("9.9.9.12"),
-                &[ProviderId::Feodo, ProviderId::Threatfox],
-                true,
-                Duration::from_secs(300),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let partial = claim(&b, target, &both, true, LONG, ClaimMode::Due).await;
         assert!(partial.ptr.is_some());
         assert_eq!(
             partial.providers.iter().map(|p| p.0).collect::<Vec<_>>(),
             [ProviderId::Feodo]
         );
-        let rest = b
-            .claim_work(
-                ip("9.9.9.12"),
-                &[ProviderId::Threatfox],
-                false,
-                Duration::from_secs(300),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let rest = claim(
+            &b,
+            target,
+            &[ProviderId::Threatfox],
+            false,
+            LONG,
+            ClaimMode::Due,
+        )
+        .await;
         assert!(rest.is_empty(), "{}: threatfox is still held", db.label());
     })
     .await;

@@ -7,8 +7,8 @@ use enrichd_store::{ClaimMode, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, claim_and_apply, count, ctx, exec, greynoise, ip, long_ago, migrated,
-    on_both,
+    abuseipdb, add_attacker, claim, claim_and_apply, count, ctx, exec, greynoise, ip, long_ago,
+    migrated, on_both,
 };
 
 const UUID: &str = "00000000-0000-4000-8000-000000000001";
@@ -103,16 +103,15 @@ async fn without_a_bus_nothing_is_written_to_the_outbox() {
         let target = ip("7.7.7.8");
         let mut no_bus = ctx(&[ProviderId::Greynoise]);
         no_bus.outbox_enabled = false;
-        let claims = store
-            .claim_work(
-                target,
-                &[ProviderId::Greynoise],
-                false,
-                Duration::from_secs(30),
-                ClaimMode::Due,
-            )
-            .await
-            .unwrap();
+        let claims = claim(
+            &store,
+            target,
+            &[ProviderId::Greynoise],
+            false,
+            Duration::from_secs(30),
+            ClaimMode::Due,
+        )
+        .await;
         let out = store
             .apply(
                 target,
