@@ -124,6 +124,7 @@ pub(crate) fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
 pub(crate) struct CpuSnapshot {
     groups: BTreeMap<String, u64>,
     machine_busy: u64,
+    steal: u64,
     at: Option<tokio::time::Instant>,
 }
 
@@ -136,6 +137,10 @@ pub(crate) struct CpuSplit {
     pub machine_busy: f64,
     /// Busy time not in any tracked group: other work on this shared machine.
     pub other: f64,
+    /// Part of `machine_busy` the hypervisor gave to other guests (`steal` in `/proc/stat`):
+    /// time this machine's processes wanted a core and did not get one. Hosts of the same
+    /// kind differ twofold in their ceilings; a run with much steal is slower still.
+    pub steal: f64,
 }
 
 /// Groups by pid (`enrichd`, `fakes`) plus every `postgres` and `beam.smp` process.
@@ -174,14 +179,17 @@ pub(crate) fn cpu_snapshot(pids: &[(&str, u32)]) -> CpuSnapshot {
             *groups.entry(group).or_default() += ticks;
         }
     }
+    let (machine_busy, steal) = machine_ticks().unwrap_or((0, 0));
     CpuSnapshot {
         groups,
-        machine_busy: machine_busy_ticks().unwrap_or(0),
+        machine_busy,
+        steal,
         at: Some(tokio::time::Instant::now()),
     }
 }
 
-fn machine_busy_ticks() -> Option<u64> {
+/// Machine-wide busy ticks (steal included) and steal ticks.
+fn machine_ticks() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().find(|l| l.starts_with("cpu "))?;
     let fields: Vec<u64> = line
@@ -192,7 +200,7 @@ fn machine_busy_ticks() -> Option<u64> {
     // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
     let total: u64 = fields.iter().take(8).sum();
     let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
-    Some(total - idle)
+    Some((total - idle, fields.get(7).copied().unwrap_or(0)))
 }
 
 impl CpuSnapshot {
@@ -207,6 +215,7 @@ impl CpuSnapshot {
             groups.insert(name.clone(), round3(secs));
         }
         let machine_busy = later.machine_busy.saturating_sub(self.machine_busy) as f64 / ticks;
+        let steal = later.steal.saturating_sub(self.steal) as f64 / ticks;
         let wall_secs = match (self.at, later.at) {
             (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
             _ => 0.0,
@@ -216,6 +225,7 @@ impl CpuSnapshot {
             groups,
             machine_busy: round3(machine_busy),
             other: round3((machine_busy - tracked).max(0.0)),
+            steal: round3(steal),
         }
     }
 }

@@ -331,6 +331,7 @@ pub(crate) async fn backfill(
         "MiB",
         "VmHWM of enrichd",
     ));
+    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
     report.details["cpu"] = json!(cpu);
     report.details["fakes"] = stats.summary();
     let counters = db::pg_counters(target).await;
@@ -630,6 +631,7 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
         "MiB",
         "VmHWM of enrichd",
     ));
+    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
     report.details["cpu"] = json!(cpu);
     report.details["fakes"] = stats.summary();
     let counters = db::pg_counters(&target).await;
@@ -764,6 +766,7 @@ pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::R
         "s",
         "whole run",
     ));
+    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
     report.details["cpu"] = json!(cpu);
     report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
     report.details["database"] = db::pg_counters(&target).await;
@@ -878,6 +881,7 @@ pub(crate) async fn memory(
         "s",
         "whole run",
     ));
+    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
     report.details["cpu"] = json!(cpu);
     report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
     let counters = db::pg_counters(&target).await;
@@ -924,6 +928,25 @@ pub(crate) async fn backfill_target(ctx: &Ctx, sqlite: bool) -> anyhow::Result<D
     } else {
         ctx.pg("backfill").await
     }
+}
+
+/// The CPU time the hypervisor took from this machine during a scenario: a figure is only
+/// comparable with another host's, or another run's, when both had little of it.
+fn steal_figure(steal_secs: f64, wall_secs: f64) -> Figure {
+    let share = if wall_secs > 0.0 {
+        steal_secs / wall_secs
+    } else {
+        0.0
+    };
+    Figure::info(
+        "steal_secs",
+        steal_secs,
+        "s",
+        format!(
+            "CPU time given to other guests ({:.0} % of one core over the run)",
+            share * 100.0
+        ),
+    )
 }
 
 #[cfg(test)]
