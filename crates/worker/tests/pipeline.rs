@@ -123,6 +123,8 @@ async fn a_scored_envelope_becomes_a_compatible_row_and_an_enriched_event() {
         1
     );
     assert_eq!(fakes.greynoise_calls().get("45.155.205.233"), Some(&1));
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,6 +224,7 @@ async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
     .await;
     assert!(consumer_gone);
     assert_eq!(bus.queue_depth(&bus.topology.queue).await, 0);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,6 +271,8 @@ async fn the_same_message_twice_gives_one_row_one_event_and_one_lookup() {
         "an unchanged payload publishes no second event"
     );
     assert_eq!(fakes.greynoise_calls().get("1.1.1.7"), Some(&1));
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,6 +336,8 @@ async fn poison_is_dead_lettered_with_its_reason_and_consumption_goes_on() {
             && all.contains("not a json object"),
         "{all}"
     );
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,6 +389,8 @@ async fn a_database_outage_pauses_intake_and_loses_nothing() {
     );
     assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 0);
     assert_eq!(scalar(&conn, "SELECT COUNT(*) FROM attackers").await, 20);
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,6 +442,8 @@ async fn sigterm_during_work_loses_nothing_and_duplicates_nothing() {
         100,
         "no duplicate intel rows"
     );
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,6 +508,8 @@ async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed(
     .await;
     assert!(consumed, "{}", worker.log_text());
     assert!(worker.counter("enrichd_events_acked_total").await >= 1);
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,6 +544,8 @@ async fn stop_on_the_control_topic_drains_and_exits_zero() {
         "{}",
         worker.log_text()
     );
+    drop(worker);
+    bus.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,4 +606,5 @@ async fn dlq_replay_and_purge_from_the_command_line() {
         .await
         .unwrap();
     assert_eq!(none.status.code(), Some(78));
+    bus.teardown().await;
 }
