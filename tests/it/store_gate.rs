@@ -144,3 +144,47 @@ async fn a_daily_quota_is_spent_across_stores() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unmetered_provider_is_granted_without_a_limits_row_and_sees_a_park_soon() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = Store::connect(db.url()).await.unwrap();
+        let unmetered = limits(0.0, 0, "k");
+        // A provider's full concurrency at once, before the provider has a limits row.
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (b, unmetered) = (b.clone(), unmetered.clone());
+            calls.spawn(async move { b.reserve(ProviderId::Greynoise, &unmetered).await });
+        }
+        let answers = calls.join_all().await;
+        assert!(
+            answers
+                .iter()
+                .all(|r| matches!(r, Ok(Reservation::Granted { .. }))),
+            "{}: {answers:?}",
+            db.label()
+        );
+
+        let until = a.db_now().await.unwrap() + chrono::Duration::hours(1);
+        a.record(ProviderId::Greynoise, GateEvent::Park { until })
+            .await
+            .unwrap();
+        let seen = enrichd_testkit::eventually(Duration::from_secs(5), || {
+            let (b, unmetered) = (b.clone(), unmetered.clone());
+            async move {
+                matches!(
+                    b.reserve(ProviderId::Greynoise, &unmetered).await,
+                    Ok(Reservation::Parked { .. })
+                )
+            }
+        })
+        .await;
+        assert!(
+            seen,
+            "{}: another store's park never reached this one",
+            db.label()
+        );
+    })
+    .await;
+}
