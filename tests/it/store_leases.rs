@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use enrichd_core::ProviderId;
+use enrichd_core::{CanonicalIp, ProviderId};
 use enrichd_store::{ClaimMode, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 use enrichd_testkit::eventually;
@@ -121,6 +121,44 @@ async fn giving_back_one_item_frees_only_that_item() {
         )
         .await;
         assert!(rest.is_empty(), "{}: threatfox is still held", db.label());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_claiming_the_same_new_addresses_at_once_share_them_out() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = Store::connect(db.url()).await.unwrap();
+        let targets: Vec<CanonicalIp> = (1..=40).map(|n| ip(&format!("10.9.0.{n}"))).collect();
+        let reversed: Vec<CanonicalIp> = targets.iter().rev().copied().collect();
+        let work = [ProviderId::Greynoise, ProviderId::Threatfox];
+        let (by_a, by_b) = tokio::join!(
+            a.claim_batch(&targets, &work, true, LONG, ClaimMode::Due),
+            b.claim_batch(&reversed, &work, true, LONG, ClaimMode::Due),
+        );
+        let (by_a, by_b) = (by_a.unwrap(), by_b.unwrap());
+        for (i, target) in targets.iter().enumerate() {
+            let (mine, theirs) = (&by_a[i], &by_b[targets.len() - 1 - i]);
+            assert_eq!(
+                usize::from(mine.ptr.is_some()) + usize::from(theirs.ptr.is_some()),
+                1,
+                "{}: the PTR of {target} is leased exactly once",
+                db.label()
+            );
+            for provider in work {
+                let holders = [mine, theirs]
+                    .iter()
+                    .filter(|c| c.providers.iter().any(|(p, _)| *p == provider))
+                    .count();
+                assert_eq!(
+                    holders,
+                    1,
+                    "{}: {provider:?} of {target} is leased exactly once",
+                    db.label()
+                );
+            }
+        }
     })
     .await;
 }

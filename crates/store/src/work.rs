@@ -164,7 +164,17 @@ impl Store {
         let (txn, now) = self.begin_write_at().await?;
         let lease = Lease::starting(now, lease_for);
         let created = ensure_ip_rows(self, &txn, keys, now, ptr.then_some(lease.until)).await?;
-        lock_ip_rows(self, &txn, keys, "ip").await?;
+        // A row this transaction created is its own until commit (another writer of that
+        // address waits on the insert), so only the rows that existed are locked: a claim of
+        // new addresses, as in every first backfill, saves the round trip.
+        let existing: Vec<String> = keys
+            .iter()
+            .filter(|k| !created.contains(*k))
+            .cloned()
+            .collect();
+        if !existing.is_empty() {
+            lock_ip_rows(self, &txn, &existing, "ip").await?;
+        }
         let claims =
             claim_locked(self, &txn, keys, &created, wanted, ptr, lease, now, mode).await?;
         txn.commit().await?;
