@@ -11,7 +11,7 @@ use enrichd_core::text::column_text;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
 use crate::error::retry_busy;
-use crate::sql::{Params, ROWS_PER_STATEMENT};
+use crate::sql::{Params, ROWS_PER_STATEMENT, shift_placeholders};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
 use crate::work::{
     ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
@@ -498,36 +498,44 @@ async fn map_rows<C: ConnectionTrait>(
     rows: &[(String, String)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let sql = store.sql;
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
-        let values: Vec<String> = chunk
-            .iter()
-            .map(|(uuid, stored_ip)| {
-                let (ip, reason) = match CanonicalIp::parse(stored_ip) {
-                    Ok(ip) => (Some(ip.to_string()), None),
-                    Err(e) => (None, Some(column_text(&e.to_string(), 128))),
-                };
-                format!(
-                    "({}, {}, {}, {now_p})",
-                    p.push(uuid.clone()),
-                    p.push(ip),
-                    p.push(reason)
-                )
-            })
-            .collect();
-        db.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
-                 VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
-                values.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        let (statement, values) = map_statement(store, chunk, now);
+        db.execute_raw(store.sql.stmt(statement, values)).await?;
     }
     Ok(())
+}
+
+/// The statement of [`map_rows`] for one chunk, and its parameters.
+fn map_statement(
+    store: &Store,
+    chunk: &[(String, String)],
+    now: DateTime<Utc>,
+) -> (String, Vec<Value>) {
+    let mut p = Params::default();
+    let now_p = p.push(store.sql.ts(now));
+    let values: Vec<String> = chunk
+        .iter()
+        .map(|(uuid, stored_ip)| {
+            let (ip, reason) = match CanonicalIp::parse(stored_ip) {
+                Ok(ip) => (Some(ip.to_string()), None),
+                Err(e) => (None, Some(column_text(&e.to_string(), 128))),
+            };
+            format!(
+                "({}, {}, {}, {now_p})",
+                p.push(uuid.clone()),
+                p.push(ip),
+                p.push(reason)
+            )
+        })
+        .collect();
+    (
+        format!(
+            "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
+             VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
+            values.join(", ")
+        ),
+        p.0,
+    )
 }
 
 /// Inserts attacker rows (uuid, canonical IP, first seen) into enrichd's own `attackers`
@@ -555,20 +563,28 @@ async fn insert_attackers<C: ConnectionTrait>(
                 )
             })
             .collect();
-        db.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
-                 VALUES {} ON CONFLICT (uuid) DO NOTHING",
-                values.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        let insert = format!(
+            "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
+             VALUES {} ON CONFLICT (uuid) DO NOTHING",
+            values.join(", ")
+        );
         let mapped: Vec<(String, String)> = chunk
             .iter()
             .map(|(uuid, ip, _)| (uuid.clone(), ip.clone()))
             .collect();
-        map_rows(store, db, &mapped, now).await?;
+        if sql.is_pg() {
+            // One round trip for both: the insert runs as a data-modifying CTE of the mapping.
+            // The map has no foreign key to `attackers`, so the two need not see each other.
+            let (map, map_values) = map_statement(store, &mapped, now);
+            let mut values = p.0;
+            let map = shift_placeholders(&map, values.len());
+            values.extend(map_values);
+            db.execute_raw(sql.stmt(format!("WITH inserted AS ({insert}) {map}"), values))
+                .await?;
+        } else {
+            db.execute_raw(sql.stmt(insert, p.0)).await?;
+            map_rows(store, db, &mapped, now).await?;
+        }
     }
     Ok(())
 }

@@ -96,6 +96,26 @@ impl Params {
     }
 }
 
+/// `statement` with every placeholder `$n` renumbered `$(n + by)`, so that it can follow a
+/// statement with `by` parameters inside one text (a data-modifying CTE and its outer
+/// statement). Our statement texts hold no `$` except in placeholders: every value is bound.
+pub(crate) fn shift_placeholders(statement: &str, by: usize) -> String {
+    let mut out = String::with_capacity(statement.len() + 16);
+    let mut rest = statement;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Rows per multi-row statement: well inside both backends' parameter limits (SQLite 32,766,
 /// PostgreSQL 65,535) at the widest row we write (26 columns).
 pub(crate) const ROWS_PER_STATEMENT: usize = 400;
@@ -233,6 +253,16 @@ mod tests {
         assert_eq!(sqlite_ts_text(t), "2026-11-23 09:05:07.000000");
         let t = t + chrono::Duration::nanoseconds(123_456_789);
         assert_eq!(sqlite_ts_text(micros(t)), "2026-11-23 09:05:07.123456");
+    }
+
+    #[test]
+    fn placeholders_shift_and_nothing_else_changes() {
+        assert_eq!(
+            shift_placeholders("INSERT INTO t VALUES ($1, $2), ($10, $2) RETURNING a", 3),
+            "INSERT INTO t VALUES ($4, $5), ($13, $5) RETURNING a"
+        );
+        assert_eq!(shift_placeholders("SELECT 1", 7), "SELECT 1");
+        assert_eq!(shift_placeholders("a$ b$1", 1), "a$ b$2");
     }
 
     #[test]
