@@ -9,7 +9,7 @@ use enrichd_store::{ClaimMode, Store, StoredScope};
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    add_attacker, claim, count, ctx, exec, greynoise, ip, long_ago, migrated, on_both,
+    add_attacker, claim, claim_one, count, ctx, exec, greynoise, ip, long_ago, migrated, on_both,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -127,13 +127,11 @@ async fn backlog_is_newest_first_deduplicated_and_skips_fresh_leased_and_parked_
 
         // Fresh work leaves the backlog.
         let target = ip("1.0.0.2");
-        let claims = claim(
+        let claims = claim_one(
             &a,
-            target,
-            &[ProviderId::Greynoise],
-            false,
+            "1.0.0.2",
+            ProviderId::Greynoise,
             Duration::from_secs(30),
-            ClaimMode::Due,
         )
         .await;
         a.apply(

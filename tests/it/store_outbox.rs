@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use enrichd_core::ProviderId;
-use enrichd_store::{ClaimMode, StoredScope};
+use enrichd_store::StoredScope;
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, claim, claim_and_apply, count, ctx, exec, greynoise, ip, long_ago,
+    abuseipdb, add_attacker, claim_and_apply, claim_one, count, ctx, exec, greynoise, ip, long_ago,
     migrated, on_both,
 };
 
@@ -103,13 +103,11 @@ async fn without_a_bus_nothing_is_written_to_the_outbox() {
         let target = ip("7.7.7.8");
         let mut no_bus = ctx(&[ProviderId::Greynoise]);
         no_bus.outbox_enabled = false;
-        let claims = claim(
+        let claims = claim_one(
             &store,
-            target,
-            &[ProviderId::Greynoise],
-            false,
+            "7.7.7.8",
+            ProviderId::Greynoise,
             Duration::from_secs(30),
-            ClaimMode::Due,
         )
         .await;
         let out = store
