@@ -14,8 +14,8 @@ use enrichd_core::Secret;
 use enrichd_core::payload::{TOPIC_INTEL_ENRICHED, TOPIC_SCORED};
 use futures::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -123,36 +123,9 @@ impl Bus {
         Ok(())
     }
 
-    /// Deletes the topology's queues and exchanges, each on a channel of its own so one
-    /// refusal does not stop the rest; returns what could not be deleted.
+    /// Deletes the topology's queues and exchanges; returns what could not be deleted.
     pub(crate) async fn delete(&self, topology: &Topology) -> Vec<String> {
-        let mut failed = Vec::new();
-        for queue in [&topology.queue, &topology.dead_queue] {
-            let result = match self.conn.create_channel().await {
-                Ok(channel) => channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                    .await
-                    .map(drop),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                failed.push(format!("queue {queue}: {e}"));
-            }
-        }
-        for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-            let result = match self.conn.create_channel().await {
-                Ok(channel) => {
-                    channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                failed.push(format!("exchange {exchange}: {e}"));
-            }
-        }
-        failed
+        topology.delete(&self.conn).await
     }
 
     /// Closes the connection.

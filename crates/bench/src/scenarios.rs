@@ -331,8 +331,7 @@ pub(crate) async fn backfill(
         "MiB",
         "VmHWM of enrichd",
     ));
-    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
-    report.details["cpu"] = json!(cpu);
+    record_cpu(report, &cpu);
     report.details["fakes"] = stats.summary();
     let counters = db::pg_counters(target).await;
     push_commits(report, &counters, n, "address");
@@ -631,8 +630,7 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
         "MiB",
         "VmHWM of enrichd",
     ));
-    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
-    report.details["cpu"] = json!(cpu);
+    record_cpu(report, &cpu);
     report.details["fakes"] = stats.summary();
     let counters = db::pg_counters(&target).await;
     push_commits(report, &counters, n, "event");
@@ -766,8 +764,7 @@ pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::R
         "s",
         "whole run",
     ));
-    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
-    report.details["cpu"] = json!(cpu);
+    record_cpu(report, &cpu);
     report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
     report.details["database"] = db::pg_counters(&target).await;
     bus.close().await;
@@ -881,8 +878,7 @@ pub(crate) async fn memory(
         "s",
         "whole run",
     ));
-    report.figures.push(steal_figure(cpu.steal, cpu.wall_secs));
-    report.details["cpu"] = json!(cpu);
+    record_cpu(report, &cpu);
     report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
     let counters = db::pg_counters(&target).await;
     push_commits(
@@ -930,23 +926,25 @@ pub(crate) async fn backfill_target(ctx: &Ctx, sqlite: bool) -> anyhow::Result<D
     }
 }
 
-/// The CPU time the hypervisor took from this machine during a scenario: a figure is only
-/// comparable with another host's, or another run's, when both had little of it.
-fn steal_figure(steal_secs: f64, wall_secs: f64) -> Figure {
-    let share = if wall_secs > 0.0 {
-        steal_secs / wall_secs
+/// The scenario's CPU split into its details, and the CPU time the hypervisor took from this
+/// machine as a figure: a figure is only comparable with another host's, or another run's,
+/// when both had little of it.
+fn record_cpu(report: &mut ScenarioReport, cpu: &procs::CpuSplit) {
+    let share = if cpu.wall_secs > 0.0 {
+        cpu.steal / cpu.wall_secs
     } else {
         0.0
     };
-    Figure::info(
+    report.figures.push(Figure::info(
         "steal_secs",
-        steal_secs,
+        cpu.steal,
         "s",
         format!(
             "CPU time given to other guests ({:.0} % of one core over the run)",
             share * 100.0
         ),
-    )
+    ));
+    report.details["cpu"] = json!(cpu);
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
 //! The bus topology (SPEC §4), identical on every replica: RabbitMQ answers
 //! `PRECONDITION_FAILED` to a redeclaration with other arguments.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::BusError;
 use enrichd_core::payload::{TOPIC_CONTROL, TOPIC_OBSERVED, TOPIC_SCORED};
@@ -31,6 +34,40 @@ impl Topology {
             queue: queue.to_owned(),
             dead_queue: format!("{queue}.dead"),
         }
+    }
+
+    /// Deletes the queues and exchanges [`Topology::declare`] creates, each on a channel of its
+    /// own so that one refusal (which closes its channel) does not stop the rest, and returns
+    /// what could not be deleted. For tests and the benchmark: they declare throwaway
+    /// topologies on a shared broker, where quorum queues stay until deleted.
+    pub async fn delete(&self, connection: &Connection) -> Vec<String> {
+        let mut failed = Vec::new();
+        for queue in [&self.queue, &self.dead_queue] {
+            let result = match connection.create_channel().await {
+                Ok(channel) => channel
+                    .queue_delete(name(queue), QueueDeleteOptions::default())
+                    .await
+                    .map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                failed.push(format!("queue {queue}: {e}"));
+            }
+        }
+        for exchange in [&self.exchange, &self.dead_letter_exchange] {
+            let result = match connection.create_channel().await {
+                Ok(channel) => {
+                    channel
+                        .exchange_delete(name(exchange), ExchangeDeleteOptions::default())
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                failed.push(format!("exchange {exchange}: {e}"));
+            }
+        }
+        failed
     }
 
     /// Declares the exchanges, the quorum work and dead-letter queues and their bindings.

@@ -8,9 +8,7 @@ use enrichd_bus::{Topology, connect, decode};
 use enrichd_core::Secret;
 use enrichd_testkit::services::{amqp_url, require_rabbitmq};
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 fn unique(prefix: &str) -> String {
@@ -20,19 +18,6 @@ fn unique(prefix: &str) -> String {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::thread::current().id())
-}
-
-async fn cleanup(channel: &lapin::Channel, topology: &Topology) {
-    for queue in [&topology.queue, &topology.dead_queue] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +125,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
         .await
         .expect("ack dead");
 
-    cleanup(&consume_channel, &topology).await;
+    topology.delete(&connection).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,8 +154,7 @@ async fn a_queue_declared_with_other_arguments_is_refused() {
         .await
         .expect_err("precondition failed");
     assert!(err.to_string().contains("declare work queue"), "{err}");
-    let cleanup_channel = connection.create_channel().await.expect("channel");
-    cleanup(&cleanup_channel, &topology).await;
+    topology.delete(&connection).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,5 +219,5 @@ async fn dlq_replay_moves_letters_back_within_the_limit_and_purge_drops_the_rest
     let purged = enrichd_bus::dlq::purge(&channel, &topology).await.unwrap();
     assert_eq!(purged, 3);
     assert_eq!(count(topology.dead_queue.clone()).await, 0);
-    cleanup(&channel, &topology).await;
+    topology.delete(&connection).await;
 }

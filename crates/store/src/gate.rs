@@ -406,18 +406,7 @@ impl Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<ProviderStatus, StoreError> {
-        let now = self.db_now().await?;
-        let row = self
-            .read
-            .query_one_raw(self.sql.stmt(
-                "SELECT * FROM enrichd_provider_limits WHERE provider = $1",
-                vec![provider.as_str().into()],
-            ))
-            .await?;
-        let mut row = row
-            .map(|r| self.limits_from(&r))
-            .transpose()?
-            .unwrap_or_default();
+        let (now, mut row) = self.limits_at(provider).await?;
         roll_quota(&mut row, now);
         let left = quota_left(&row, limits);
         Ok(ProviderStatus {

@@ -23,10 +23,7 @@ use enrichd_testkit::dns::{DnsServer, Zone};
 use enrichd_testkit::http::{HttpServer, Request, Response};
 use enrichd_testkit::services::amqp_url;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tokio::process::{Child, Command};
@@ -171,19 +168,8 @@ impl TestBus {
     /// workers are gone: a consumer that sees its queue deleted reconnects and declares it
     /// again.
     pub async fn teardown(self) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        for queue in [&self.topology.queue, &self.topology.dead_queue] {
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .expect("delete queue");
-        }
-        for exchange in [&self.topology.exchange, &self.topology.dead_letter_exchange] {
-            channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .expect("delete exchange");
-        }
+        let failed = self.topology.delete(&self.connection).await;
+        assert!(failed.is_empty(), "teardown: {failed:?}");
         let _ = self.connection.close(200, "done".into()).await;
     }
 
