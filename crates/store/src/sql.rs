@@ -6,6 +6,8 @@
 //! `YYYY-MM-DD HH:MM:SS.ffffff` on SQLite, because the reference compares them as text; every
 //! value we write is truncated to microseconds so fencing comparisons are exact on both.
 
+use std::fmt::Write as _;
+
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value};
 
@@ -119,6 +121,100 @@ pub(crate) fn shift_placeholders(statement: &str, by: usize) -> String {
 /// Rows per multi-row statement: well inside both backends' parameter limits (SQLite 32,766,
 /// PostgreSQL 65,535) at the widest row we write (26 columns).
 pub(crate) const ROWS_PER_STATEMENT: usize = 400;
+
+/// Parameters one joined statement may carry before the parts gathered so far go on their
+/// own: a full chunk of the widest rows (26 × 400) fits with room to spare, and PostgreSQL
+/// refuses a statement past 65,535.
+const JOINED_PARAMS: usize = 30_000;
+
+/// Statements of one transaction whose effects no statement reads before the last of them,
+/// sent together. On PostgreSQL the earlier ones become data-modifying CTEs of the last: one
+/// round trip for all, where each round trip is a wait for the backend and then for this
+/// process to be scheduled again, and under load those waits were most of a write's time.
+/// SQLite has no data-modifying CTEs and runs them in turn (in-process, no round trips).
+///
+/// Only for parts that touch different rows: PostgreSQL runs a statement's CTEs on one
+/// snapshot, so none sees another's effect, and a row modified twice in one statement keeps
+/// only one of the changes.
+#[derive(Debug, Default)]
+pub(crate) struct Joined {
+    /// Texts with their own placeholders (`$1…`), and their values.
+    parts: Vec<(String, Vec<Value>)>,
+    params: usize,
+}
+
+impl Joined {
+    /// Adds a statement whose result nobody reads. Parts gathered so far go first, as one
+    /// statement, when this one would take the joined text past its parameter budget.
+    pub(crate) async fn add<C: ConnectionTrait>(
+        &mut self,
+        sql: Sql,
+        db: &C,
+        statement: String,
+        values: Vec<Value>,
+    ) -> Result<(), StoreError> {
+        if !sql.is_pg() {
+            db.execute_raw(sql.stmt(statement, values)).await?;
+            return Ok(());
+        }
+        if self.params + values.len() > JOINED_PARAMS {
+            self.finish(sql, db).await?;
+        }
+        self.params += values.len();
+        self.parts.push((statement, values));
+        Ok(())
+    }
+
+    /// Runs the parts gathered so far with `statement` last, and returns its rows.
+    pub(crate) async fn query_all<C: ConnectionTrait>(
+        &mut self,
+        sql: Sql,
+        db: &C,
+        statement: String,
+        values: Vec<Value>,
+    ) -> Result<Vec<QueryResult>, StoreError> {
+        let (text, values) = self.join(statement, values);
+        Ok(db.query_all_raw(sql.stmt(text, values)).await?)
+    }
+
+    /// Runs the parts gathered so far, if any.
+    pub(crate) async fn finish<C: ConnectionTrait>(
+        &mut self,
+        sql: Sql,
+        db: &C,
+    ) -> Result<(), StoreError> {
+        let Some((last, last_values)) = self.parts.pop() else {
+            return Ok(());
+        };
+        let (text, values) = self.join(last, last_values);
+        db.execute_raw(sql.stmt(text, values)).await?;
+        Ok(())
+    }
+
+    /// The gathered parts as CTEs of `main` (placeholders renumbered), and every value in
+    /// order; empties `self`.
+    fn join(&mut self, main: String, main_values: Vec<Value>) -> (String, Vec<Value>) {
+        if self.parts.is_empty() {
+            return (main, main_values);
+        }
+        let mut values = Vec::with_capacity(self.params + main_values.len());
+        let mut text = String::from("WITH ");
+        for (n, (part, part_values)) in std::mem::take(&mut self.parts).into_iter().enumerate() {
+            if n > 0 {
+                text.push_str(", ");
+            }
+            let _ = write!(text, "joined_{n} AS (");
+            text.push_str(&shift_placeholders(&part, values.len()));
+            text.push(')');
+            values.extend(part_values);
+        }
+        text.push(' ');
+        text.push_str(&shift_placeholders(&main, values.len()));
+        values.extend(main_values);
+        self.params = 0;
+        (text, values)
+    }
+}
 
 /// Binding and decoding for one backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +359,40 @@ mod tests {
         );
         assert_eq!(shift_placeholders("SELECT 1", 7), "SELECT 1");
         assert_eq!(shift_placeholders("a$ b$1", 1), "a$ b$2");
+    }
+
+    #[test]
+    fn joined_parts_become_ctes_of_the_last_with_their_values_in_order() {
+        let mut joined = Joined::default();
+        joined
+            .parts
+            .push(("UPDATE a SET x = $1".to_owned(), vec![1_i32.into()]));
+        joined.parts.push((
+            "UPDATE b SET y = $2 WHERE k = $1".to_owned(),
+            vec![2_i32.into(), 3_i32.into()],
+        ));
+        joined.params = 3;
+        let (text, values) = joined.join(
+            "INSERT INTO c VALUES ($1) RETURNING k".to_owned(),
+            vec![4_i32.into()],
+        );
+        assert_eq!(
+            text,
+            "WITH joined_0 AS (UPDATE a SET x = $1), joined_1 AS (UPDATE b SET y = $3 WHERE k = \
+             $2) INSERT INTO c VALUES ($4) RETURNING k"
+        );
+        assert_eq!(
+            values,
+            [1_i32, 2, 3, 4].map(Value::from).to_vec(),
+            "each part's values follow the ones before it"
+        );
+        assert!(joined.parts.is_empty() && joined.params == 0);
+        let (alone, alone_values) = joined.join("DELETE FROM d".to_owned(), Vec::new());
+        assert_eq!(
+            alone, "DELETE FROM d",
+            "nothing gathered: the statement as it is"
+        );
+        assert!(alone_values.is_empty());
     }
 
     #[test]

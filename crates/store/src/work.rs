@@ -12,10 +12,10 @@ use enrichd_core::text::column_text;
 use enrichd_core::{
     CanonicalIp, ProviderFields, ProviderId, ProviderOutcome, ProviderReport, PtrOutcome, Verdict,
 };
-use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
 
 use crate::error::retry_busy;
-use crate::sql::{self, Params};
+use crate::sql::{self, Joined, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState, StoredScope};
 use crate::{OutboxRow, Store, StoreError};
 
@@ -448,8 +448,12 @@ impl Store {
             ptrs.push((old_ptr, new_ptr));
         }
 
-        write_ip_states(self, &txn, &ip_writes, now).await?;
-        let written = write_provider_states(self, &txn, &keys, &provider_writes, now).await?;
+        // Neither table's write reads the other's: one statement on PostgreSQL.
+        let mut joined = Joined::default();
+        write_ip_states(self, &txn, &mut joined, &ip_writes, now).await?;
+        let written =
+            write_provider_states(self, &txn, &mut joined, &keys, &provider_writes, now).await?;
+        joined.finish(self.sql, &txn).await?;
         for (index, next, _) in provider_writes {
             let outcome = &mut outcomes[index];
             if written.contains(&(keys[index].clone(), next.provider)) {
@@ -617,20 +621,24 @@ async fn write_attacker_rows(
             .extend(of_ip.iter().map(|a| (a.uuid.clone(), index)));
         rows.columns.push(merged.columns);
     }
-    upsert_intel_rows(store, txn, &rows.intel, &rows.columns).await?;
-    set_ptr_records(store, txn, &rows.ptr_names).await?;
     for (key, old) in &rows.ptr_cleared {
         clear_ptr_record(store, txn, key, old).await?;
     }
+    // The rest touch a table each (`attacker_intel`, `attackers`, the map's digests, the
+    // outbox) and nothing reads them before commit: one statement on PostgreSQL.
+    let mut joined = Joined::default();
+    upsert_intel_rows(store, txn, &mut joined, &rows.intel, &rows.columns).await?;
+    set_ptr_records(store, txn, &mut joined, &rows.ptr_names).await?;
     // Attacker order, the order the relay deletes in (no lock cycle between the two).
     rows.outbox.sort_by(|a, b| a.0.cmp(&b.0));
     let claim_until = ctx.relay_claim.map(|claim| {
         now + chrono::Duration::from_std(claim).unwrap_or(chrono::Duration::seconds(30))
     });
-    for (index, row) in enqueue_rows(store, txn, &rows.outbox, now, claim_until).await? {
+    let handed_off = enqueue_rows(store, txn, &mut joined, &rows.outbox, now, claim_until).await?;
+    for (index, row) in handed_off {
         outcomes[index].handed_off.push(row);
     }
-    Ok(())
+    joined.finish(store.sql, txn).await
 }
 
 /// Creates the missing `enrichd_ip_state` rows of `keys` (sorted), a statement per few hundred
@@ -767,6 +775,7 @@ impl LeaseTerms {
 async fn write_ip_states(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     writes: &[IpWrite],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -796,22 +805,19 @@ async fn write_ip_states(
             })
             .collect();
         let end_lease = end_our_lease("enrichd_ip_state", "ptr_lease", &owner);
-        txn.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, \
-                 ptr_resolved_at, ptr_expires_at, ptr_attempts, ptr_queried_at, updated_at) \
-                 VALUES {} ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
-                 ptr_name = excluded.ptr_name, ptr_outcome = excluded.ptr_outcome, \
-                 ptr_resolved_at = excluded.ptr_resolved_at, \
-                 ptr_expires_at = excluded.ptr_expires_at, ptr_attempts = excluded.ptr_attempts, \
-                 ptr_queried_at = excluded.ptr_queried_at, \
-                 {end_lease}, \
-                 updated_at = excluded.updated_at",
-                rows.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        let statement = format!(
+            "INSERT INTO enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, \
+             ptr_resolved_at, ptr_expires_at, ptr_attempts, ptr_queried_at, updated_at) \
+             VALUES {} ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
+             ptr_name = excluded.ptr_name, ptr_outcome = excluded.ptr_outcome, \
+             ptr_resolved_at = excluded.ptr_resolved_at, \
+             ptr_expires_at = excluded.ptr_expires_at, ptr_attempts = excluded.ptr_attempts, \
+             ptr_queried_at = excluded.ptr_queried_at, \
+             {end_lease}, \
+             updated_at = excluded.updated_at",
+            rows.join(", ")
+        );
+        joined.add(sql, txn, statement, p.0).await?;
     }
     let scope_only: Vec<&IpWrite> = writes.iter().filter(|w| w.ptr.is_none()).collect();
     for chunk in scope_only.chunks(sql::ROWS_PER_STATEMENT) {
@@ -827,16 +833,13 @@ async fn write_ip_states(
                 )
             })
             .collect();
-        txn.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, updated_at) VALUES {} \
-                 ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
-                 updated_at = excluded.updated_at",
-                rows.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
+        let statement = format!(
+            "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, updated_at) VALUES {} \
+             ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
+             updated_at = excluded.updated_at",
+            rows.join(", ")
+        );
+        joined.add(sql, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -846,6 +849,7 @@ async fn write_ip_states(
 async fn write_provider_states(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     keys: &[String],
     writes: &[(usize, ProviderState, Lease)],
     now: DateTime<Utc>,
@@ -880,28 +884,24 @@ async fn write_provider_states(
             })
             .collect();
         let end_lease = end_our_lease("enrichd_provider_state", "lease", &owner);
-        let returned = txn
-            .query_all_raw(sql.stmt(
-                format!(
-                    "INSERT INTO enrichd_provider_state (ip, provider, outcome, verdict, fields, \
-                     raw, answered_at, queried_at, expires_at, next_attempt_at, attempts, \
-                     last_error, updated_at) VALUES {} ON CONFLICT (ip, provider) DO UPDATE SET \
-                     outcome = excluded.outcome, verdict = excluded.verdict, \
-                     fields = excluded.fields, raw = excluded.raw, \
-                     answered_at = excluded.answered_at, queried_at = excluded.queried_at, \
-                     expires_at = excluded.expires_at, \
-                     next_attempt_at = excluded.next_attempt_at, attempts = excluded.attempts, \
-                     last_error = excluded.last_error, \
-                     {end_lease}, \
-                     updated_at = excluded.updated_at \
-                     WHERE enrichd_provider_state.queried_at IS NULL \
-                     OR enrichd_provider_state.queried_at < excluded.queried_at \
-                     RETURNING ip, provider",
-                    rows.join(", ")
-                ),
-                p.0,
-            ))
-            .await?;
+        let statement = format!(
+            "INSERT INTO enrichd_provider_state (ip, provider, outcome, verdict, fields, \
+             raw, answered_at, queried_at, expires_at, next_attempt_at, attempts, \
+             last_error, updated_at) VALUES {} ON CONFLICT (ip, provider) DO UPDATE SET \
+             outcome = excluded.outcome, verdict = excluded.verdict, \
+             fields = excluded.fields, raw = excluded.raw, \
+             answered_at = excluded.answered_at, queried_at = excluded.queried_at, \
+             expires_at = excluded.expires_at, \
+             next_attempt_at = excluded.next_attempt_at, attempts = excluded.attempts, \
+             last_error = excluded.last_error, \
+             {end_lease}, \
+             updated_at = excluded.updated_at \
+             WHERE enrichd_provider_state.queried_at IS NULL \
+             OR enrichd_provider_state.queried_at < excluded.queried_at \
+             RETURNING ip, provider",
+            rows.join(", ")
+        );
+        let returned = joined.query_all(sql, txn, statement, p.0).await?;
         for row in &returned {
             let ip: String = row.try_get("", "ip")?;
             let label: String = row.try_get("", "provider")?;
@@ -1349,6 +1349,7 @@ fn mapped_select(list: &str) -> String {
 async fn upsert_intel_rows(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     intel: &[(String, usize)],
     columns: &[IntelColumns<'_>],
 ) -> Result<(), StoreError> {
@@ -1422,17 +1423,14 @@ async fn upsert_intel_rows(
         if rows.is_empty() {
             continue;
         }
-        txn.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO attacker_intel (uuid, attacker_uuid, {cols}, schema_version) \
-                 VALUES {rows} ON CONFLICT (attacker_uuid) DO UPDATE SET {updates}",
-                cols = COLUMNS.join(", "),
-                rows = rows.join(", "),
-                updates = updates.join(", "),
-            ),
-            p.0,
-        ))
-        .await?;
+        let statement = format!(
+            "INSERT INTO attacker_intel (uuid, attacker_uuid, {cols}, schema_version) \
+             VALUES {rows} ON CONFLICT (attacker_uuid) DO UPDATE SET {updates}",
+            cols = COLUMNS.join(", "),
+            rows = rows.join(", "),
+            updates = updates.join(", "),
+        );
+        joined.add(sql, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -1442,6 +1440,7 @@ async fn upsert_intel_rows(
 async fn set_ptr_records(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     names: &[(String, String)],
 ) -> Result<(), StoreError> {
     let sql = store.sql;
@@ -1459,14 +1458,11 @@ async fn set_ptr_records(
             .collect();
         let name_of = format!("CASE uuid {} END", arms.join(" "));
         let uuids = p.list(chunk.iter().map(|(uuid, _)| uuid.clone()));
-        txn.execute_raw(sql.stmt(
-            format!(
-                "UPDATE attackers SET ptr_record = {name_of} WHERE uuid IN ({uuids}) \
-                 AND (ptr_record IS NULL OR ptr_record <> {name_of})"
-            ),
-            p.0,
-        ))
-        .await?;
+        let statement = format!(
+            "UPDATE attackers SET ptr_record = {name_of} WHERE uuid IN ({uuids}) \
+             AND (ptr_record IS NULL OR ptr_record <> {name_of})"
+        );
+        joined.add(sql, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -1499,6 +1495,7 @@ async fn clear_ptr_record(
 async fn enqueue_rows(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     rows: &[(String, IntelPayload, String, usize)],
     now: DateTime<Utc>,
     claim_until: Option<DateTime<Utc>>,
@@ -1511,6 +1508,8 @@ async fn enqueue_rows(
     let ts = now.timestamp_micros() as f64 / 1e6;
     let mut handed_off = Vec::new();
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
+        let (digests, digest_values) = digest_statement(chunk);
+        joined.add(sql, txn, digests, digest_values).await?;
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
         let claim_p = claim_until.map(|until| p.push(sql.ts(until)));
@@ -1535,19 +1534,15 @@ async fn enqueue_rows(
                        version = enrichd_outbox.version + 1, payload = excluded.payload, \
                        updated_at = excluded.updated_at";
         if let Some(claim_p) = &claim_p {
-            let claimed = txn
-                .query_all_raw(sql.stmt(
-                    format!(
-                        "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                         updated_at, claimed_until) VALUES {values} {replace}, \
-                         claimed_until = CASE WHEN enrichd_outbox.claimed_until IS NULL \
-                         OR enrichd_outbox.claimed_until < {now_p} \
-                         THEN excluded.claimed_until ELSE enrichd_outbox.claimed_until END \
-                         RETURNING attacker_uuid, version, claimed_until = {claim_p} AS ours"
-                    ),
-                    p.0,
-                ))
-                .await?;
+            let statement = format!(
+                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                 updated_at, claimed_until) VALUES {values} {replace}, \
+                 claimed_until = CASE WHEN enrichd_outbox.claimed_until IS NULL \
+                 OR enrichd_outbox.claimed_until < {now_p} \
+                 THEN excluded.claimed_until ELSE enrichd_outbox.claimed_until END \
+                 RETURNING attacker_uuid, version, claimed_until = {claim_p} AS ours"
+            );
+            let claimed = joined.query_all(sql, txn, statement, p.0).await?;
             for row in claimed {
                 let ours: bool = row.try_get("", "ours")?;
                 if !ours {
@@ -1566,38 +1561,39 @@ async fn enqueue_rows(
                 }
             }
         } else {
-            txn.execute_raw(sql.stmt(
-                format!(
-                    "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                     updated_at) VALUES {values} {replace}"
-                ),
-                p.0,
-            ))
-            .await?;
+            let statement = format!(
+                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                 updated_at) VALUES {values} {replace}"
+            );
+            joined.add(sql, txn, statement, p.0).await?;
         }
-        let mut p = Params::default();
-        let arms: Vec<String> = chunk
-            .iter()
-            .map(|(uuid, _, digest, _)| {
-                format!(
-                    "WHEN {} THEN {}",
-                    p.push(uuid.clone()),
-                    p.push(digest.clone())
-                )
-            })
-            .collect();
-        let uuids = p.list(chunk.iter().map(|(uuid, _, _, _)| uuid.clone()));
-        txn.execute_raw(sql.stmt(
-            format!(
-                "UPDATE enrichd_attacker_map SET payload_digest = CASE attacker_uuid {} END \
-                 WHERE attacker_uuid IN ({uuids})",
-                arms.join(" ")
-            ),
-            p.0,
-        ))
-        .await?;
     }
     Ok(handed_off)
+}
+
+/// Records each outbox row's payload digest on its attacker's map row, so an unchanged
+/// payload is not queued again.
+fn digest_statement(chunk: &[(String, IntelPayload, String, usize)]) -> (String, Vec<Value>) {
+    let mut p = Params::default();
+    let arms: Vec<String> = chunk
+        .iter()
+        .map(|(uuid, _, digest, _)| {
+            format!(
+                "WHEN {} THEN {}",
+                p.push(uuid.clone()),
+                p.push(digest.clone())
+            )
+        })
+        .collect();
+    let uuids = p.list(chunk.iter().map(|(uuid, _, _, _)| uuid.clone()));
+    (
+        format!(
+            "UPDATE enrichd_attacker_map SET payload_digest = CASE attacker_uuid {} END \
+             WHERE attacker_uuid IN ({uuids})",
+            arms.join(" ")
+        ),
+        p.0,
+    )
 }
 
 #[cfg(test)]
