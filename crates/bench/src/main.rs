@@ -28,6 +28,7 @@ mod amqp;
 mod db;
 mod enrichd;
 mod fakes;
+mod floor;
 mod http;
 mod procs;
 mod report;
@@ -76,7 +77,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceilings,backfill_postgres,backfill_sqlite,ingestion,latency,memory"
+        default_value = "ceilings,backfill_postgres,backfill_sqlite,ingestion,latency_floor,latency,memory"
     )]
     scenarios: Vec<String>,
     /// Added to every fake provider answer.
@@ -143,11 +144,12 @@ struct Args {
     deadline_secs: u64,
 }
 
-const KNOWN: [&str; 6] = [
+const KNOWN: [&str; 7] = [
     "ceilings",
     "backfill_postgres",
     "backfill_sqlite",
     "ingestion",
+    "latency_floor",
     "latency",
     "memory",
 ];
@@ -396,6 +398,7 @@ async fn run_one(
             scenarios::backfill(ctx, report, &target, name, first_octet).await
         }
         "ingestion" => scenarios::ingestion(ctx, report).await,
+        "latency_floor" => scenarios::latency_floor(ctx, report).await,
         "latency" => scenarios::latency(ctx, report).await,
         "memory" => {
             scenarios::memory(ctx, report, cap.saturating_sub(Duration::from_secs(30))).await
@@ -525,7 +528,7 @@ mod tests {
         let list = scenarios::ips(45, 100_000);
         let unique: std::collections::HashSet<_> = list.iter().collect();
         assert_eq!(unique.len(), 100_000);
-        for octet in [44, 45, 46, 47, 49, 50] {
+        for octet in [44, 45, 46, 47, 48, 49, 50] {
             for ip in [
                 scenarios::ips(octet, 1)[0],
                 scenarios::ips(octet, 100_000)[99_999],

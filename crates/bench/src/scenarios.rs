@@ -17,6 +17,7 @@ use crate::amqp::{self, Bus};
 use crate::db::{self, Target as Db};
 use crate::enrichd::{self, BusEnv, Launcher, PER_IP_PROVIDERS, Watch};
 use crate::fakes::{Fakes, Stats};
+use crate::floor;
 use crate::procs::{self, CpuSnapshot, Profiler, round3};
 use crate::report::{Figure, ScenarioReport, Target};
 
@@ -644,9 +645,7 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
 
 /// New addresses at a steady rate; time from publish to the first `attacker.intel.enriched`
 /// naming the address.
-#[allow(clippy::too_many_lines, reason = "a scenario reads top to bottom")]
 pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
-    let sizes = &ctx.sizes;
     let target = ctx.pg("latency").await?;
     let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench latency").await?;
     let topology = ctx.topology(&bus, "latency").await?;
@@ -655,107 +654,14 @@ pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::R
     let mut running = Running::start(ctx, &target, &topology, "latency")?;
     running.wait_consuming(&bus, &topology.queue).await?;
 
-    // Warm-up: pools, the Feodo feed (loaded on first use) and caches, measured apart.
-    let total = LATENCY_WARMUP + sizes.latency_events;
-    let addresses = ips(47, total);
-    let interval = Duration::from_secs_f64(1.0 / f64::from(sizes.latency_rate.max(1)));
-    let warm_started = Instant::now();
-    for (i, ip) in addresses.iter().take(LATENCY_WARMUP).enumerate() {
-        tokio::time::sleep_until(warm_started + interval.mul_f64(i as f64)).await;
-        bus.publish_unconfirmed(&topology.exchange, &amqp::scored_envelope(*ip, 0))
-            .await?;
-    }
-    let warm_deadline = Instant::now() + Duration::from_secs(90);
-    while arrivals.lock().map_or(0, |m| m.len()) < LATENCY_WARMUP && Instant::now() < warm_deadline
-    {
-        running.alive()?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    report.figures.push(Figure::info(
-        "warmup_secs",
-        round3(warm_started.elapsed().as_secs_f64()),
-        "s",
-        format!("{LATENCY_WARMUP} warm-up addresses published and enriched (not measured)"),
-    ));
-
-    let mut sent: Vec<(String, Instant)> = Vec::with_capacity(total);
-    let start = Instant::now();
-    for (i, ip) in addresses.iter().enumerate().skip(LATENCY_WARMUP) {
-        let due = start + interval.mul_f64((i - LATENCY_WARMUP) as f64);
-        tokio::time::sleep_until(due).await;
-        let body = amqp::scored_envelope(*ip, 0);
-        let at = Instant::now();
-        bus.publish_unconfirmed(&topology.exchange, &body).await?;
-        sent.push((ip.to_string(), at));
-    }
-    let publish_secs = start.elapsed().as_secs_f64();
-    let give_up = Instant::now() + Duration::from_secs(60);
-    loop {
-        let received = arrivals.lock().map_or(0, |m| m.len());
-        if received >= total || Instant::now() > give_up {
-            break;
-        }
-        running.alive()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let cut = Instant::now();
-    // An address still waiting counts with its wait so far: the percentiles are then lower
-    // bounds, and the figure is marked incomplete.
-    let (mut latencies, missing) = {
-        let map = arrivals
-            .lock()
-            .map_err(|_| anyhow::anyhow!("arrival map poisoned"))?;
-        let mut missing = 0usize;
-        let latencies: Vec<f64> = sent
-            .iter()
-            .map(|(ip, at)| {
-                let end = map.get(ip).copied().unwrap_or_else(|| {
-                    missing += 1;
-                    cut
-                });
-                end.duration_since(*at).as_secs_f64() * 1000.0
-            })
-            .collect();
-        (latencies, missing)
+    let paced = Paced {
+        bus: &bus,
+        topology: &topology,
+        arrivals: &arrivals,
+        first_octet: 47,
     };
-    latencies.sort_by(f64::total_cmp);
-    let measured = sizes.latency_events;
-    let complete = missing == 0;
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "an index into a short vector"
-        )]
-        let i = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i]
-    };
-    let rate = per_sec(sizes.latency_events, publish_secs);
-    let note = format!(
-        "{measured} new addresses at {rate:.0}/s (after {LATENCY_WARMUP} warm-up), publish to \
-         attacker.intel.enriched received; {missing} not received within 60 s of the last \
-         publish (counted with their wait so far: lower bounds)"
-    );
-    report
-        .figures
-        .push(Figure::info("p50_ms", pct(0.50), "ms", note.clone()));
-    report
-        .figures
-        .push(Figure::info("p90_ms", pct(0.90), "ms", ""));
-    report.figures.push(Figure::judged(
-        "p99_ms",
-        pct(0.99),
-        "ms",
-        Target::AtMost(sizes.latency_ms as f64 + 50.0),
-        complete,
-        format!("target: provider latency {} ms + 50 ms", sizes.latency_ms),
-    ));
-    report
-        .figures
-        .push(Figure::info("max_ms", pct(1.0), "ms", ""));
+    let timed = paced.run(ctx, report, || running.alive()).await?;
+    timed.push(ctx, report, true);
     let (watch, cpu, activity) = running.stop(ctx).await;
     report.details["database_activity"] = activity;
     report.figures.push(Figure::info(
@@ -769,6 +675,203 @@ pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::R
     report.details["database"] = db::pg_counters(&target).await;
     bus.close().await;
     Ok(())
+}
+
+/// The latency run without enrichd: the same events at the same rate through the least work
+/// per new address that keeps SPEC's guarantees (see [`floor`]), on the same broker and
+/// database. Its percentiles are what this machine allows any enricher at that rate.
+pub(crate) async fn latency_floor(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
+    let target = ctx.pg("floor").await?;
+    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench floor driver").await?;
+    let topology = ctx.topology(&bus, "floor").await?;
+    let arrivals = amqp::watch_enriched(&bus, &topology.exchange).await?;
+    let relay = floor::Relay::start(
+        &ctx.amqp_url,
+        &target,
+        &topology,
+        PREFETCH,
+        Duration::from_millis(ctx.sizes.latency_ms),
+    )
+    .await?;
+    let before = ctx.snapshot(None);
+    let paced = Paced {
+        bus: &bus,
+        topology: &topology,
+        arrivals: &arrivals,
+        first_octet: 48,
+    };
+    let timed = paced.run(ctx, report, || relay.alive()).await;
+    let cpu = before.until(&ctx.snapshot(None), ctx.ticks);
+    let counts = relay.stop().await;
+    let timed = timed?;
+    timed.push(ctx, report, false);
+    let relayed = counts.relayed.load(Ordering::Relaxed);
+    let commits = counts.commits.load(Ordering::Relaxed);
+    report.figures.push(Figure::info(
+        "addresses_per_commit",
+        round3(relayed as f64 * 2.0 / (commits.max(1) as f64)),
+        "",
+        format!("{relayed} addresses relayed in {commits} group commits (two per address)"),
+    ));
+    record_cpu(report, &cpu);
+    report.details["database"] = db::pg_counters(&target).await;
+    bus.close().await;
+    Ok(())
+}
+
+/// A paced run of new addresses: the warm-up, then [`Sizes::latency_events`] addresses at
+/// [`Sizes::latency_rate`], each timed until its first `attacker.intel.enriched` arrives.
+struct Paced<'a> {
+    bus: &'a Bus,
+    topology: &'a Topology,
+    arrivals: &'a amqp::Arrivals,
+    /// Addresses are `first_octet.x.y.z`, distinct per scenario.
+    first_octet: u8,
+}
+
+/// Milliseconds from publish to arrival per measured address, sorted.
+struct Timed {
+    latencies: Vec<f64>,
+    /// Addresses that never arrived (counted with their wait so far).
+    missing: usize,
+    rate: f64,
+}
+
+impl Paced<'_> {
+    /// Publishes and times; `alive` fails the run as soon as the consumer side has died.
+    async fn run(
+        &self,
+        ctx: &Ctx,
+        report: &mut ScenarioReport,
+        mut alive: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Timed> {
+        let sizes = &ctx.sizes;
+        let received = || self.arrivals.lock().map_or(0, |m| m.len());
+        // Warm-up: pools, the Feodo feed (loaded on first use) and caches, measured apart.
+        let total = LATENCY_WARMUP + sizes.latency_events;
+        let addresses = ips(self.first_octet, total);
+        let interval = Duration::from_secs_f64(1.0 / f64::from(sizes.latency_rate.max(1)));
+        let warm_started = Instant::now();
+        for (i, ip) in addresses.iter().take(LATENCY_WARMUP).enumerate() {
+            tokio::time::sleep_until(warm_started + interval.mul_f64(i as f64)).await;
+            self.bus
+                .publish_unconfirmed(&self.topology.exchange, &amqp::scored_envelope(*ip, 0))
+                .await?;
+        }
+        let warm_deadline = Instant::now() + Duration::from_secs(90);
+        while received() < LATENCY_WARMUP && Instant::now() < warm_deadline {
+            alive()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.figures.push(Figure::info(
+            "warmup_secs",
+            round3(warm_started.elapsed().as_secs_f64()),
+            "s",
+            format!("{LATENCY_WARMUP} warm-up addresses published and enriched (not measured)"),
+        ));
+
+        let mut sent: Vec<(String, Instant)> = Vec::with_capacity(total);
+        let start = Instant::now();
+        for (i, ip) in addresses.iter().enumerate().skip(LATENCY_WARMUP) {
+            let due = start + interval.mul_f64((i - LATENCY_WARMUP) as f64);
+            tokio::time::sleep_until(due).await;
+            let body = amqp::scored_envelope(*ip, 0);
+            let at = Instant::now();
+            self.bus
+                .publish_unconfirmed(&self.topology.exchange, &body)
+                .await?;
+            sent.push((ip.to_string(), at));
+        }
+        let publish_secs = start.elapsed().as_secs_f64();
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while received() < total && Instant::now() <= give_up {
+            alive()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cut = Instant::now();
+        // An address still waiting counts with its wait so far: the percentiles are then
+        // lower bounds, and the figure is marked incomplete.
+        let map = self
+            .arrivals
+            .lock()
+            .map_err(|_| anyhow::anyhow!("arrival map poisoned"))?;
+        let mut missing = 0usize;
+        let mut latencies: Vec<f64> = sent
+            .iter()
+            .map(|(ip, at)| {
+                let end = map.get(ip).copied().unwrap_or_else(|| {
+                    missing += 1;
+                    cut
+                });
+                end.duration_since(*at).as_secs_f64() * 1000.0
+            })
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        Ok(Timed {
+            latencies,
+            missing,
+            rate: per_sec(sizes.latency_events, publish_secs),
+        })
+    }
+}
+
+impl Timed {
+    /// The percentile `p` (0 to 1) by the nearest-rank method.
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an index into a short vector"
+        )]
+        let i = ((p * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[i - 1]
+    }
+
+    /// p50, p90, p99 and max as figures; p99 judged against the target when `judged`.
+    fn push(&self, ctx: &Ctx, report: &mut ScenarioReport, judged: bool) {
+        let sizes = &ctx.sizes;
+        let note = format!(
+            "{} new addresses at {:.0}/s (after {LATENCY_WARMUP} warm-up), publish to \
+             attacker.intel.enriched received; {} not received within 60 s of the last \
+             publish (counted with their wait so far: lower bounds)",
+            sizes.latency_events, self.rate, self.missing
+        );
+        report
+            .figures
+            .push(Figure::info("p50_ms", self.percentile(0.50), "ms", note));
+        report
+            .figures
+            .push(Figure::info("p90_ms", self.percentile(0.90), "ms", ""));
+        let target = sizes.latency_ms as f64 + 50.0;
+        let p99 = self.percentile(0.99);
+        report.figures.push(if judged {
+            Figure::judged(
+                "p99_ms",
+                p99,
+                "ms",
+                Target::AtMost(target),
+                self.missing == 0,
+                format!("target: provider latency {} ms + 50 ms", sizes.latency_ms),
+            )
+        } else {
+            let mut figure = Figure::info(
+                "p99_ms",
+                p99,
+                "ms",
+                format!("no enrichd in it; the latency scenario's target is {target} ms"),
+            );
+            if self.missing > 0 {
+                figure.status = crate::report::Status::Incomplete;
+            }
+            figure
+        });
+        report
+            .figures
+            .push(Figure::info("max_ms", self.percentile(1.0), "ms", ""));
+    }
 }
 
 // === (e) memory ===
