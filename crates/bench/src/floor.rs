@@ -25,7 +25,6 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use enrichd_bus::Topology;
 use enrichd_bus::publish::{Outgoing, Publisher};
-use enrichd_core::Secret;
 use enrichd_core::payload::TOPIC_INTEL_ENRICHED;
 use futures::StreamExt as _;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -35,6 +34,7 @@ use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::amqp::Bus;
 use crate::db::Target;
 
 /// Rows per group commit, as enrichd's batcher.
@@ -45,7 +45,7 @@ const SLOTS: usize = 3;
 /// A running floor relay; [`Relay::stop`] ends it.
 pub(crate) struct Relay {
     consumer: JoinHandle<anyhow::Result<()>>,
-    conn: lapin::Connection,
+    bus: Bus,
     db: DatabaseConnection,
     counts: Arc<Counts>,
 }
@@ -95,13 +95,10 @@ impl Relay {
              DO UPDATE SET payload = excluded.payload, written_at = excluded.written_at",
             "now() AT TIME ZONE 'UTC'",
         );
-        let conn = enrichd_bus::connect(&Secret::new(amqp_url.to_owned()), "enrichd-bench floor")
-            .await
-            .map_err(|e| anyhow::anyhow!(enrichd_core::error::chain(&e)))?;
-        let publisher = Publisher::open(&conn)
-            .await
-            .map_err(|e| anyhow::anyhow!(enrichd_core::error::chain(&e)))?;
-        let channel = conn.create_channel().await?;
+        // A connection of its own, as enrichd's consumer is apart from the bench's publisher.
+        let bus = Bus::connect(amqp_url, "enrichd-bench floor relay").await?;
+        let channel = bus.channel.clone();
+        let publisher = bus.publisher.clone();
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -139,7 +136,7 @@ impl Relay {
         });
         Ok(Self {
             consumer,
-            conn,
+            bus,
             db,
             counts,
         })
@@ -156,7 +153,7 @@ impl Relay {
     /// Stops consuming, closes the connections and returns what was done.
     pub(crate) async fn stop(self) -> Arc<Counts> {
         self.consumer.abort();
-        let _ = self.conn.close(200, "floor done".into()).await;
+        self.bus.close().await;
         let _ = self.db.close().await;
         self.counts
     }
