@@ -624,7 +624,7 @@ async fn write_attacker_rows(
     for (key, old) in &rows.ptr_cleared {
         clear_ptr_record(store, txn, key, old).await?;
     }
-    // The rest touch a table each (`attacker_intel`, `attackers`, the map's digests, the
+    // The rest write distinct rows (`attacker_intel`, `attackers`, the map's digests, the
     // outbox) and nothing reads them before commit: one statement on PostgreSQL.
     let mut joined = Joined::default();
     upsert_intel_rows(store, txn, &mut joined, &rows.intel, &rows.columns).await?;
