@@ -11,7 +11,7 @@ use enrichd_core::text::column_text;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
 use crate::error::retry_busy;
-use crate::sql::{Params, ROWS_PER_STATEMENT, shift_placeholders};
+use crate::sql::{Joined, Params, ROWS_PER_STATEMENT};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
 use crate::work::{
     ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
@@ -548,6 +548,7 @@ async fn insert_attackers<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
+    let mut joined = Joined::default();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
@@ -572,19 +573,11 @@ async fn insert_attackers<C: ConnectionTrait>(
             .iter()
             .map(|(uuid, ip, _)| (uuid.clone(), ip.clone()))
             .collect();
-        if sql.is_pg() {
-            // One round trip for both: the insert runs as a data-modifying CTE of the mapping.
-            // The map has no foreign key to `attackers`, so the two need not see each other.
-            let (map, map_values) = map_statement(store, &mapped, now);
-            let mut values = p.0;
-            let map = shift_placeholders(&map, values.len());
-            values.extend(map_values);
-            db.execute_raw(sql.stmt(format!("WITH inserted AS ({insert}) {map}"), values))
-                .await?;
-        } else {
-            db.execute_raw(sql.stmt(insert, p.0)).await?;
-            map_rows(store, db, &mapped, now).await?;
-        }
+        // The map has no foreign key to `attackers`, so the two need not see each other: one
+        // round trip for both on PostgreSQL.
+        let (map, map_values) = map_statement(store, &mapped, now);
+        joined.add(sql, db, insert, p.0).await?;
+        joined.add(sql, db, map, map_values).await?;
     }
-    Ok(())
+    joined.finish(sql, db).await
 }
