@@ -384,3 +384,97 @@ async fn an_intake_batch_claims_the_work_of_the_events_that_ask_for_it() {
     })
     .await;
 }
+
+/// `when` as a timestamp parameter in `db`'s representation.
+fn at(db: &TestDb, when: chrono::DateTime<chrono::Utc>) -> sea_orm::Value {
+    if db.is_postgres() {
+        when.naive_utc().into()
+    } else {
+        when.format("%Y-%m-%d %H:%M:%S%.6f").to_string().into()
+    }
+}
+
+#[tokio::test]
+async fn a_pool_of_its_own_records_each_transactions_own_clock() {
+    on_both(|db: TestDb| async move {
+        let shared = migrated(&db).await;
+        // On PostgreSQL its transactions read the clock in their first statement instead of
+        // with `BEGIN`; on SQLite it is the same pools.
+        let own = shared.with_own_pool(2).await.expect("a pool of its own");
+        let conn = db.connect().await;
+        let settings = ClaimSettings {
+            providers: BOTH.to_vec(),
+            ptr: true,
+            lease: LEASE,
+        };
+        let before = shared.db_now().await.expect("clock");
+        let past = before - chrono::Duration::days(2);
+        let future = before + chrono::Duration::days(2);
+        let note = |text: &str, first_seen| EventNote {
+            ip: ip(text),
+            scope: StoredScope::Global,
+            attacker_uuid: None,
+            first_seen: Some(first_seen),
+            claim: true,
+        };
+        let intakes: Vec<_> = own
+            .note_events(
+                vec![note("45.155.209.1", past), note("45.155.209.2", future)],
+                &settings,
+            )
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{}: {e}", db.label())))
+            .collect();
+        let claims = intakes[0].claims.clone().expect("claimed with the intake");
+        assert_eq!(claims.providers.len(), 2, "{}", db.label());
+        let lease = claims.ptr.expect("the PTR claimed");
+        let now = lease.claimed_at;
+        assert!(now >= before, "{}: {now} < {before}", db.label());
+
+        // The leases start at the clock the rows record; a first sighting later than that
+        // clock is recorded as the clock.
+        for (target, first) in [("45.155.209.1", past), ("45.155.209.2", now)] {
+            let rows = count(
+                &conn,
+                "SELECT COUNT(*) FROM enrichd_ip_state WHERE ip = $1 AND last_event_at = $2 \
+                 AND updated_at = $2 AND first_event_at = $3",
+                vec![target.into(), at(&db, now), at(&db, first)],
+            )
+            .await;
+            assert_eq!(rows, 1, "{}: {target}", db.label());
+        }
+        assert!(
+            intakes[1]
+                .claims
+                .as_ref()
+                .is_some_and(|c| c.providers.iter().all(|(_, l)| l.claimed_at == now)),
+            "{}: one transaction, one clock",
+            db.label()
+        );
+
+        // The write through the same pool lands, fenced by the claims, at a later clock.
+        let ctx = crate::store_common::ctx(&BOTH);
+        let outcome = own
+            .apply_batch(vec![answers(1, "45.155.209.1", &claims)], &ctx)
+            .await
+            .pop()
+            .expect("one outcome")
+            .unwrap_or_else(|e| panic!("{}: {e}", db.label()));
+        assert_eq!(outcome.applied, BOTH, "{}", db.label());
+        assert_eq!(outcome.ptr_applied, Some(true), "{}", db.label());
+        let written = count(
+            &conn,
+            "SELECT COUNT(*) FROM enrichd_ip_state WHERE ip = $1 AND ptr_name = $2 \
+             AND updated_at > $3",
+            vec![
+                "45.155.209.1".into(),
+                "host-1.example.net".into(),
+                at(&db, now),
+            ],
+        )
+        .await;
+        assert_eq!(written, 1, "{}", db.label());
+    })
+    .await;
+}

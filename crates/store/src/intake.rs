@@ -13,6 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 use crate::error::retry_busy;
 use crate::sql::{Joined, Params, ROWS_PER_STATEMENT};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
+use crate::store::CLOCK_COLUMN;
 use crate::work::{
     ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
     read_provider_states, read_ptr,
@@ -136,41 +137,12 @@ impl Store {
     ) -> Result<Vec<Intake>, StoreError> {
         let sql = self.sql;
         let keys: Vec<String> = notes.iter().map(|n| n.ip.to_string()).collect();
-        let (txn, now) = self.begin_write_at().await?;
+        let (txn, clock) = self.begin_keyed_write().await?;
+        let now = self.upsert_event_rows(&txn, clock, notes, &keys).await?;
         let firsts: Vec<DateTime<Utc>> = notes
             .iter()
             .map(|n| n.first_seen.map_or(now, |f| f.min(now)))
             .collect();
-        // The upsert takes each IP row's lock (PostgreSQL) until commit, in key order:
-        // concurrent intake of one IP queues here, so the row-creation check below is
-        // race-free.
-        let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
-        let rows: Vec<String> = notes
-            .iter()
-            .zip(&keys)
-            .zip(&firsts)
-            .map(|((note, key), first)| {
-                format!(
-                    "({}, {}, 0, {}, {now_p}, {now_p})",
-                    p.push(key.clone()),
-                    p.push(note.scope.as_str()),
-                    p.push(sql.ts(*first))
-                )
-            })
-            .collect();
-        txn.execute_raw(sql.stmt(
-            format!(
-                "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, \
-                 last_event_at, updated_at) VALUES {} ON CONFLICT (ip) DO UPDATE \
-                 SET scope = excluded.scope, last_event_at = excluded.last_event_at, \
-                 first_event_at = COALESCE(enrichd_ip_state.first_event_at, \
-                 excluded.first_event_at), updated_at = excluded.updated_at",
-                rows.join(", ")
-            ),
-            p.0,
-        ))
-        .await?;
         let owned = self.owns_attackers_in(&txn).await?;
         self.note_named_rows(&txn, notes, &keys, &firsts, owned, now)
             .await?;
@@ -201,24 +173,91 @@ impl Store {
                 claims: None,
             });
         }
-        insert_attackers(self, &txn, &created, now).await?;
+        // The attacker rows' writes go with the claim's first statement on PostgreSQL: the
+        // claim writes only `enrichd_ip_state` and `enrichd_provider_state`, and reads neither
+        // table these write.
+        let mut joined = Joined::default();
+        insert_attackers(self, &txn, &mut joined, &created, now).await?;
         if !touched.is_empty() {
             // Our own table: keep `last_seen` meaningful for the backlog's ordering.
             let mut p = Params::default();
             let now_p = p.push(sql.ts(now));
             let list = p.list(touched);
-            txn.execute_raw(sql.stmt(
+            let touch = format!(
+                "UPDATE attackers SET last_seen = {now_p}, updated_at = {now_p} WHERE uuid IN \
+                 (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip IN ({list}))"
+            );
+            joined.add(sql, &txn, touch, p.0).await?;
+        }
+        claim_with_intake(
+            self,
+            &txn,
+            &mut joined,
+            notes,
+            &keys,
+            claim,
+            now,
+            &mut intakes,
+        )
+        .await?;
+        joined.finish(sql, &txn).await?;
+        txn.commit().await?;
+        Ok(intakes)
+    }
+
+    /// Records the events' times on their `enrichd_ip_state` rows (created when missing), and
+    /// returns the transaction's clock.
+    async fn upsert_event_rows(
+        &self,
+        txn: &DatabaseTransaction,
+        clock: Option<DateTime<Utc>>,
+        notes: &[&EventNote],
+        keys: &[String],
+    ) -> Result<DateTime<Utc>, StoreError> {
+        let sql = self.sql;
+        // The upsert takes each IP row's lock (PostgreSQL) until commit, in key order:
+        // concurrent intake of one IP queues here, so `note_once`'s check for attacker rows
+        // to create is race-free. When the clock was not read with `BEGIN`, the upsert uses the database's
+        // own and returns it.
+        let mut p = Params::default();
+        let now_p = match clock {
+            Some(now) => p.push(sql.ts(now)),
+            None => sql.now_expr().to_owned(),
+        };
+        let rows: Vec<String> = notes
+            .iter()
+            .zip(keys)
+            .map(|(note, key)| {
+                let first = match (note.first_seen, clock) {
+                    (None, _) => now_p.clone(),
+                    (Some(first), Some(now)) => p.push(sql.ts(first.min(now))),
+                    (Some(first), None) => format!("LEAST({}, {now_p})", p.push(sql.ts(first))),
+                };
                 format!(
-                    "UPDATE attackers SET last_seen = {now_p}, updated_at = {now_p} WHERE uuid IN \
-                     (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip IN ({list}))"
+                    "({}, {}, 0, {first}, {now_p}, {now_p})",
+                    p.push(key.clone()),
+                    p.push(note.scope.as_str()),
+                )
+            })
+            .collect();
+        let returning = match clock {
+            Some(_) => String::new(),
+            None => format!(" RETURNING {} AS {CLOCK_COLUMN}", sql.now_expr()),
+        };
+        let upserted = txn
+            .query_all_raw(sql.stmt(
+                format!(
+                    "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, \
+                     last_event_at, updated_at) VALUES {} ON CONFLICT (ip) DO UPDATE \
+                     SET scope = excluded.scope, last_event_at = excluded.last_event_at, \
+                     first_event_at = COALESCE(enrichd_ip_state.first_event_at, \
+                     excluded.first_event_at), updated_at = excluded.updated_at{returning}",
+                    rows.join(", ")
                 ),
                 p.0,
             ))
             .await?;
-        }
-        claim_with_intake(self, &txn, notes, &keys, claim, now, &mut intakes).await?;
-        txn.commit().await?;
-        Ok(intakes)
+        self.keyed_clock(txn, clock, upserted.first()).await
     }
 
     /// The attacker rows the events name: a row that exists is mapped from the address
@@ -273,7 +312,9 @@ impl Store {
             }
         }
         map_rows(self, txn, &found, now).await?;
-        insert_attackers(self, txn, &created, now).await
+        let mut joined = Joined::default();
+        insert_attackers(self, txn, &mut joined, &created, now).await?;
+        joined.finish(self.sql, txn).await
     }
 
     /// Maps up to `limit` attacker rows not mapped yet to their canonical IP; a stored `ip`
@@ -451,10 +492,15 @@ impl Store {
 }
 /// Claims, in the intake's transaction, the work of the events that ask for it
 /// ([`EventNote::claim`]). The intake's upsert locked their `enrichd_ip_state` rows in key
-/// order, as a claim of its own would.
+/// order, as a claim of its own would. The claim's first statement carries `joined`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the intake's state, passed as it is by its one caller"
+)]
 async fn claim_with_intake(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     notes: &[&EventNote],
     keys: &[String],
     claim: &ClaimSettings,
@@ -473,6 +519,7 @@ async fn claim_with_intake(
     let mut claimed = claim_locked(
         store,
         txn,
+        joined,
         &to_claim,
         &HashSet::new(),
         &claim.providers,
@@ -540,15 +587,15 @@ fn map_statement(
 
 /// Inserts attacker rows (uuid, canonical IP, first seen) into enrichd's own `attackers`
 /// table, every NOT NULL column written, with the stored PTR name if there is one, and maps
-/// them.
+/// them: added to `joined`, which the caller runs.
 async fn insert_attackers<C: ConnectionTrait>(
     store: &Store,
     db: &C,
+    joined: &mut Joined,
     rows: &[(String, String, DateTime<Utc>)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
-    let mut joined = Joined::default();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
@@ -579,5 +626,5 @@ async fn insert_attackers<C: ConnectionTrait>(
         joined.add(sql, db, insert, p.0).await?;
         joined.add(sql, db, map, map_values).await?;
     }
-    joined.finish(sql, db).await
+    Ok(())
 }

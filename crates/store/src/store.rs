@@ -9,7 +9,7 @@ use enrichd_migrations::{Migrator, SCHEMA_VERSION, meta};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    QueryResult, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -19,6 +19,10 @@ use crate::sql::Sql;
 /// PostgreSQL advisory lock key held while migrating ("enrichd" in ASCII), so replicas
 /// starting together never race on the schema.
 const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
+
+/// The column in which the first statement of a keyed write returns the database clock
+/// (see [`Store::begin_keyed_write`]).
+pub(crate) const CLOCK_COLUMN: &str = "db_now";
 
 /// Connections in the PostgreSQL pool of one process.
 const PG_POOL_SIZE: u32 = 16;
@@ -66,6 +70,9 @@ pub struct Store {
     pub(crate) gate_cache: crate::gate::GateCache,
     /// Whether enrichd's migration created `attackers` (read once; see `owns_attackers_in`).
     owns_attackers_cache: Arc<std::sync::OnceLock<bool>>,
+    /// PostgreSQL sessions opened with the keyed writes' planning settings
+    /// ([`Store::with_own_pool`]).
+    keyed_sessions: bool,
 }
 
 impl fmt::Debug for Store {
@@ -92,7 +99,7 @@ fn sqlite_options(url: &str, max_connections: u32) -> ConnectOptions {
     opt
 }
 
-fn postgres_options(url: &str, max_connections: u32) -> ConnectOptions {
+fn postgres_options(url: &str, max_connections: u32, sessions: Sessions) -> ConnectOptions {
     let mut opt = ConnectOptions::new(url.to_owned());
     opt.max_connections(max_connections)
         .min_connections(0)
@@ -111,11 +118,31 @@ fn postgres_options(url: &str, max_connections: u32) -> ConnectOptions {
         // a statement that can only scan a table costs over 10^10, so LLVM compiled, inlined
         // and optimised it on every execution: releasing the leases at shutdown (no index on
         // the owner) took 117 and 33 ms that way, and 1.7 and 0.2 ms without.
-        .map_sqlx_postgres_opts(|o| {
-            o.statement_cache_capacity(PG_STATEMENT_CACHE)
-                .options([("jit", "off")])
+        .map_sqlx_postgres_opts(move |o| {
+            let o = o
+                .statement_cache_capacity(PG_STATEMENT_CACHE)
+                .options([("jit", "off")]);
+            match sessions {
+                Sessions::Shared => o,
+                // What `begin_write_at` sets per transaction (see there), set once per session.
+                Sessions::Keyed => o.options([
+                    ("enable_seqscan", "off"),
+                    ("plan_cache_mode", "force_generic_plan"),
+                ]),
+            }
         });
     opt
+}
+
+/// What a pool's PostgreSQL sessions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sessions {
+    /// Anything, scans included: the transactions that need index-only planning say so
+    /// themselves (`begin_write_at`).
+    Shared,
+    /// Only writes keyed by address, attacker or provider, so the planning settings are the
+    /// sessions' own and a transaction need not set them (see [`Store::begin_keyed_write`]).
+    Keyed,
 }
 
 fn is_postgres_url(url: &str) -> bool {
@@ -129,7 +156,7 @@ impl Store {
     /// writer connection and a few readers; PostgreSQL a pool of eight.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let (write, read, backend) = if is_postgres_url(url) {
-            let pool = Database::connect(postgres_options(url, PG_POOL_SIZE))
+            let pool = Database::connect(postgres_options(url, PG_POOL_SIZE, Sessions::Shared))
                 .await
                 .map_err(StoreError::from_db)?;
             (pool.clone(), pool, DbBackend::Postgres)
@@ -160,6 +187,39 @@ impl Store {
             url: url.into(),
             gate_cache: crate::gate::GateCache::default(),
             owns_attackers_cache: Arc::default(),
+            keyed_sessions: false,
+        })
+    }
+
+    /// This handle with a PostgreSQL pool of its own, of `max_connections`, opened lazily:
+    /// the same owner (its leases are this process's) and the same caches. Its sessions plan
+    /// for keyed writes only (index scans), so it is for [`Store::note_events`],
+    /// [`Store::claim_batch`] and [`Store::apply_batch`], which then save a round trip per
+    /// transaction (see [`Store::begin_keyed_write`]).
+    ///
+    /// Why: a connection's socket belongs to the runtime that opened it, and only that
+    /// runtime's thread notices it became readable. A component that runs on a thread of its
+    /// own (the runtime's store batcher) calls this on that thread, so its statements neither
+    /// wait for nor load the thread the rest of the process shares. On SQLite the handle is
+    /// shared as it is: one writer connection is the rule there, and sqlx runs every SQLite
+    /// connection on a thread of its own anyway.
+    ///
+    /// # Errors
+    /// `Unavailable` when the pool cannot be set up (nothing is connected yet).
+    pub async fn with_own_pool(&self, max_connections: u32) -> Result<Self, StoreError> {
+        if self.sql.0 != DbBackend::Postgres {
+            return Ok(self.clone());
+        }
+        let mut options = postgres_options(&self.url, max_connections, Sessions::Keyed);
+        options.connect_lazy(true);
+        let pool = Database::connect(options)
+            .await
+            .map_err(StoreError::from_db)?;
+        Ok(Self {
+            write: pool.clone(),
+            read: pool,
+            keyed_sessions: true,
+            ..self.clone()
         })
     }
 
@@ -193,7 +253,7 @@ impl Store {
             txn.commit().await?;
             return Ok(());
         }
-        let conn = Database::connect(postgres_options(&self.url, 1))
+        let conn = Database::connect(postgres_options(&self.url, 1, Sessions::Shared))
             .await
             .map_err(StoreError::from_db)?;
         let result = async {
@@ -312,6 +372,54 @@ impl Store {
         Ok(self.begin_write_at().await?.0)
     }
 
+    /// The clock of a transaction from [`Store::begin_keyed_write`]: `clock` when it was
+    /// read, else the [`CLOCK_COLUMN`] of `first` (a row of the transaction's first
+    /// statement), else read now because that statement returned no row.
+    pub(crate) async fn keyed_clock(
+        &self,
+        txn: &DatabaseTransaction,
+        clock: Option<DateTime<Utc>>,
+        first: Option<&QueryResult>,
+    ) -> Result<DateTime<Utc>, StoreError> {
+        if let Some(now) = clock {
+            return Ok(now);
+        }
+        match first {
+            Some(row) => self
+                .sql
+                .get_ts(row, CLOCK_COLUMN)?
+                .ok_or_else(|| StoreError::malformed(CLOCK_COLUMN, "null")),
+            None => self.sql.now(txn).await,
+        }
+    }
+
+    /// `BEGIN IMMEDIATE` on SQLite, `BEGIN` on PostgreSQL, and nothing else.
+    async fn begin_bare(&self) -> Result<DatabaseTransaction, StoreError> {
+        let options = TransactionOptions {
+            sqlite_transaction_mode: (!self.sql.is_pg())
+                .then_some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        Ok(self.write.begin_with_options(options).await?)
+    }
+
+    /// [`Store::begin_write`] for a write keyed by address, attacker or provider, and the
+    /// database clock at its start when it was read. `None` on sessions that carry the
+    /// planning settings already ([`Store::with_own_pool`]): the transaction's first
+    /// statement returns the clock instead (`now()` is the transaction's start on
+    /// PostgreSQL, whichever statement reads it). Under load every round trip of a write
+    /// waits for a CPU on both sides, and this saves one per transaction.
+    pub(crate) async fn begin_keyed_write(
+        &self,
+    ) -> Result<(DatabaseTransaction, Option<DateTime<Utc>>), StoreError> {
+        if self.sql.is_pg() && self.keyed_sessions {
+            Ok((self.begin_bare().await?, None))
+        } else {
+            let (txn, now) = self.begin_write_at().await?;
+            Ok((txn, Some(now)))
+        }
+    }
+
     /// [`Store::begin_write`] and the database clock at its start. On PostgreSQL the clock
     /// comes back with the transaction's settings, in one round trip instead of two: sampled
     /// under load, backends spent more time idle in transaction after `SET` and `now()` than
@@ -321,11 +429,7 @@ impl Store {
         &self,
     ) -> Result<(DatabaseTransaction, DateTime<Utc>), StoreError> {
         let sql = self.sql;
-        let options = TransactionOptions {
-            sqlite_transaction_mode: (!sql.is_pg()).then_some(SqliteTransactionMode::Immediate),
-            ..TransactionOptions::default()
-        };
-        let txn = self.write.begin_with_options(options).await?;
+        let txn = self.begin_bare().await?;
         if !sql.is_pg() {
             let now = sql.now(&txn).await?;
             return Ok((txn, now));

@@ -17,6 +17,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
 use crate::error::retry_busy;
 use crate::sql::{self, Joined, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState, StoredScope};
+use crate::store::CLOCK_COLUMN;
 use crate::{OutboxRow, Store, StoreError};
 
 /// Column limit of `enrichd_provider_state.last_error`.
@@ -175,8 +176,19 @@ impl Store {
         if !existing.is_empty() {
             lock_ip_rows(self, &txn, &existing, "ip").await?;
         }
-        let claims =
-            claim_locked(self, &txn, keys, &created, wanted, ptr, lease, now, mode).await?;
+        let claims = claim_locked(
+            self,
+            &txn,
+            &mut Joined::default(),
+            keys,
+            &created,
+            wanted,
+            ptr,
+            lease,
+            now,
+            mode,
+        )
+        .await?;
         txn.commit().await?;
         Ok(claims)
     }
@@ -371,18 +383,21 @@ impl Store {
         retry_busy(move || self.apply_once(items, ctx, write_rows)).await
     }
 
-    async fn apply_once(
+    /// Locks the `enrichd_ip_state` rows of `keys` (creating missing ones) and returns the
+    /// transaction's clock and each row's PTR state and scope.
+    async fn lock_for_write(
         &self,
-        items: &[&ApplyItem],
-        ctx: &ApplyContext,
-        write_rows: bool,
-    ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        let keys: Vec<String> = items.iter().map(|i| i.ip.to_string()).collect();
-        let (txn, now) = self.begin_write_at().await?;
-        let mut outcomes = vec![ApplyOutcome::default(); items.len()];
-
+        txn: &DatabaseTransaction,
+        clock: Option<DateTime<Utc>>,
+        keys: &[String],
+    ) -> Result<(DateTime<Utc>, HashMap<String, (PtrState, Option<String>)>), StoreError> {
         // The IPs' rows first, in key order: every writer for these IPs queues here.
-        let mut locked = lock_ip_rows(self, &txn, &keys, "*").await?;
+        let columns = match clock {
+            Some(_) => "*".to_owned(),
+            None => format!("*, {} AS {CLOCK_COLUMN}", self.sql.now_expr()),
+        };
+        let mut locked = lock_ip_rows(self, txn, keys, &columns).await?;
+        let now = self.keyed_clock(txn, clock, locked.first()).await?;
         if locked.len() < keys.len() {
             // An address with no row yet (written without intake: `lookup`, a skipped scope):
             // created and locked after the others. That is out of key order, and a deadlock
@@ -396,8 +411,8 @@ impl Store {
                 .filter(|k| !found.contains(*k))
                 .cloned()
                 .collect();
-            ensure_ip_rows(self, &txn, &missing, now, None).await?;
-            locked.extend(lock_ip_rows(self, &txn, &missing, "*").await?);
+            ensure_ip_rows(self, txn, &missing, now, None).await?;
+            locked.extend(lock_ip_rows(self, txn, &missing, "*").await?);
         }
         let mut stored: HashMap<String, (PtrState, Option<String>)> = HashMap::new();
         for row in locked {
@@ -405,6 +420,20 @@ impl Store {
             let scope: Option<String> = row.try_get("", "scope")?;
             stored.insert(ip, (read_ptr(self, &row)?, scope));
         }
+        Ok((now, stored))
+    }
+
+    async fn apply_once(
+        &self,
+        items: &[&ApplyItem],
+        ctx: &ApplyContext,
+        write_rows: bool,
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        let keys: Vec<String> = items.iter().map(|i| i.ip.to_string()).collect();
+        let (txn, clock) = self.begin_keyed_write().await?;
+        let mut outcomes = vec![ApplyOutcome::default(); items.len()];
+
+        let (now, stored) = self.lock_for_write(&txn, clock, &keys).await?;
         let mut states = read_provider_states_of(self, &txn, &keys).await?;
 
         let mut ip_writes: Vec<IpWrite> = Vec::new();
@@ -915,7 +944,8 @@ async fn write_provider_states(
 
 /// Claims the work of `keys` (sorted, unique) whose `enrichd_ip_state` rows exist and are
 /// locked by `txn`; `created` are those this transaction created already holding the PTR
-/// lease.
+/// lease. The claim's first statement carries `joined`, whose parts must write neither
+/// `enrichd_ip_state` nor `enrichd_provider_state`.
 #[expect(
     clippy::too_many_arguments,
     reason = "the claim's parts, passed as they are by its two callers"
@@ -923,6 +953,7 @@ async fn write_provider_states(
 pub(crate) async fn claim_locked(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     keys: &[String],
     created: &HashSet<String>,
     wanted: &[ProviderId],
@@ -933,13 +964,13 @@ pub(crate) async fn claim_locked(
 ) -> Result<HashMap<String, Claims>, StoreError> {
     let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
     if ptr {
-        for (ip, lease) in claim_ptr(store, txn, keys, created, lease, now, mode).await? {
+        for (ip, lease) in claim_ptr(store, txn, joined, keys, created, lease, now, mode).await? {
             claims.entry(ip).or_default().ptr = Some(lease);
         }
     }
     if !wanted.is_empty() {
         for (ip, provider, lease) in
-            claim_providers(store, txn, keys, wanted, lease, now, mode).await?
+            claim_providers(store, txn, joined, keys, wanted, lease, now, mode).await?
         {
             claims
                 .entry(ip)
@@ -957,9 +988,14 @@ pub(crate) async fn claim_locked(
 /// Leases the PTR of `keys`: the rows in `created` were created holding the lease by
 /// [`ensure_ip_rows`], and the due rows among the others are leased by one update, each fence
 /// coming back with the claim (`RETURNING`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by `claim_locked`"
+)]
 async fn claim_ptr(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     keys: &[String],
     created: &HashSet<String>,
     lease: Lease,
@@ -979,8 +1015,10 @@ async fn claim_ptr(
     let due = terms.only_due(mode, |now| {
         format!("ptr_outcome IS NULL OR ptr_expires_at <= {now}")
     });
-    let rows = txn
-        .query_all_raw(sql.stmt(
+    let rows = joined
+        .query_all(
+            sql,
+            txn,
             format!(
                 "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
                  RETURNING ip, ptr_queried_at",
@@ -988,7 +1026,7 @@ async fn claim_ptr(
                 terms.takeable("ptr_lease")
             ),
             p.0,
-        ))
+        )
         .await?;
     for row in &rows {
         let ip: String = row.try_get("", "ip")?;
@@ -1003,9 +1041,14 @@ async fn claim_ptr(
 /// of each lease comes back with the claim (`RETURNING`). A new address's rows are written
 /// once, not inserted and then rewritten by the lease, which halved the provider-state updates
 /// of a backfill of new addresses.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by `claim_locked`"
+)]
 async fn claim_providers(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     keys: &[String],
     wanted: &[ProviderId],
     lease: Lease,
@@ -1026,8 +1069,10 @@ async fn claim_providers(
                 .map(move |provider| format!("({ip}, {provider}, 0, {now}, {owner}, {until})"))
         })
         .collect();
-    let created = txn
-        .query_all_raw(sql.stmt(
+    let created = joined
+        .query_all(
+            sql,
+            txn,
             format!(
                 "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
                  lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
@@ -1035,7 +1080,7 @@ async fn claim_providers(
                 rows.join(", ")
             ),
             p.0,
-        ))
+        )
         .await?;
     let created: Vec<(String, ProviderId)> =
         created.iter().map(provider_row).collect::<Result<_, _>>()?;
