@@ -16,6 +16,7 @@ use enrichd_store::{
     ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Intake, Store, StoreError,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{error, warn};
 
 /// Addresses per transaction. Larger batches commit less often but hold their rows' locks
 /// longer, and a refused batch is written again one address at a time.
@@ -24,6 +25,16 @@ const MAX_BATCH: usize = 64;
 /// Intake, claim and write transactions (each) in flight at once on PostgreSQL (each on its own pooled
 /// connection); SQLite has one writer, so one of each there.
 const PG_SLOTS: usize = 3;
+
+/// The batcher's own PostgreSQL connections: one per transaction slot of its three loops.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a handful of slots, checked at compile time"
+)]
+const OWN_POOL_SIZE: u32 = {
+    assert!(PG_SLOTS < 100);
+    3 * PG_SLOTS as u32
+};
 
 pub use enrichd_store::ClaimSettings;
 
@@ -52,27 +63,44 @@ pub struct StoreBatcher {
 }
 
 impl StoreBatcher {
-    /// Starts the loops on the current runtime.
+    /// Starts the loops on a thread of their own, with a PostgreSQL pool of their own.
+    ///
+    /// Why a thread: every new address passes through the batcher twice, and under load the
+    /// thread the actors share is busy; batches that waited for it held their transactions
+    /// (and row locks) open meanwhile. Their statements' encoding, decoding and socket
+    /// wake-ups now happen here instead (see [`Store::with_own_pool`]).
     pub fn start(store: &Store, claim: ClaimSettings, ctx: ApplyContext) -> Self {
-        let slots = if store.single_writer() { 1 } else { PG_SLOTS };
-        let claim = Arc::new(claim);
         let (notes, note_rx) = mpsc::unbounded_channel();
-        let note_store = store.clone();
-        let note_claim = Arc::clone(&claim);
-        tokio::spawn(batch_loop(note_rx, slots, move |batch| {
-            run_notes(note_store.clone(), Arc::clone(&note_claim), batch)
-        }));
         let (claims, claim_rx) = mpsc::unbounded_channel();
         let (applies, apply_rx) = mpsc::unbounded_channel();
-        let claim_store = store.clone();
-        tokio::spawn(batch_loop(claim_rx, slots, move |batch| {
-            run_claims(claim_store.clone(), Arc::clone(&claim), batch)
-        }));
-        let apply_store = store.clone();
-        let ctx = Arc::new(ctx);
-        tokio::spawn(batch_loop(apply_rx, slots, move |batch| {
-            run_applies(apply_store.clone(), Arc::clone(&ctx), batch)
-        }));
+        let shared = store.clone();
+        let loops = async move {
+            let slots = if shared.single_writer() { 1 } else { PG_SLOTS };
+            let store = match shared.with_own_pool(OWN_POOL_SIZE).await {
+                Ok(own) => own,
+                Err(e) => {
+                    warn!(error = %enrichd_core::error::chain(&e), "The store batcher shares the process's pool.");
+                    shared
+                }
+            };
+            let claim = Arc::new(claim);
+            let ctx = Arc::new(ctx);
+            let (note_store, claim_store, note_claim) =
+                (store.clone(), store.clone(), Arc::clone(&claim));
+            futures::future::join3(
+                batch_loop(note_rx, slots, move |batch| {
+                    run_notes(note_store.clone(), Arc::clone(&note_claim), batch)
+                }),
+                batch_loop(claim_rx, slots, move |batch| {
+                    run_claims(claim_store.clone(), Arc::clone(&claim), batch)
+                }),
+                batch_loop(apply_rx, slots, move |batch| {
+                    run_applies(store.clone(), Arc::clone(&ctx), batch)
+                }),
+            )
+            .await;
+        };
+        run_on_own_thread(loops);
         Self {
             notes,
             claims,
@@ -135,6 +163,7 @@ where
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let slots_count = slots;
     let slots = Arc::new(Semaphore::new(slots));
     let mut carried: VecDeque<R> = VecDeque::new();
     loop {
@@ -168,6 +197,43 @@ where
             work.await;
             drop(permit);
         });
+    }
+    // Batches still running answer before the loop ends (and with it, maybe, their runtime).
+    let all = u32::try_from(slots_count).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+}
+
+/// Runs `work` to its end on a new thread with a runtime of its own; on the current runtime
+/// when no thread can be started, so the batcher works either way.
+fn run_on_own_thread(work: impl Future<Output = ()> + Send + 'static) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "No runtime for the store batcher; it shares the current one.");
+            tokio::spawn(work);
+            return;
+        }
+    };
+    // The work and its runtime go over a channel so that, when the thread cannot be started,
+    // they come back instead of being dropped with the closure (dropping a runtime here, in
+    // an async context, would panic).
+    let (hand, take) = std::sync::mpsc::sync_channel::<(tokio::runtime::Runtime, _)>(1);
+    let started = std::thread::Builder::new()
+        .name("enrichd-store".into())
+        .spawn(move || {
+            if let Ok((runtime, work)) = take.recv() {
+                runtime.block_on(work);
+            }
+        });
+    if let Err(e) = started {
+        error!(error = %e, "No thread for the store batcher; it shares the current runtime.");
+    }
+    if let Err(std::sync::mpsc::SendError((runtime, work))) = hand.send((runtime, work)) {
+        runtime.shutdown_background();
+        tokio::spawn(work);
     }
 }
 
@@ -259,5 +325,27 @@ mod tests {
         );
         let flat: Vec<u32> = batches.concat();
         assert_eq!(flat, (0..100).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_ends_only_once_its_running_batches_have_finished() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for n in 0..10_u32 {
+            tx.send(n).unwrap();
+        }
+        drop(tx);
+        let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&finished);
+        batch_loop(rx, 3, move |batch: Vec<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                seen.lock().unwrap().extend(batch);
+            }
+        })
+        .await;
+        let mut finished = finished.lock().unwrap().clone();
+        finished.sort_unstable();
+        assert_eq!(finished, (0..10).collect::<Vec<_>>());
     }
 }

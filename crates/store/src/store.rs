@@ -24,8 +24,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
 /// (see [`Store::begin_keyed_write`]).
 pub(crate) const CLOCK_COLUMN: &str = "db_now";
 
-/// Connections in the PostgreSQL pool of one process.
-const PG_POOL_SIZE: u32 = 16;
+/// Connections in the PostgreSQL pool of one process. The runtime's store batcher opens its
+/// own nine besides ([`Store::with_own_pool`]); before, it took up to nine of sixteen here.
+/// Sixteen a process in all, so six replicas still fit PostgreSQL's default of 100.
+const PG_POOL_SIZE: u32 = 7;
 
 /// Prepared statements kept per PostgreSQL connection (see `postgres_options`).
 const PG_STATEMENT_CACHE: usize = 250;
@@ -153,7 +155,7 @@ impl Store {
     /// Connects to `url` (`postgres://…` or `sqlite://…`). Nothing is migrated.
     ///
     /// SQLite gets WAL, `synchronous=NORMAL`, `busy_timeout=30000`, foreign keys on, one
-    /// writer connection and a few readers; PostgreSQL a pool of eight.
+    /// writer connection and a few readers; PostgreSQL a pool of seven.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let (write, read, backend) = if is_postgres_url(url) {
             let pool = Database::connect(postgres_options(url, PG_POOL_SIZE, Sessions::Shared))

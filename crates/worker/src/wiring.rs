@@ -1,6 +1,6 @@
 //! Turns [`Settings`] into running actors: one supervised actor per usable provider (each on
 //! its own arbiter, so a slow or faulting provider never shares a thread with another), the
-//! PTR pool, and the aggregator with the dependencies its jobs need.
+//! PTR pool (on its own arbiter too), and the aggregator with the dependencies its jobs need.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +45,7 @@ pub struct Core {
     pub outbox: Arc<OutboxHandoff>,
     /// Woken when deferred work falls due (and when the bus goes down).
     pub backfill_wake: Arc<Notify>,
-    /// Keeps the provider arbiters (threads) alive as long as the core.
+    /// Keeps the provider and PTR arbiters (threads) alive as long as the core.
     _arbiters: Vec<Arbiter>,
 }
 
@@ -96,7 +96,11 @@ pub fn start_core(
         .dns
         .ptr_enabled
         .then(|| start_ptr_pool(settings, give_up))
-        .flatten();
+        .flatten()
+        .map(|(pool, arbiter)| {
+            arbiters.push(arbiter);
+            pool
+        });
     let outbox = Arc::new(OutboxHandoff::new());
     let backfill_wake = Arc::new(Notify::new());
     let call_timeout = Duration::from_secs(10);
@@ -213,10 +217,12 @@ fn spawn<P: ProviderHooks>(
     )
 }
 
+/// The PTR pool on a thread of its own, like each provider: a lookup opens a UDP socket, and
+/// its sends and answers then never wait for the thread the jobs share.
 fn start_ptr_pool(
     settings: &Settings,
     give_up: Option<&Recipient<ChildGaveUp>>,
-) -> Option<Recipient<enrichd_core::messages::ResolvePtr>> {
+) -> Option<(Recipient<enrichd_core::messages::ResolvePtr>, Arbiter)> {
     let config = DnsConfig {
         servers: settings.dns.servers.clone(),
         timeout: settings.dns.timeout,
@@ -234,7 +240,9 @@ fn start_ptr_pool(
                 )),
                 None => pool,
             };
-            Some(Supervisor::start(move |_| pool).recipient())
+            let arbiter = Arbiter::new();
+            let pool = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| pool);
+            Some((pool.recipient(), arbiter))
         }
         Err(e) => {
             error!(error = %e, "PTR resolver cannot start; reverse DNS is off for this process.");
