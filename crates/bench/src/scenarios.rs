@@ -732,6 +732,9 @@ struct Paced<'a> {
 /// Milliseconds from publish to arrival per measured address, sorted.
 struct Timed {
     latencies: Vec<f64>,
+    /// p50 and p99 of the addresses published in each second of the run, in order: whether
+    /// the tail is spread over the run (queueing) or gathered in a few seconds (a pause).
+    by_second: Vec<(f64, f64)>,
     /// Addresses that never arrived (counted with their wait so far).
     missing: usize,
     rate: f64,
@@ -806,9 +809,19 @@ impl Paced<'_> {
                 end.duration_since(*at).as_secs_f64() * 1000.0
             })
             .collect();
+        let per_second = (sizes.latency_rate.max(1) as usize).min(latencies.len().max(1));
+        let by_second = latencies
+            .chunks(per_second)
+            .map(|second| {
+                let mut second = second.to_vec();
+                second.sort_by(f64::total_cmp);
+                (nearest_rank(&second, 0.50), nearest_rank(&second, 0.99))
+            })
+            .collect();
         latencies.sort_by(f64::total_cmp);
         Ok(Timed {
             latencies,
+            by_second,
             missing,
             rate: per_sec(sizes.latency_events, publish_secs),
         })
@@ -818,16 +831,7 @@ impl Paced<'_> {
 impl Timed {
     /// The percentile `p` (0 to 1) by the nearest-rank method.
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "an index into a short vector"
-        )]
-        let i = ((p * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[i - 1]
+        nearest_rank(&self.latencies, p)
     }
 
     /// p50, p90, p99 and max as figures; p99 judged against the target when `judged`.
@@ -871,7 +875,26 @@ impl Timed {
         report
             .figures
             .push(Figure::info("max_ms", self.percentile(1.0), "ms", ""));
+        report.details["by_second_p50_p99_ms"] = self
+            .by_second
+            .iter()
+            .map(|(p50, p99)| json!([round3(*p50), round3(*p99)]))
+            .collect();
     }
+}
+
+/// The percentile `p` (0 to 1) of `sorted` by the nearest-rank method.
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an index into a short vector"
+    )]
+    let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[i - 1]
 }
 
 // === (e) memory ===
