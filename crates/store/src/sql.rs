@@ -66,7 +66,7 @@ impl Params {
     /// raw provider bodies were copied once more per parameter, and those copies were the
     /// largest part of the write path's allocation work.
     pub(crate) fn push_json(&mut self, sql: Sql, value: Option<&serde_json::Value>) -> String {
-        self.push_json_text(sql, value.map(ToString::to_string))
+        self.push_json_text(sql, value.map(json_text))
     }
 
     /// [`Params::push_json`] for a `NOT NULL` column whose empty value is `{}`.
@@ -75,7 +75,7 @@ impl Params {
         sql: Sql,
         value: Option<&serde_json::Value>,
     ) -> String {
-        let text = value.map_or_else(|| "{}".to_owned(), ToString::to_string);
+        let text = value.map_or_else(|| "{}".to_owned(), json_text);
         self.push_json_text(sql, Some(text))
     }
 
@@ -96,6 +96,14 @@ impl Params {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// `value` as JSON text. `serde_json::to_string` writes bytes; `Value`'s `Display` goes
+/// through `fmt` one escaped piece at a time, and serialising the raw bodies that way was a
+/// tenth of the store thread's CPU at 1,000 new addresses/s.
+fn json_text(value: &serde_json::Value) -> String {
+    // A `Value` always serialises: its map keys are strings.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
 /// `statement` with every placeholder `$n` renumbered `$(n + by)`, so that it can follow a
@@ -342,6 +350,17 @@ impl Sql {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn json_text_is_compact_and_escaped_as_before() {
+        let body = serde_json::json!({
+            "b": [1, 2.5, null, true],
+            "a": "quote \" backslash \\ newline \n tab \t nul \u{0} é 🛰",
+        });
+        assert_eq!(json_text(&body), body.to_string());
+        let back: serde_json::Value = serde_json::from_str(&json_text(&body)).unwrap();
+        assert_eq!(back, body);
+    }
 
     #[test]
     fn sqlite_text_has_six_fraction_digits_and_a_space() {
