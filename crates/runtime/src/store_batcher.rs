@@ -222,7 +222,7 @@ fn run_on_own_thread(work: impl Future<Output = ()> + Send + 'static) {
     // an async context, would panic).
     let (hand, take) = std::sync::mpsc::sync_channel::<(tokio::runtime::Runtime, _)>(1);
     let started = std::thread::Builder::new()
-        .name("enrichd-store".into())
+        .name("store-batcher".into())
         .spawn(move || {
             if let Ok((runtime, work)) = take.recv() {
                 runtime.block_on(work);
