@@ -477,22 +477,17 @@ impl Store {
             ptrs.push((old_ptr, new_ptr));
         }
 
-        // Neither table's write reads the other's: one statement on PostgreSQL.
+        // No statement reads these writes before commit, and none of the attacker rows'
+        // writes touches their tables: on PostgreSQL they all go as one statement, the last
+        // of the write before `COMMIT`.
         let mut joined = Joined::default();
         write_ip_states(self, &txn, &mut joined, &ip_writes, now).await?;
-        let written =
-            write_provider_states(self, &txn, &mut joined, &keys, &provider_writes, now).await?;
-        joined.finish(self.sql, &txn).await?;
+        write_provider_states(self, &txn, &mut joined, &keys, &provider_writes, now).await?;
         for (index, next, _) in provider_writes {
-            let outcome = &mut outcomes[index];
-            if written.contains(&(keys[index].clone(), next.provider)) {
-                outcome.applied.push(next.provider);
-                let list = states.entry(keys[index].clone()).or_default();
-                list.retain(|s| s.provider != next.provider);
-                list.push(next);
-            } else {
-                outcome.stale.push(next.provider);
-            }
+            outcomes[index].applied.push(next.provider);
+            let list = states.entry(keys[index].clone()).or_default();
+            list.retain(|s| s.provider != next.provider);
+            list.push(next);
         }
         for outcome in &mut outcomes {
             outcome.applied.sort_unstable();
@@ -506,8 +501,9 @@ impl Store {
                 ptrs: &ptrs,
                 states: &states,
             };
-            write_attacker_rows(self, &txn, settled, ctx, now, &mut outcomes).await?;
+            write_attacker_rows(self, &txn, &mut joined, settled, ctx, now, &mut outcomes).await?;
         }
+        joined.finish(self.sql, &txn).await?;
         txn.commit().await?;
         Ok(outcomes)
     }
@@ -607,6 +603,7 @@ struct Settled<'a> {
 async fn write_attacker_rows(
     store: &Store,
     txn: &DatabaseTransaction,
+    joined: &mut Joined,
     settled: Settled<'_>,
     ctx: &ApplyContext,
     now: DateTime<Utc>,
@@ -654,20 +651,19 @@ async fn write_attacker_rows(
         clear_ptr_record(store, txn, key, old).await?;
     }
     // The rest write distinct rows (`attacker_intel`, `attackers`, the map's digests, the
-    // outbox) and nothing reads them before commit: one statement on PostgreSQL.
-    let mut joined = Joined::default();
-    upsert_intel_rows(store, txn, &mut joined, &rows.intel, &rows.columns).await?;
-    set_ptr_records(store, txn, &mut joined, &rows.ptr_names).await?;
+    // outbox) and nothing reads them before commit: they join the caller's `joined`.
+    upsert_intel_rows(store, txn, joined, &rows.intel, &rows.columns).await?;
+    set_ptr_records(store, txn, joined, &rows.ptr_names).await?;
     // Attacker order, the order the relay deletes in (no lock cycle between the two).
     rows.outbox.sort_by(|a, b| a.0.cmp(&b.0));
     let claim_until = ctx.relay_claim.map(|claim| {
         now + chrono::Duration::from_std(claim).unwrap_or(chrono::Duration::seconds(30))
     });
-    let handed_off = enqueue_rows(store, txn, &mut joined, &rows.outbox, now, claim_until).await?;
+    let handed_off = enqueue_rows(store, txn, joined, &rows.outbox, now, claim_until).await?;
     for (index, row) in handed_off {
         outcomes[index].handed_off.push(row);
     }
-    joined.finish(store.sql, txn).await
+    Ok(())
 }
 
 /// Creates the missing `enrichd_ip_state` rows of `keys` (sorted), a statement per few hundred
@@ -873,8 +869,15 @@ async fn write_ip_states(
     Ok(())
 }
 
-/// Writes each `(address index, next state, lease)`, fenced on `queried_at`, and ends our
-/// lease on each row written. Returns the rows written.
+/// Writes each `(address index, next state, lease)` and ends our lease on each row: added to
+/// `joined`.
+///
+/// Each write is fenced on `queried_at` in SQL too, but the caller has already left out every
+/// result whose lease is not newer than the stored `queried_at`, on rows it read under the
+/// address's lock, and only a write (holding that lock) sets `queried_at`. So the fence
+/// passes for every row, and what was written is known without `RETURNING`: that is what
+/// lets these rows go in the same statement as the attacker rows'. Were it ever to refuse
+/// one, the next pass recomputes the attacker rows from the stored state.
 async fn write_provider_states(
     store: &Store,
     txn: &DatabaseTransaction,
@@ -882,9 +885,8 @@ async fn write_provider_states(
     keys: &[String],
     writes: &[(usize, ProviderState, Lease)],
     now: DateTime<Utc>,
-) -> Result<HashSet<(String, ProviderId)>, StoreError> {
+) -> Result<(), StoreError> {
     let sql = store.sql;
-    let mut written = HashSet::with_capacity(writes.len());
     for chunk in writes.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let owner = p.push(store.owner.to_string());
@@ -926,20 +928,12 @@ async fn write_provider_states(
              {end_lease}, \
              updated_at = excluded.updated_at \
              WHERE enrichd_provider_state.queried_at IS NULL \
-             OR enrichd_provider_state.queried_at < excluded.queried_at \
-             RETURNING ip, provider",
+             OR enrichd_provider_state.queried_at < excluded.queried_at",
             rows.join(", ")
         );
-        let returned = joined.query_all(sql, txn, statement, p.0).await?;
-        for row in &returned {
-            let ip: String = row.try_get("", "ip")?;
-            let label: String = row.try_get("", "provider")?;
-            if let Some(provider) = ProviderId::from_id(&label) {
-                written.insert((ip, provider));
-            }
-        }
+        joined.add(sql, txn, statement, p.0).await?;
     }
-    Ok(written)
+    Ok(())
 }
 
 /// Claims the work of `keys` (sorted, unique) whose `enrichd_ip_state` rows exist and are
