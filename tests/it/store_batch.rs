@@ -11,7 +11,8 @@ use enrichd_store::{
 use enrichd_testkit::db::TestDb;
 
 use crate::store_common::{
-    abuseipdb, add_attacker, claim, claim_one, count, exec, greynoise, ip, migrated, on_both, texts,
+    abuseipdb, add_attacker, at, claim, claim_one, count, exec, greynoise, ip, migrated, on_both,
+    texts,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -383,15 +384,6 @@ async fn an_intake_batch_claims_the_work_of_the_events_that_ask_for_it() {
         );
     })
     .await;
-}
-
-/// `when` as a timestamp parameter in `db`'s representation.
-fn at(db: &TestDb, when: chrono::DateTime<chrono::Utc>) -> sea_orm::Value {
-    if db.is_postgres() {
-        when.naive_utc().into()
-    } else {
-        when.format("%Y-%m-%d %H:%M:%S%.6f").to_string().into()
-    }
 }
 
 #[tokio::test]

@@ -179,13 +179,19 @@ pub(crate) fn feodo(listed: bool) -> ProviderReport {
 
 /// A timestamp parameter far in the past (2000-01-01), in the backend's representation.
 pub(crate) fn long_ago(db: &TestDb) -> Value {
+    let when = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .expect("valid date")
+        .and_utc();
+    at(db, when)
+}
+
+/// `when` as a timestamp parameter in `db`'s representation.
+pub(crate) fn at(db: &TestDb, when: chrono::DateTime<chrono::Utc>) -> Value {
     if db.is_postgres() {
-        chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .expect("valid date")
-            .into()
+        when.naive_utc().into()
     } else {
-        "2000-01-01 00:00:00.000000".into()
+        when.format("%Y-%m-%d %H:%M:%S%.6f").to_string().into()
     }
 }
 

@@ -24,17 +24,10 @@ const MAX_BATCH: usize = 64;
 
 /// Intake, claim and write transactions (each) in flight at once on PostgreSQL (each on its own pooled
 /// connection); SQLite has one writer, so one of each there.
-const PG_SLOTS: usize = 3;
+const PG_SLOTS: u32 = 3;
 
 /// The batcher's own PostgreSQL connections: one per transaction slot of its three loops.
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "a handful of slots, checked at compile time"
-)]
-const OWN_POOL_SIZE: u32 = {
-    assert!(PG_SLOTS < 100);
-    3 * PG_SLOTS as u32
-};
+const OWN_POOL_SIZE: u32 = 3 * PG_SLOTS;
 
 pub use enrichd_store::ClaimSettings;
 
@@ -157,14 +150,13 @@ fn stopped() -> StoreError {
 /// the next batch. Every batch size is a different statement text (`IN` lists, multi-row
 /// `VALUES`) and each text is a prepared statement cached on every connection: seven sizes
 /// keep that cache small, where any size up to 64 cost tens of MiB over the pool.
-async fn batch_loop<R, F, Fut>(mut requests: mpsc::UnboundedReceiver<R>, slots: usize, run: F)
+async fn batch_loop<R, F, Fut>(mut requests: mpsc::UnboundedReceiver<R>, slots: u32, run: F)
 where
     R: Send + 'static,
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let slots_count = slots;
-    let slots = Arc::new(Semaphore::new(slots));
+    let free_slots = Arc::new(Semaphore::new(slots as usize));
     let mut carried: VecDeque<R> = VecDeque::new();
     loop {
         let first = match carried.pop_front() {
@@ -174,7 +166,7 @@ where
                 None => break,
             },
         };
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+        let Ok(permit) = Arc::clone(&free_slots).acquire_owned().await else {
             break;
         };
         let mut batch = vec![first];
@@ -199,8 +191,7 @@ where
         });
     }
     // Batches still running answer before the loop ends (and with it, maybe, their runtime).
-    let all = u32::try_from(slots_count).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
+    let _ = free_slots.acquire_many(slots).await;
 }
 
 /// Runs `work` to its end on a new thread with a runtime of its own; on the current runtime

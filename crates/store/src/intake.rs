@@ -13,7 +13,6 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 use crate::error::retry_busy;
 use crate::sql::{Joined, Params, ROWS_PER_STATEMENT};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::store::CLOCK_COLUMN;
 use crate::work::{
     ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
     read_provider_states, read_ptr,
@@ -217,8 +216,8 @@ impl Store {
         let sql = self.sql;
         // The upsert takes each IP row's lock (PostgreSQL) until commit, in key order:
         // concurrent intake of one IP queues here, so `note_once`'s check for attacker rows
-        // to create is race-free. When the clock was not read with `BEGIN`, the upsert uses the database's
-        // own and returns it.
+        // to create is race-free. When the clock was not read with `BEGIN`, the upsert uses
+        // the database's own and returns it.
         let mut p = Params::default();
         let now_p = match clock {
             Some(now) => p.push(sql.ts(now)),
@@ -240,10 +239,10 @@ impl Store {
                 )
             })
             .collect();
-        let returning = match clock {
-            Some(_) => String::new(),
-            None => format!(" RETURNING {} AS {CLOCK_COLUMN}", sql.now_expr()),
-        };
+        let returning = self
+            .clock_item(clock)
+            .map(|item| format!(" RETURNING {item}"))
+            .unwrap_or_default();
         let upserted = txn
             .query_all_raw(sql.stmt(
                 format!(

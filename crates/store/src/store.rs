@@ -22,7 +22,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
 
 /// The column in which the first statement of a keyed write returns the database clock
 /// (see [`Store::begin_keyed_write`]).
-pub(crate) const CLOCK_COLUMN: &str = "db_now";
+const CLOCK_COLUMN: &str = "db_now";
 
 /// Connections in the PostgreSQL pool of one process. The runtime's store batcher opens its
 /// own nine besides ([`Store::with_own_pool`]); before, it took up to nine of sixteen here.
@@ -369,9 +369,19 @@ impl Store {
     }
 
     /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock up front, so a
-    /// transaction never fails to upgrade), a plain `BEGIN` on PostgreSQL.
+    /// transaction never fails to upgrade), `BEGIN` with the write settings on PostgreSQL
+    /// ([`Store::begin_write_at`], whose clock is not needed here).
     pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
         Ok(self.begin_write_at().await?.0)
+    }
+
+    /// What the first statement of a transaction from [`Store::begin_keyed_write`] selects
+    /// or returns beside its own columns, so that [`Store::keyed_clock`] finds the clock in
+    /// its rows; nothing when `clock` was read already.
+    pub(crate) fn clock_item(&self, clock: Option<DateTime<Utc>>) -> Option<String> {
+        clock
+            .is_none()
+            .then(|| format!("{} AS {CLOCK_COLUMN}", self.sql.now_expr()))
     }
 
     /// The clock of a transaction from [`Store::begin_keyed_write`]: `clock` when it was

@@ -17,7 +17,6 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
 use crate::error::retry_busy;
 use crate::sql::{self, Joined, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState, StoredScope};
-use crate::store::CLOCK_COLUMN;
 use crate::{OutboxRow, Store, StoreError};
 
 /// Column limit of `enrichd_provider_state.last_error`.
@@ -392,10 +391,9 @@ impl Store {
         keys: &[String],
     ) -> Result<(DateTime<Utc>, HashMap<String, (PtrState, Option<String>)>), StoreError> {
         // The IPs' rows first, in key order: every writer for these IPs queues here.
-        let columns = match clock {
-            Some(_) => "*".to_owned(),
-            None => format!("*, {} AS {CLOCK_COLUMN}", self.sql.now_expr()),
-        };
+        let columns = self
+            .clock_item(clock)
+            .map_or_else(|| "*".to_owned(), |item| format!("*, {item}"));
         let mut locked = lock_ip_rows(self, txn, keys, &columns).await?;
         let now = self.keyed_clock(txn, clock, locked.first()).await?;
         if locked.len() < keys.len() {
