@@ -22,12 +22,22 @@ use tracing::{error, warn};
 /// longer, and a refused batch is written again one address at a time.
 const MAX_BATCH: usize = 64;
 
-/// Intake, claim and write transactions (each) in flight at once on PostgreSQL (each on its own pooled
-/// connection); SQLite has one writer, so one of each there.
-const PG_SLOTS: u32 = 3;
+/// The batch sizes a loop uses: powers of two and one and a half times each, up to
+/// [`MAX_BATCH`]. Every size is a statement text of its own (`IN` lists, multi-row `VALUES`),
+/// prepared and cached on each connection, so the sizes are few; a batch is what queued,
+/// rounded down to one of these, and the rest go first into the next batch. Between powers of
+/// two alone a third of a typical batch waited for the next transaction.
+const BATCH_SIZES: [usize; 12] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
 
-/// The batcher's own PostgreSQL connections: one per transaction slot of its three loops.
-const OWN_POOL_SIZE: u32 = 3 * PG_SLOTS;
+/// Transactions in flight at once in each loop. One: a loop's next batch starts as soon as
+/// its transaction commits, with everything that queued meanwhile. More at once did not
+/// shorten the wait on this kind of host; they cost PostgreSQL about a seventh more CPU (each
+/// transaction's fixed cost is paid more often) and every connection prepares every
+/// statement text (BENCHMARKS.md, "One transaction at a time").
+const SLOTS: u32 = 1;
+
+/// The batcher's own PostgreSQL connections: one per loop.
+const OWN_POOL_SIZE: u32 = 3 * SLOTS;
 
 pub use enrichd_store::ClaimSettings;
 
@@ -68,7 +78,6 @@ impl StoreBatcher {
         let (applies, apply_rx) = mpsc::unbounded_channel();
         let shared = store.clone();
         let loops = async move {
-            let slots = if shared.single_writer() { 1 } else { PG_SLOTS };
             let store = match shared.with_own_pool(OWN_POOL_SIZE).await {
                 Ok(own) => own,
                 Err(e) => {
@@ -81,13 +90,13 @@ impl StoreBatcher {
             let (note_store, claim_store, note_claim) =
                 (store.clone(), store.clone(), Arc::clone(&claim));
             futures::future::join3(
-                batch_loop(note_rx, slots, move |batch| {
+                batch_loop(note_rx, SLOTS, move |batch| {
                     run_notes(note_store.clone(), Arc::clone(&note_claim), batch)
                 }),
-                batch_loop(claim_rx, slots, move |batch| {
+                batch_loop(claim_rx, SLOTS, move |batch| {
                     run_claims(claim_store.clone(), Arc::clone(&claim), batch)
                 }),
-                batch_loop(apply_rx, slots, move |batch| {
+                batch_loop(apply_rx, SLOTS, move |batch| {
                     run_applies(store.clone(), Arc::clone(&ctx), batch)
                 }),
             )
@@ -146,10 +155,7 @@ fn stopped() -> StoreError {
 /// Takes the first request, waits for a transaction slot (requests keep queuing meanwhile),
 /// then runs what is queued as one batch on a task of its own.
 ///
-/// A batch holds a power of two of requests, at most [`MAX_BATCH`]; the rest go first into
-/// the next batch. Every batch size is a different statement text (`IN` lists, multi-row
-/// `VALUES`) and each text is a prepared statement cached on every connection: seven sizes
-/// keep that cache small, where any size up to 64 cost tens of MiB over the pool.
+/// A batch holds one of [`BATCH_SIZES`] requests; the rest go first into the next batch.
 async fn batch_loop<R, F, Fut>(mut requests: mpsc::UnboundedReceiver<R>, slots: u32, run: F)
 where
     R: Send + 'static,
@@ -180,7 +186,7 @@ where
         {
             batch.push(next);
         }
-        let size = power_of_two_at_most(batch.len());
+        let size = batch_size_at_most(batch.len());
         for later in batch.drain(size..).rev() {
             carried.push_front(later);
         }
@@ -228,9 +234,14 @@ fn run_on_own_thread(work: impl Future<Output = ()> + Send + 'static) {
     }
 }
 
-/// The largest power of two not above `n` (`n` ≥ 1).
-fn power_of_two_at_most(n: usize) -> usize {
-    if n == 0 { 0 } else { 1 << n.ilog2() }
+/// The largest of [`BATCH_SIZES`] not above `n` (0 for 0).
+fn batch_size_at_most(n: usize) -> usize {
+    BATCH_SIZES
+        .iter()
+        .rev()
+        .copied()
+        .find(|&size| size <= n)
+        .unwrap_or(0)
 }
 
 async fn run_claims(store: Store, claim: Arc<ClaimSettings>, batch: Vec<ClaimRequest>) {
@@ -285,9 +296,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_are_powers_of_two() {
-        let sizes: Vec<usize> = [1, 2, 3, 5, 8, 63, 64].map(power_of_two_at_most).to_vec();
-        assert_eq!(sizes, [1, 2, 2, 4, 8, 32, 64]);
+    fn batches_take_the_largest_size_that_fits() {
+        let sizes: Vec<usize> = [0, 1, 2, 3, 5, 7, 11, 13, 47, 63, 64, 65]
+            .map(batch_size_at_most)
+            .to_vec();
+        assert_eq!(sizes, [0, 1, 2, 3, 4, 6, 8, 12, 32, 48, 64, 64]);
     }
 
     #[tokio::test]
@@ -309,11 +322,7 @@ mod tests {
         while let Some(batch) = seen_rx.recv().await {
             batches.push(batch);
         }
-        assert!(
-            batches
-                .iter()
-                .all(|b| b.len().is_power_of_two() && b.len() <= MAX_BATCH)
-        );
+        assert!(batches.iter().all(|b| BATCH_SIZES.contains(&b.len())));
         let flat: Vec<u32> = batches.concat();
         assert_eq!(flat, (0..100).collect::<Vec<_>>());
     }

@@ -230,12 +230,6 @@ impl Store {
         self.sql.0
     }
 
-    /// Whether the database takes one writer at a time (SQLite): running several write
-    /// transactions at once then only queues them.
-    pub fn single_writer(&self) -> bool {
-        !self.sql.is_pg()
-    }
-
     /// This process's lease owner id.
     pub fn owner(&self) -> &str {
         &self.owner
