@@ -6,7 +6,7 @@
 //! takes whatever requests have queued while the previous batch ran (up to [`MAX_BATCH`]) and
 //! runs them as one [`Store::note_events`], [`Store::claim_batch`] or [`Store::apply_batch`]: under load a commit
 //! carries dozens of addresses, and a lone request never waits for company, because a batch
-//! starts as soon as a transaction slot is free.
+//! starts as soon as the loop's running transaction has committed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use enrichd_core::CanonicalIp;
 use enrichd_store::{
     ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Intake, Store, StoreError,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tracing::{error, warn};
 
 /// Addresses per transaction. Larger batches commit less often but hold their rows' locks
@@ -28,16 +28,19 @@ const MAX_BATCH: usize = 64;
 /// rounded down to one of these, and the rest go first into the next batch. Between powers of
 /// two alone a third of a typical batch waited for the next transaction.
 const BATCH_SIZES: [usize; 12] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
+const _: () = assert!(BATCH_SIZES[BATCH_SIZES.len() - 1] == MAX_BATCH);
 
-/// Transactions in flight at once in each loop. One: a loop's next batch starts as soon as
-/// its transaction commits, with everything that queued meanwhile. More at once did not
-/// shorten the wait on this kind of host; they cost PostgreSQL about a seventh more CPU (each
-/// transaction's fixed cost is paid more often) and every connection prepares every
-/// statement text (BENCHMARKS.md, "One transaction at a time").
-const SLOTS: u32 = 1;
+/// Transactions a loop may have in flight on PostgreSQL, each on its own connection; SQLite
+/// has one writer, so one there. A loop runs one at a time and takes the others only for a
+/// backlog (see [`batch_loop`]). Three at once as the rule cost PostgreSQL about a sixth more
+/// CPU for the same addresses and did not shorten the wait: a batch that waits for a free
+/// slot gathers no more than one that waits for the running transaction to commit
+/// (BENCHMARKS.md, "One transaction at a time").
+const PG_SLOTS: u32 = 3;
 
-/// The batcher's own PostgreSQL connections: one per loop.
-const OWN_POOL_SIZE: u32 = 3 * SLOTS;
+/// The batcher's own PostgreSQL connections: one per slot of its three loops, opened as
+/// needed, so three in steady state.
+const OWN_POOL_SIZE: u32 = 3 * PG_SLOTS;
 
 pub use enrichd_store::ClaimSettings;
 
@@ -78,6 +81,7 @@ impl StoreBatcher {
         let (applies, apply_rx) = mpsc::unbounded_channel();
         let shared = store.clone();
         let loops = async move {
+            let slots = if shared.single_writer() { 1 } else { PG_SLOTS };
             let store = match shared.with_own_pool(OWN_POOL_SIZE).await {
                 Ok(own) => own,
                 Err(e) => {
@@ -90,13 +94,13 @@ impl StoreBatcher {
             let (note_store, claim_store, note_claim) =
                 (store.clone(), store.clone(), Arc::clone(&claim));
             futures::future::join3(
-                batch_loop(note_rx, SLOTS, move |batch| {
+                batch_loop(note_rx, slots, move |batch| {
                     run_notes(note_store.clone(), Arc::clone(&note_claim), batch)
                 }),
-                batch_loop(claim_rx, SLOTS, move |batch| {
+                batch_loop(claim_rx, slots, move |batch| {
                     run_claims(claim_store.clone(), Arc::clone(&claim), batch)
                 }),
-                batch_loop(apply_rx, SLOTS, move |batch| {
+                batch_loop(apply_rx, slots, move |batch| {
                     run_applies(store.clone(), Arc::clone(&ctx), batch)
                 }),
             )
@@ -152,8 +156,11 @@ fn stopped() -> StoreError {
     StoreError::unavailable("the store batcher did not answer")
 }
 
-/// Takes the first request, waits for a transaction slot (requests keep queuing meanwhile),
-/// then runs what is queued as one batch on a task of its own.
+/// Runs what is queued as one batch on a task of its own, one batch at a time: the next
+/// starts when the running one has finished, with everything that queued meanwhile. Only a
+/// backlog runs more at once: while a whole batch ([`MAX_BATCH`]) is waiting, it starts in a
+/// free slot of `slots` without waiting, so one slow transaction does not cap the loop at
+/// [`MAX_BATCH`] requests per transaction time.
 ///
 /// A batch holds one of [`BATCH_SIZES`] requests; the rest go first into the next batch.
 async fn batch_loop<R, F, Fut>(mut requests: mpsc::UnboundedReceiver<R>, slots: u32, run: F)
@@ -162,42 +169,53 @@ where
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let free_slots = Arc::new(Semaphore::new(slots as usize));
-    let mut carried: VecDeque<R> = VecDeque::new();
+    let all_slots = slots.max(1) as usize;
+    let free_slots = Arc::new(Semaphore::new(all_slots));
+    let finished = Arc::new(Notify::new());
+    let mut waiting: VecDeque<R> = VecDeque::new();
+    let mut open = true;
     loop {
-        let first = match carried.pop_front() {
-            Some(request) => request,
-            None => match requests.recv().await {
-                Some(request) => request,
-                None => break,
+        while open && waiting.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(request) => waiting.push_back(request),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if waiting.is_empty() {
+            if !open {
+                break;
+            }
+            match requests.recv().await {
+                Some(request) => waiting.push_back(request),
+                None => open = false,
+            }
+            continue;
+        }
+        let idle = free_slots.available_permits() == all_slots;
+        if (idle || waiting.len() >= MAX_BATCH)
+            && let Ok(permit) = Arc::clone(&free_slots).try_acquire_owned()
+        {
+            let size = batch_size_at_most(waiting.len());
+            let work = run(waiting.drain(..size).collect());
+            let finished = Arc::clone(&finished);
+            tokio::spawn(async move {
+                work.await;
+                drop(permit);
+                finished.notify_one();
+            });
+            continue;
+        }
+        tokio::select! {
+            () = finished.notified() => {}
+            next = requests.recv(), if open && waiting.len() < MAX_BATCH => match next {
+                Some(request) => waiting.push_back(request),
+                None => open = false,
             },
-        };
-        let Ok(permit) = Arc::clone(&free_slots).acquire_owned().await else {
-            break;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH
-            && let Some(next) = carried.pop_front()
-        {
-            batch.push(next);
         }
-        while batch.len() < MAX_BATCH
-            && let Ok(next) = requests.try_recv()
-        {
-            batch.push(next);
-        }
-        let size = batch_size_at_most(batch.len());
-        for later in batch.drain(size..).rev() {
-            carried.push_front(later);
-        }
-        let work = run(batch);
-        tokio::spawn(async move {
-            work.await;
-            drop(permit);
-        });
     }
     // Batches still running answer before the loop ends (and with it, maybe, their runtime).
-    let _ = free_slots.acquire_many(slots).await;
+    let _ = free_slots.acquire_many(slots.max(1)).await;
 }
 
 /// Runs `work` to its end on a new thread with a runtime of its own; on the current runtime
@@ -325,6 +343,41 @@ mod tests {
         assert!(batches.iter().all(|b| BATCH_SIZES.contains(&b.len())));
         let flat: Vec<u32> = batches.concat();
         assert_eq!(flat, (0..100).collect::<Vec<_>>());
+    }
+
+    /// The most batches `batch_loop` ran at once, with `queued` requests waiting at the start
+    /// and each batch taking a second.
+    async fn most_batches_at_once(queued: u32) -> (usize, Vec<usize>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for n in 0..queued {
+            tx.send(n).unwrap();
+        }
+        drop(tx);
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (r, m, z) = (Arc::clone(&running), Arc::clone(&most), Arc::clone(&sizes));
+        batch_loop(rx, 3, move |batch: Vec<u32>| {
+            let (running, most, sizes) = (Arc::clone(&r), Arc::clone(&m), Arc::clone(&z));
+            async move {
+                let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                sizes.lock().unwrap().push(batch.len());
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .await;
+        let sizes = sizes.lock().unwrap().clone();
+        (most.load(std::sync::atomic::Ordering::SeqCst), sizes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_batch_runs_at_a_time_unless_a_whole_batch_is_waiting() {
+        // 40 waiting: 32 now, then the 8 left once those are written, never two at once.
+        assert_eq!(most_batches_at_once(40).await, (1, vec![32, 8]));
+        // 200 waiting: three whole batches at once (every slot), then the rest.
+        assert_eq!(most_batches_at_once(200).await, (3, vec![64, 64, 64, 8]));
     }
 
     #[tokio::test(start_paused = true)]

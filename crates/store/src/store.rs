@@ -25,8 +25,8 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
 const CLOCK_COLUMN: &str = "db_now";
 
 /// Connections in the PostgreSQL pool of one process. The runtime's store batcher opens its
-/// own nine besides ([`Store::with_own_pool`]); before, it took up to nine of sixteen here.
-/// Sixteen a process in all, so six replicas still fit PostgreSQL's default of 100.
+/// own nine besides ([`Store::with_own_pool`]), of which it opens three unless it has a
+/// backlog: sixteen a process at most, so six replicas fit PostgreSQL's default of 100.
 const PG_POOL_SIZE: u32 = 7;
 
 /// Prepared statements kept per PostgreSQL connection (see `postgres_options`).
@@ -111,7 +111,7 @@ fn postgres_options(url: &str, max_connections: u32, sessions: Sessions) -> Conn
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false)
         // Batches give each statement shape one text per batch size (`IN` lists, multi-row
-        // `VALUES`; the runtime's batcher keeps sizes to powers of two), over a hundred
+        // `VALUES`; the runtime's batcher keeps to twelve sizes), over a hundred
         // texts in all; sqlx's default cache of 100 prepared statements per connection
         // evicted and re-planned them all the time.
         //
@@ -228,6 +228,12 @@ impl Store {
     /// The backend in use.
     pub fn backend(&self) -> DbBackend {
         self.sql.0
+    }
+
+    /// Whether the database takes one writer at a time (SQLite): running several write
+    /// transactions at once then only queues them.
+    pub fn single_writer(&self) -> bool {
+        !self.sql.is_pg()
     }
 
     /// This process's lease owner id.
