@@ -39,7 +39,7 @@ const _: () = assert!(BATCH_SIZES[BATCH_SIZES.len() - 1] == MAX_BATCH);
 const PG_SLOTS: u32 = 3;
 
 /// The batcher's own PostgreSQL connections: one per slot of its three loops, opened as
-/// needed, so three in steady state.
+/// needed, so three in use in steady state.
 const OWN_POOL_SIZE: u32 = 3 * PG_SLOTS;
 
 pub use enrichd_store::ClaimSettings;
@@ -169,8 +169,8 @@ where
     F: Fn(Vec<R>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let all_slots = slots.max(1) as usize;
-    let free_slots = Arc::new(Semaphore::new(all_slots));
+    let slots = slots.max(1);
+    let free_slots = Arc::new(Semaphore::new(slots as usize));
     let finished = Arc::new(Notify::new());
     let mut waiting: VecDeque<R> = VecDeque::new();
     let mut open = true;
@@ -192,7 +192,7 @@ where
             }
             continue;
         }
-        let idle = free_slots.available_permits() == all_slots;
+        let idle = free_slots.available_permits() == slots as usize;
         if (idle || waiting.len() >= MAX_BATCH)
             && let Ok(permit) = Arc::clone(&free_slots).try_acquire_owned()
         {
@@ -215,7 +215,7 @@ where
         }
     }
     // Batches still running answer before the loop ends (and with it, maybe, their runtime).
-    let _ = free_slots.acquire_many(slots.max(1)).await;
+    let _ = free_slots.acquire_many(slots).await;
 }
 
 /// Runs `work` to its end on a new thread with a runtime of its own; on the current runtime
@@ -311,7 +311,18 @@ async fn run_applies(store: Store, ctx: Arc<ApplyContext>, batch: Vec<ApplyReque
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// A queue holding requests `0..n` whose senders are all gone.
+    fn closed_queue(n: u32) -> mpsc::UnboundedReceiver<u32> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for request in 0..n {
+            tx.send(request).unwrap();
+        }
+        rx
+    }
 
     #[test]
     fn batches_take_the_largest_size_that_fits() {
@@ -323,11 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_request_is_run_once_in_order() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for n in 0..100_u32 {
-            tx.send(n).unwrap();
-        }
-        drop(tx);
+        let rx = closed_queue(100);
         let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
         batch_loop(rx, 1, move |batch: Vec<u32>| {
             let seen_tx = seen_tx.clone();
@@ -348,28 +355,24 @@ mod tests {
     /// The most batches `batch_loop` ran at once, with `queued` requests waiting at the start
     /// and each batch taking a second.
     async fn most_batches_at_once(queued: u32) -> (usize, Vec<usize>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for n in 0..queued {
-            tx.send(n).unwrap();
-        }
-        drop(tx);
-        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let rx = closed_queue(queued);
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (r, m, z) = (Arc::clone(&running), Arc::clone(&most), Arc::clone(&sizes));
         batch_loop(rx, 3, move |batch: Vec<u32>| {
             let (running, most, sizes) = (Arc::clone(&r), Arc::clone(&m), Arc::clone(&z));
             async move {
-                let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
                 sizes.lock().unwrap().push(batch.len());
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                running.fetch_sub(1, Ordering::SeqCst);
             }
         })
         .await;
         let sizes = sizes.lock().unwrap().clone();
-        (most.load(std::sync::atomic::Ordering::SeqCst), sizes)
+        (most.load(Ordering::SeqCst), sizes)
     }
 
     #[tokio::test(start_paused = true)]
@@ -382,11 +385,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_loop_ends_only_once_its_running_batches_have_finished() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        for n in 0..10_u32 {
-            tx.send(n).unwrap();
-        }
-        drop(tx);
+        let rx = closed_queue(10);
         let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::clone(&finished);
         batch_loop(rx, 3, move |batch: Vec<u32>| {

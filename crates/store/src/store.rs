@@ -25,8 +25,9 @@ const MIGRATION_LOCK_KEY: i64 = 0x0065_6e72_6963_6864;
 const CLOCK_COLUMN: &str = "db_now";
 
 /// Connections in the PostgreSQL pool of one process. The runtime's store batcher opens its
-/// own nine besides ([`Store::with_own_pool`]), of which it opens three unless it has a
-/// backlog: sixteen a process at most, so six replicas fit PostgreSQL's default of 100.
+/// own nine besides ([`Store::with_own_pool`]), three of them in use unless it has a backlog
+/// (the others are opened then, and closed once idle): sixteen a process at most, so six
+/// replicas fit PostgreSQL's default of 100.
 const PG_POOL_SIZE: u32 = 7;
 
 /// Prepared statements kept per PostgreSQL connection (see `postgres_options`).
