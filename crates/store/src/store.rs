@@ -130,6 +130,8 @@ fn postgres_options(url: &str, max_connections: u32, sessions: Sessions) -> Conn
                 // What `begin_write_at` sets per transaction (see there), set once per session.
                 Sessions::Keyed => o.options([
                     ("enable_seqscan", "off"),
+                    ("enable_mergejoin", "off"),
+                    ("enable_hashjoin", "off"),
                     ("plan_cache_mode", "force_generic_plan"),
                 ]),
             }
