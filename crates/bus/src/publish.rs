@@ -2,7 +2,7 @@
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use crate::BusError;
 
@@ -18,6 +18,34 @@ pub const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(3
 #[derive(Debug, Clone)]
 pub struct Publisher {
     channel: Channel,
+}
+
+/// The broker's answer to one sent message, still to come (see [`Publisher::send`]).
+#[derive(Debug)]
+#[must_use = "a message counts as published only once its confirm is awaited"]
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    routing_key: String,
+}
+
+impl PendingConfirm {
+    /// Waits for the broker's confirm.
+    ///
+    /// # Errors
+    /// [`BusError::Amqp`] on a channel failure, [`BusError::Nacked`] on a nack,
+    /// [`BusError::ConfirmTimeout`] when the broker answers neither way in time.
+    pub async fn confirmed(self) -> Result<(), BusError> {
+        let confirmation = tokio::time::timeout(CONFIRM_WITHIN, self.confirm)
+            .await
+            .map_err(|_| BusError::ConfirmTimeout(CONFIRM_WITHIN))?
+            .map_err(BusError::amqp("await confirm"))?;
+        match confirmation {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(BusError::Nacked {
+                routing_key: self.routing_key,
+            }),
+        }
+    }
 }
 
 /// One message to publish.
@@ -83,6 +111,17 @@ impl Publisher {
     /// [`BusError::Amqp`] on a channel failure, [`BusError::Nacked`] on a nack,
     /// [`BusError::ConfirmTimeout`] when the broker answers neither way in time.
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
+        self.send(message).await?.confirmed().await
+    }
+
+    /// Publishes and returns the broker's confirm without waiting for it. Messages reach the
+    /// broker in the order they were sent, whenever their confirms are awaited, so a caller
+    /// that must keep an order can send the next message while earlier confirms are pending.
+    ///
+    /// # Errors
+    /// [`BusError::Amqp`] on a channel failure, [`BusError::ConfirmTimeout`] when the
+    /// message could not be handed to the connection in time.
+    pub async fn send(&self, message: Outgoing<'_>) -> Result<PendingConfirm, BusError> {
         let mut properties =
             BasicProperties::default().with_content_type(ShortString::from("application/json"));
         if message.persistent {
@@ -97,29 +136,21 @@ impl Publisher {
         if let Some(headers) = message.headers {
             properties = properties.with_headers(headers);
         }
-        let published = async {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    message.exchange.into(),
-                    message.routing_key.into(),
-                    BasicPublishOptions::default(),
-                    message.body,
-                    properties,
-                )
-                .await
-                .map_err(BusError::amqp("publish"))?;
-            confirm.await.map_err(BusError::amqp("await confirm"))
-        };
-        let confirmation = tokio::time::timeout(CONFIRM_WITHIN, published)
+        let sent = self.channel.basic_publish(
+            message.exchange.into(),
+            message.routing_key.into(),
+            BasicPublishOptions::default(),
+            message.body,
+            properties,
+        );
+        let confirm = tokio::time::timeout(CONFIRM_WITHIN, sent)
             .await
-            .map_err(|_| BusError::ConfirmTimeout(CONFIRM_WITHIN))?;
-        match confirmation? {
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Nack(_) => Err(BusError::Nacked {
-                routing_key: message.routing_key.to_owned(),
-            }),
-        }
+            .map_err(|_| BusError::ConfirmTimeout(CONFIRM_WITHIN))?
+            .map_err(BusError::amqp("publish"))?;
+        Ok(PendingConfirm {
+            confirm,
+            routing_key: message.routing_key.to_owned(),
+        })
     }
 
     /// Republishes a poison delivery to the dead-letter exchange, persistent, with its

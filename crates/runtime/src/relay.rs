@@ -6,17 +6,21 @@
 //! ([`OutboxHandoff`]); they are published at once, with no claim transaction on the way. Rows
 //! nobody handed over (written by `lookup`, by a replica without a bus, left by a relay that
 //! died, or released after a newer version replaced one in flight) are claimed from the table
-//! (`FOR UPDATE SKIP LOCKED`). Confirmed versions are deleted by a task of their own, so the
-//! next publish never waits for the previous delete's commit.
+//! (`FOR UPDATE SKIP LOCKED`). Handed rows are sent while earlier rows' confirms are still
+//! pending, in the order they were written; confirmed versions are deleted by a task of their
+//! own, so the next publish waits neither for earlier confirms nor for a delete's commit.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use enrichd_bus::publish::{Outgoing, Publisher};
+use enrichd_bus::publish::{Outgoing, PendingConfirm, Publisher};
 use enrichd_core::payload::TOPIC_INTEL_ENRICHED;
 use enrichd_store::{OutboxRow, Store};
+use futures::FutureExt;
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -33,6 +37,9 @@ const HANDOFF_FRESH: Duration = Duration::from_secs(15);
 /// Handed-over rows kept while the bus is down; the oldest go first (their claims lapse and
 /// any relay takes them from the table), so a long outage cannot grow memory.
 const HANDOFF_MAX: usize = 10_000;
+/// How long confirmed versions gather before they are deleted together; far below
+/// [`CLAIM_FOR`], so no other relay takes a confirmed row meanwhile.
+const DELETE_LINGER: Duration = Duration::from_millis(50);
 /// Poll when nobody wakes us: rows written by another replica without a bus, or left by a
 /// relay that died.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -135,16 +142,31 @@ struct Relay<'a> {
     confirmed: mpsc::UnboundedSender<Confirmed>,
 }
 
+/// One sent batch's confirms: the versions the broker confirmed, and whether any failed.
+type BatchConfirms = Pin<Box<dyn Future<Output = (Confirmed, bool)> + Send>>;
+
 impl Relay<'_> {
     async fn publish_loop(self, mut stop: watch::Receiver<bool>) -> RelayEnd {
         // Rows left by a relay that died, by `lookup`, or while the bus was down.
         let mut claim_due = true;
+        // Handed rows are sent as soon as they come, while earlier batches' confirms are
+        // still on their way: waiting for those first held each write's rows back by a
+        // confirm's round trip whenever the previous write's were in flight.
+        let mut confirming: FuturesUnordered<BatchConfirms> = FuturesUnordered::new();
         loop {
             let stopping = *stop.borrow();
             let handed = self.outbox.take_fresh();
             let any_handed = !handed.is_empty();
-            if any_handed && self.publish_rows(&handed).await.is_err() {
-                return RelayEnd::BusFailed;
+            if any_handed {
+                match self.send_rows(&handed).await {
+                    Ok(confirms) => confirming.push(confirms),
+                    Err(()) => return RelayEnd::BusFailed,
+                }
+            }
+            while let Some(Some(batch)) = confirming.next().now_or_never() {
+                if self.settle(batch).is_err() {
+                    return RelayEnd::BusFailed;
+                }
             }
             if claim_due || stopping {
                 match self.claim_round().await {
@@ -158,7 +180,13 @@ impl Relay<'_> {
             }
             if stopping {
                 // The drained jobs' last rows went out in this final round (what did not stays
-                // in the outbox for the next relay, of any replica).
+                // in the outbox for the next relay, of any replica); their confirms decide
+                // what is deleted.
+                while let Some(batch) = confirming.next().await {
+                    if self.settle(batch).is_err() {
+                        return RelayEnd::BusFailed;
+                    }
+                }
                 return RelayEnd::Stopped;
             }
             if any_handed || claim_due {
@@ -167,6 +195,11 @@ impl Relay<'_> {
             tokio::select! {
                 () = self.outbox.handed.notified() => {}
                 () = self.outbox.claimable.notified() => claim_due = true,
+                Some(batch) = confirming.next(), if !confirming.is_empty() => {
+                    if self.settle(batch).is_err() {
+                        return RelayEnd::BusFailed;
+                    }
+                }
                 () = tokio::time::sleep(IDLE_POLL) => claim_due = true,
                 _ = stop.changed() => {}
             }
@@ -180,41 +213,62 @@ impl Relay<'_> {
             .claim_outbox(BATCH, CLAIM_FOR)
             .await
             .map_err(|e| RelayError::Store(enrichd_core::error::chain(&e)))?;
-        self.publish_rows(&rows).await?;
+        let confirms = self.send_rows(&rows).await.map_err(|()| RelayError::Bus)?;
+        self.settle(confirms.await).map_err(|()| RelayError::Bus)?;
         Ok(rows.len())
     }
 
-    /// Publishes `rows` pipelined and passes the confirmed versions on to be deleted. A row
-    /// that was not confirmed keeps its claim until it lapses, and is published again then.
-    async fn publish_rows(&self, rows: &[OutboxRow]) -> Result<(), RelayError> {
-        let confirmed = join_all(
+    /// Sends `rows` in order, pipelined, and returns their confirms to await. A row that was
+    /// not sent or not confirmed keeps its claim until it lapses, and is published again then.
+    async fn send_rows(&self, rows: &[OutboxRow]) -> Result<BatchConfirms, ()> {
+        // `join_all` polls the sends in order, and each queues its frames on its first poll:
+        // the rows reach the broker in the order of `rows`.
+        let sent = join_all(
             rows.iter()
-                .map(|row| publish(self.publisher, self.exchange, row)),
+                .map(|row| send(self.publisher, self.exchange, row)),
         )
         .await;
-        let mut bus_failed = false;
-        let mut delivered = Vec::with_capacity(rows.len());
-        for (row, ok) in rows.iter().zip(confirmed) {
-            if ok {
-                delivered.push((row.attacker_uuid.clone(), row.version));
-            } else {
-                bus_failed = true;
+        let mut pending = Vec::with_capacity(rows.len());
+        let mut failed = false;
+        for (row, sent) in rows.iter().zip(sent) {
+            match sent {
+                Some(confirm) => pending.push(((row.attacker_uuid.clone(), row.version), confirm)),
+                None => failed = true,
             }
         }
+        if failed && pending.is_empty() {
+            return Err(());
+        }
+        Ok(Box::pin(async move {
+            let (keys, confirms): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+            let answers = join_all(confirms.into_iter().map(PendingConfirm::confirmed)).await;
+            let mut delivered = Vec::with_capacity(keys.len());
+            for (key, answer) in keys.into_iter().zip(answers) {
+                match answer {
+                    Ok(()) => delivered.push(key),
+                    Err(e) => {
+                        debug!(error = %enrichd_core::error::chain(&e), "Outbox publish not confirmed.");
+                        failed = true;
+                    }
+                }
+            }
+            (delivered, failed)
+        }))
+    }
+
+    /// Passes a batch's confirmed versions on to be deleted; `Err` when any of its rows
+    /// failed, which means the publishing session is gone.
+    fn settle(&self, (delivered, failed): (Confirmed, bool)) -> Result<(), ()> {
         if !delivered.is_empty() {
             // The deleting task outlives this loop (it ends when this sender is dropped).
             let _ = self.confirmed.send(delivered);
         }
-        if bus_failed {
-            Err(RelayError::Bus)
-        } else {
-            Ok(())
-        }
+        if failed { Err(()) } else { Ok(()) }
     }
 }
 
-/// Deletes confirmed versions, everything that queued up during the previous delete in one
-/// transaction. A version a newer payload replaced meanwhile is released instead, and the
+/// Deletes confirmed versions, everything that queued up during the previous delete and the
+/// linger after it in one transaction. A version a newer payload replaced meanwhile is released instead, and the
 /// relay is woken to claim it.
 async fn delete_confirmed(
     store: &Store,
@@ -222,6 +276,10 @@ async fn delete_confirmed(
     mut confirmed: mpsc::UnboundedReceiver<Confirmed>,
 ) {
     while let Some(mut batch) = confirmed.recv().await {
+        // Nothing waits for a delete (the rows stay claimed by this relay meanwhile), so one
+        // statement a linger serves every write's rows: a delete per confirmed batch was more
+        // deletes than there were writes, each a commit of its own.
+        tokio::time::sleep(DELETE_LINGER).await;
         while let Ok(more) = confirmed.try_recv() {
             batch.extend(more);
         }
@@ -245,21 +303,21 @@ struct EnvelopeId<'a> {
     id: Option<std::borrow::Cow<'a, str>>,
 }
 
-async fn publish(publisher: &Publisher, exchange: &str, row: &OutboxRow) -> bool {
+async fn send(publisher: &Publisher, exchange: &str, row: &OutboxRow) -> Option<PendingConfirm> {
     let message_id = serde_json::from_str::<EnvelopeId<'_>>(&row.payload)
         .ok()
         .and_then(|envelope| envelope.id);
     let result = publisher
-        .publish(Outgoing {
+        .send(Outgoing {
             message_id: message_id.as_deref(),
             ..Outgoing::persistent(exchange, TOPIC_INTEL_ENRICHED, row.payload.as_bytes())
         })
         .await;
     match result {
-        Ok(()) => true,
+        Ok(confirm) => Some(confirm),
         Err(e) => {
             debug!(error = %enrichd_core::error::chain(&e), "Outbox publish failed.");
-            false
+            None
         }
     }
 }
