@@ -38,10 +38,6 @@ const _: () = assert!(BATCH_SIZES[BATCH_SIZES.len() - 1] == MAX_BATCH);
 /// (BENCHMARKS.md, "One transaction at a time").
 const PG_SLOTS: u32 = 3;
 
-/// The batcher's own PostgreSQL connections: one per slot of its three loops, opened as
-/// needed, so three in use in steady state.
-const OWN_POOL_SIZE: u32 = 3 * PG_SLOTS;
-
 pub use enrichd_store::ClaimSettings;
 
 struct ClaimRequest {
@@ -69,7 +65,7 @@ pub struct StoreBatcher {
 }
 
 impl StoreBatcher {
-    /// Starts the loops on a thread of their own, with a PostgreSQL pool of their own.
+    /// Starts the loops on a thread of their own, each loop with a PostgreSQL pool of its own.
     ///
     /// Why a thread: every new address passes through the batcher twice, and under load the
     /// thread the actors share is busy; batches that waited for it held their transactions
@@ -82,26 +78,38 @@ impl StoreBatcher {
         let shared = store.clone();
         let loops = async move {
             let slots = if shared.single_writer() { 1 } else { PG_SLOTS };
-            let store = match shared.with_own_pool(OWN_POOL_SIZE).await {
-                Ok(own) => own,
-                Err(e) => {
-                    warn!(error = %enrichd_core::error::chain(&e), "The store batcher shares the process's pool.");
-                    shared
-                }
-            };
+            let (note_stores, claim_stores, apply_stores) = (
+                LoopStores::open(&shared).await,
+                LoopStores::open(&shared).await,
+                LoopStores::open(&shared).await,
+            );
             let claim = Arc::new(claim);
             let ctx = Arc::new(ctx);
-            let (note_store, claim_store, note_claim) =
-                (store.clone(), store.clone(), Arc::clone(&claim));
+            let note_claim = Arc::clone(&claim);
             futures::future::join3(
                 batch_loop(note_rx, slots, move |batch| {
-                    run_notes(note_store.clone(), Arc::clone(&note_claim), batch)
+                    let (store, held) = note_stores.pick();
+                    let claim = Arc::clone(&note_claim);
+                    async move {
+                        run_notes(store, claim, batch).await;
+                        drop(held);
+                    }
                 }),
                 batch_loop(claim_rx, slots, move |batch| {
-                    run_claims(claim_store.clone(), Arc::clone(&claim), batch)
+                    let (store, held) = claim_stores.pick();
+                    let claim = Arc::clone(&claim);
+                    async move {
+                        run_claims(store, claim, batch).await;
+                        drop(held);
+                    }
                 }),
                 batch_loop(apply_rx, slots, move |batch| {
-                    run_applies(store.clone(), Arc::clone(&ctx), batch)
+                    let (store, held) = apply_stores.pick();
+                    let ctx = Arc::clone(&ctx);
+                    async move {
+                        run_applies(store, ctx, batch).await;
+                        drop(held);
+                    }
                 }),
             )
             .await;
@@ -137,6 +145,51 @@ impl StoreBatcher {
     /// This address's [`StoreError`]; `Unavailable` when the batcher did not answer.
     pub async fn apply(&self, item: ApplyItem) -> Result<ApplyOutcome, StoreError> {
         request(&self.applies, |reply| ApplyRequest { item, reply }).await
+    }
+}
+
+/// One loop's PostgreSQL connections: one it runs on whenever it can, and a pool for the
+/// other slots of a backlog. Nine for the batcher, three in use in steady state.
+///
+/// Why a connection of its own for each loop: each statement text is prepared and planned on
+/// every connection that runs it (the first time costs its parse and plan, milliseconds for a
+/// write's joined statement). One pool hands its idle connections out in turn, so every
+/// loop's texts were prepared on every connection the pool had opened: 358 parses in a
+/// latency run. A loop running one transaction at a time now keeps to its first connection.
+struct LoopStores {
+    first: Store,
+    first_free: Arc<tokio::sync::Mutex<()>>,
+    spare: Store,
+}
+
+impl LoopStores {
+    async fn open(shared: &Store) -> Self {
+        Self {
+            first: own_pool(shared, 1).await,
+            first_free: Arc::new(tokio::sync::Mutex::new(())),
+            spare: own_pool(shared, PG_SLOTS - 1).await,
+        }
+    }
+
+    /// The store for the next batch, and the hold on the first connection to keep until the
+    /// batch has finished, when it runs there.
+    fn pick(&self) -> (Store, Option<tokio::sync::OwnedMutexGuard<()>>) {
+        match Arc::clone(&self.first_free).try_lock_owned() {
+            Ok(held) => (self.first.clone(), Some(held)),
+            Err(_) => (self.spare.clone(), None),
+        }
+    }
+}
+
+/// A PostgreSQL pool of `size` connections opened as needed; on SQLite, or when the pool
+/// cannot be set up, the process's own.
+async fn own_pool(shared: &Store, size: u32) -> Store {
+    match shared.with_own_pool(size).await {
+        Ok(own) => own,
+        Err(e) => {
+            warn!(error = %enrichd_core::error::chain(&e), "A store batcher loop shares the process's pool.");
+            shared.clone()
+        }
     }
 }
 
