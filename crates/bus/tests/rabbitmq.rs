@@ -221,3 +221,64 @@ async fn dlq_replay_moves_letters_back_within_the_limit_and_purge_drops_the_rest
     assert_eq!(count(topology.dead_queue.clone()).await, 0);
     topology.delete(&connection).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_before_earlier_confirms_arrive_in_the_order_sent() {
+    if !require_rabbitmq() {
+        return;
+    }
+    let url = Secret::new(amqp_url());
+    let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
+    let publisher = Publisher::open(&connection).await.expect("publisher");
+    let topology = Topology::new(&unique("t.decnet"), &unique("t.enrich.attackers"));
+    topology
+        .declare(publisher.channel())
+        .await
+        .expect("declare");
+
+    // Every message is sent before any confirm is awaited, then the confirms are awaited
+    // newest first: the relay's pattern, which must neither reorder nor lose a message.
+    let bodies: Vec<Vec<u8>> = (0..50)
+        .map(|n| format!(r#"{{"n":{n}}}"#).into_bytes())
+        .collect();
+    let mut pending = Vec::new();
+    for body in &bodies {
+        pending.push(
+            publisher
+                .send(Outgoing::persistent(
+                    &topology.exchange,
+                    "attacker.scored",
+                    body,
+                ))
+                .await
+                .expect("send"),
+        );
+    }
+    for confirm in pending.into_iter().rev() {
+        confirm.confirmed().await.expect("confirmed");
+    }
+
+    let consume_channel = connection.create_channel().await.expect("channel");
+    let mut consumer = consume_channel
+        .basic_consume(
+            topology.queue.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut received = Vec::new();
+    while received.len() < bodies.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("stream open")
+            .expect("delivery");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        received.push(delivery.data);
+    }
+    assert_eq!(received, bodies);
+
+    topology.delete(&connection).await;
+}
