@@ -185,6 +185,30 @@ impl Joined {
         Ok(db.query_all_raw(sql.stmt(text, values)).await?)
     }
 
+    /// Runs the parts gathered so far and `parts` (PostgreSQL only) as CTEs of the statement
+    /// `main` builds from the names `parts` get, and returns its rows: the way to read what
+    /// several parts return in one round trip. Parts gathered before go first, as one
+    /// statement, when `parts` would take the joined text past its parameter budget.
+    pub(crate) async fn query_parts<C: ConnectionTrait>(
+        &mut self,
+        sql: Sql,
+        db: &C,
+        parts: Vec<(String, Vec<Value>)>,
+        main: impl FnOnce(&[String]) -> String,
+    ) -> Result<Vec<QueryResult>, StoreError> {
+        let added: usize = parts.iter().map(|(_, values)| values.len()).sum();
+        if self.params + added > JOINED_PARAMS {
+            self.finish(sql, db).await?;
+        }
+        let first = self.parts.len();
+        let names: Vec<String> = (first..first + parts.len())
+            .map(|n| format!("joined_{n}"))
+            .collect();
+        self.params += added;
+        self.parts.extend(parts);
+        self.query_all(sql, db, main(&names), Vec::new()).await
+    }
+
     /// Runs the parts gathered so far, if any.
     pub(crate) async fn finish<C: ConnectionTrait>(
         &mut self,

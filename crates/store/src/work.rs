@@ -958,6 +958,24 @@ pub(crate) async fn claim_locked(
     mode: ClaimMode,
 ) -> Result<HashMap<String, Claims>, StoreError> {
     let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+    if ptr && !wanted.is_empty() && store.sql.is_pg() {
+        let (ptr_leases, provider_leases) =
+            claim_both(store, txn, joined, keys, created, wanted, lease, now, mode).await?;
+        for (ip, lease) in ptr_leases {
+            claims.entry(ip).or_default().ptr = Some(lease);
+        }
+        for (ip, provider, lease) in provider_leases {
+            claims
+                .entry(ip)
+                .or_default()
+                .providers
+                .push((provider, lease));
+        }
+        for c in claims.values_mut() {
+            c.providers.sort_by_key(|(p, _)| *p);
+        }
+        return Ok(claims);
+    }
     if ptr {
         for (ip, lease) in claim_ptr(store, txn, joined, keys, created, lease, now, mode).await? {
             claims.entry(ip).or_default().ptr = Some(lease);
@@ -1004,31 +1022,97 @@ async fn claim_ptr(
         return Ok(leases);
     }
     let sql = store.sql;
-    let mut p = Params::default();
-    let terms = LeaseTerms::push(&mut p, store, lease, now);
-    let list = p.list(known.into_iter().cloned());
-    let due = terms.only_due(mode, |now| {
-        format!("ptr_outcome IS NULL OR ptr_expires_at <= {now}")
-    });
-    let rows = joined
-        .query_all(
-            sql,
-            txn,
-            format!(
-                "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
-                 RETURNING ip, ptr_queried_at",
-                terms.take("ptr_lease"),
-                terms.takeable("ptr_lease")
-            ),
-            p.0,
-        )
-        .await?;
+    let (statement, values) = ptr_claim_statement(store, &known, lease, now, mode);
+    let rows = joined.query_all(sql, txn, statement, values).await?;
     for row in &rows {
         let ip: String = row.try_get("", "ip")?;
         let fence = sql.get_ts(row, "ptr_queried_at")?;
         leases.push((ip, newer_than(lease, fence)));
     }
     Ok(leases)
+}
+
+/// The update leasing the due PTR work of `known` (rows that existed before the claim),
+/// returning each leased row's address and fence.
+fn ptr_claim_statement(
+    store: &Store,
+    known: &[&String],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> (String, Vec<Value>) {
+    let mut p = Params::default();
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
+    let list = p.list(known.iter().map(|k| (*k).clone()));
+    let due = terms.only_due(mode, |now| {
+        format!("ptr_outcome IS NULL OR ptr_expires_at <= {now}")
+    });
+    (
+        format!(
+            "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
+             RETURNING ip, ptr_queried_at",
+            terms.take("ptr_lease"),
+            terms.takeable("ptr_lease")
+        ),
+        p.0,
+    )
+}
+
+/// [`claim_ptr`] and [`claim_providers`] on PostgreSQL with their first statements as one:
+/// the PTR update and the provider rows' insert touch different tables and read nothing the
+/// other writes, so they go as data-modifying CTEs of one statement (with whatever `joined`
+/// holds) and their rows come back together, a round trip fewer for every claim.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by `claim_locked`"
+)]
+async fn claim_both(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    joined: &mut Joined,
+    keys: &[String],
+    created: &HashSet<String>,
+    wanted: &[ProviderId],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<(Vec<(String, Lease)>, Vec<(String, ProviderId, Lease)>), StoreError> {
+    let sql = store.sql;
+    // A row created just now has never been asked: it is due and has no fence.
+    let mut ptr_leases: Vec<(String, Lease)> =
+        created.iter().map(|ip| (ip.clone(), lease)).collect();
+    let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
+    let mut parts = Vec::with_capacity(2);
+    if !known.is_empty() {
+        parts.push(ptr_claim_statement(store, &known, lease, now, mode));
+    }
+    parts.push(provider_insert_statement(store, keys, wanted, lease, now));
+    let rows = joined
+        .query_parts(sql, txn, parts, |names| {
+            let inserted = names.last().map_or("", String::as_str);
+            match names {
+                [ptr, _] => format!(
+                    "SELECT ip, NULL::varchar AS provider, ptr_queried_at AS fence FROM {ptr} \
+                     UNION ALL SELECT ip, provider, NULL::timestamp FROM {inserted}"
+                ),
+                _ => format!("SELECT ip, provider, NULL::timestamp AS fence FROM {inserted}"),
+            }
+        })
+        .await?;
+    let mut inserted: Vec<(String, ProviderId)> = Vec::new();
+    for row in &rows {
+        let provider: Option<String> = row.try_get("", "provider")?;
+        if provider.is_some() {
+            inserted.push(provider_row(row)?);
+        } else {
+            let ip: String = row.try_get("", "ip")?;
+            let fence = sql.get_ts(row, "fence")?;
+            ptr_leases.push((ip, newer_than(lease, fence)));
+        }
+    }
+    let provider_leases =
+        claim_existing_providers(store, txn, keys, wanted, &inserted, lease, now, mode).await?;
+    Ok((ptr_leases, provider_leases))
 }
 
 /// Creates the missing provider rows of `keys` already leased, then leases the due ones among
@@ -1050,7 +1134,22 @@ async fn claim_providers(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
-    let sql = store.sql;
+    let (statement, values) = provider_insert_statement(store, keys, wanted, lease, now);
+    let created = joined.query_all(store.sql, txn, statement, values).await?;
+    let created: Vec<(String, ProviderId)> =
+        created.iter().map(provider_row).collect::<Result<_, _>>()?;
+    claim_existing_providers(store, txn, keys, wanted, &created, lease, now, mode).await
+}
+
+/// The insert creating the missing provider rows of `keys` already leased, returning each
+/// row it created.
+fn provider_insert_statement(
+    store: &Store,
+    keys: &[String],
+    wanted: &[ProviderId],
+    lease: Lease,
+    now: DateTime<Utc>,
+) -> (String, Vec<Value>) {
     let mut p = Params::default();
     let terms = LeaseTerms::push(&mut p, store, lease, now);
     let ip_params: Vec<String> = keys.iter().map(|k| p.push(k.clone())).collect();
@@ -1064,21 +1163,34 @@ async fn claim_providers(
                 .map(move |provider| format!("({ip}, {provider}, 0, {now}, {owner}, {until})"))
         })
         .collect();
-    let created = joined
-        .query_all(
-            sql,
-            txn,
-            format!(
-                "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
-                 lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
-                 RETURNING ip, provider",
-                rows.join(", ")
-            ),
-            p.0,
-        )
-        .await?;
-    let created: Vec<(String, ProviderId)> =
-        created.iter().map(provider_row).collect::<Result<_, _>>()?;
+    (
+        format!(
+            "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
+             lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
+             RETURNING ip, provider",
+            rows.join(", ")
+        ),
+        p.0,
+    )
+}
+
+/// The provider leases of a claim whose insert created the rows in `created`: those, and the
+/// due ones among the rows that existed, leased by one update.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by its two callers"
+)]
+async fn claim_existing_providers(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    wanted: &[ProviderId],
+    created: &[(String, ProviderId)],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
+    let sql = store.sql;
     // A new row has never been asked: no fence to stay above.
     let mut leases: Vec<(String, ProviderId, Lease)> = created
         .iter()
