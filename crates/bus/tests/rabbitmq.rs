@@ -20,11 +20,12 @@ fn rand_suffix() -> u64 {
     RandomState::new().hash_one(std::thread::current().id())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
-    if !require_rabbitmq() {
-        return;
-    }
+/// A connection, a confirming publisher on it, and a freshly named topology declared.
+#[expect(
+    clippy::expect_used,
+    reason = "test support: a failed setup is a failed test"
+)]
+async fn declared() -> (lapin::Connection, Publisher, Topology) {
     let url = Secret::new(amqp_url());
     let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
     let publisher = Publisher::open(&connection).await.expect("publisher");
@@ -33,6 +34,32 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
         .declare(publisher.channel())
         .await
         .expect("declare");
+    (connection, publisher, topology)
+}
+
+/// A consumer of `queue` on `channel`, tagged `tag`.
+#[expect(
+    clippy::expect_used,
+    reason = "test support: a failed setup is a failed test"
+)]
+async fn consume(channel: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
+    if !require_rabbitmq() {
+        return;
+    }
+    let (connection, publisher, topology) = declared().await;
     // Declaring twice (a second replica) is accepted: same arguments.
     topology
         .declare(publisher.channel())
@@ -69,15 +96,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
         .expect("publish unrouted");
 
     let consume_channel = connection.create_channel().await.expect("channel");
-    let mut consumer = consume_channel
-        .basic_consume(
-            topology.queue.as_str().into(),
-            "t".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut consumer = consume(&consume_channel, &topology.queue, "t").await;
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("a delivery within 10 s")
@@ -99,15 +118,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
         .expect("dead-letter");
     delivery.ack(BasicAckOptions::default()).await.expect("ack");
 
-    let mut dead = consume_channel
-        .basic_consume(
-            topology.dead_queue.as_str().into(),
-            "d".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dead");
+    let mut dead = consume(&consume_channel, &topology.dead_queue, "d").await;
     let dead_letter = tokio::time::timeout(Duration::from_secs(10), dead.next())
         .await
         .expect("a dead letter within 10 s")
@@ -227,14 +238,7 @@ async fn messages_sent_before_earlier_confirms_arrive_in_the_order_sent() {
     if !require_rabbitmq() {
         return;
     }
-    let url = Secret::new(amqp_url());
-    let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
-    let publisher = Publisher::open(&connection).await.expect("publisher");
-    let topology = Topology::new(&unique("t.decnet"), &unique("t.enrich.attackers"));
-    topology
-        .declare(publisher.channel())
-        .await
-        .expect("declare");
+    let (connection, publisher, topology) = declared().await;
 
     // Every message is sent before any confirm is awaited, then the confirms are awaited
     // newest first: the relay's pattern, which must neither reorder nor lose a message.
@@ -259,15 +263,7 @@ async fn messages_sent_before_earlier_confirms_arrive_in_the_order_sent() {
     }
 
     let consume_channel = connection.create_channel().await.expect("channel");
-    let mut consumer = consume_channel
-        .basic_consume(
-            topology.queue.as_str().into(),
-            "t".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut consumer = consume(&consume_channel, &topology.queue, "t").await;
     let mut received = Vec::new();
     while received.len() < bodies.len() {
         let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())

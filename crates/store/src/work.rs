@@ -957,43 +957,34 @@ pub(crate) async fn claim_locked(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<HashMap<String, Claims>, StoreError> {
-    let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
-    if ptr && !wanted.is_empty() && store.sql.is_pg() {
-        let (ptr_leases, provider_leases) =
-            claim_both(store, txn, joined, keys, created, wanted, lease, now, mode).await?;
-        for (ip, lease) in ptr_leases {
-            claims.entry(ip).or_default().ptr = Some(lease);
-        }
-        for (ip, provider, lease) in provider_leases {
-            claims
-                .entry(ip)
-                .or_default()
-                .providers
-                .push((provider, lease));
-        }
-        for c in claims.values_mut() {
-            c.providers.sort_by_key(|(p, _)| *p);
-        }
-        return Ok(claims);
-    }
-    if ptr {
-        for (ip, lease) in claim_ptr(store, txn, joined, keys, created, lease, now, mode).await? {
-            claims.entry(ip).or_default().ptr = Some(lease);
-        }
-    }
-    if !wanted.is_empty() {
-        for (ip, provider, lease) in
+    let (ptr_leases, provider_leases) = if ptr && !wanted.is_empty() && store.sql.is_pg() {
+        claim_both(store, txn, joined, keys, created, wanted, lease, now, mode).await?
+    } else {
+        let ptr_leases = if ptr {
+            claim_ptr(store, txn, joined, keys, created, lease, now, mode).await?
+        } else {
+            Vec::new()
+        };
+        let provider_leases = if wanted.is_empty() {
+            Vec::new()
+        } else {
             claim_providers(store, txn, joined, keys, wanted, lease, now, mode).await?
-        {
-            claims
-                .entry(ip)
-                .or_default()
-                .providers
-                .push((provider, lease));
-        }
-        for c in claims.values_mut() {
-            c.providers.sort_by_key(|(p, _)| *p);
-        }
+        };
+        (ptr_leases, provider_leases)
+    };
+    let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+    for (ip, lease) in ptr_leases {
+        claims.entry(ip).or_default().ptr = Some(lease);
+    }
+    for (ip, provider, lease) in provider_leases {
+        claims
+            .entry(ip)
+            .or_default()
+            .providers
+            .push((provider, lease));
+    }
+    for c in claims.values_mut() {
+        c.providers.sort_by_key(|(p, _)| *p);
     }
     Ok(claims)
 }
