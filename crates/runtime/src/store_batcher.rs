@@ -88,28 +88,16 @@ impl StoreBatcher {
             let note_claim = Arc::clone(&claim);
             futures::future::join3(
                 batch_loop(note_rx, slots, move |batch| {
-                    let (store, held) = note_stores.pick();
                     let claim = Arc::clone(&note_claim);
-                    async move {
-                        run_notes(store, claim, batch).await;
-                        drop(held);
-                    }
+                    note_stores.run(|store| run_notes(store, claim, batch))
                 }),
                 batch_loop(claim_rx, slots, move |batch| {
-                    let (store, held) = claim_stores.pick();
                     let claim = Arc::clone(&claim);
-                    async move {
-                        run_claims(store, claim, batch).await;
-                        drop(held);
-                    }
+                    claim_stores.run(|store| run_claims(store, claim, batch))
                 }),
                 batch_loop(apply_rx, slots, move |batch| {
-                    let (store, held) = apply_stores.pick();
                     let ctx = Arc::clone(&ctx);
-                    async move {
-                        run_applies(store, ctx, batch).await;
-                        drop(held);
-                    }
+                    apply_stores.run(|store| run_applies(store, ctx, batch))
                 }),
             )
             .await;
@@ -171,12 +159,21 @@ impl LoopStores {
         }
     }
 
-    /// The store for the next batch, and the hold on the first connection to keep until the
-    /// batch has finished, when it runs there.
-    fn pick(&self) -> (Store, Option<tokio::sync::OwnedMutexGuard<()>>) {
-        match Arc::clone(&self.first_free).try_lock_owned() {
+    /// `batch` run on the first connection when it is free, else on a spare one; the first
+    /// stays taken until the batch has finished.
+    fn run<F, Fut>(&self, batch: F) -> impl Future<Output = ()> + use<F, Fut>
+    where
+        F: FnOnce(Store) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let (store, held) = match Arc::clone(&self.first_free).try_lock_owned() {
             Ok(held) => (self.first.clone(), Some(held)),
             Err(_) => (self.spare.clone(), None),
+        };
+        let work = batch(store);
+        async move {
+            work.await;
+            drop(held);
         }
     }
 }

@@ -1364,21 +1364,22 @@ async fn read_for_write(
         let list = p.list(keys.iter().cloned());
         // An attacker row has no provider, a provider row no attacker: the columns the
         // other kind lacks are typed NULLs.
-        let no_state = "NULL::varchar AS provider, NULL::varchar AS outcome,                         NULL::varchar AS verdict, NULL::json AS fields, NULL::json AS raw,                         NULL::timestamp AS answered_at, NULL::timestamp AS queried_at,                         NULL::timestamp AS next_attempt_at, NULL::integer AS attempts,                         NULL::varchar AS last_error";
+        let no_state = "NULL::varchar AS provider, NULL::varchar AS outcome, \
+                        NULL::varchar AS verdict, NULL::json AS fields, NULL::json AS raw, \
+                        NULL::timestamp AS answered_at, NULL::timestamp AS queried_at, \
+                        NULL::timestamp AS next_attempt_at, NULL::integer AS attempts, \
+                        NULL::varchar AS last_error";
         let rows = txn
             .query_all_raw(sql.stmt(
                 format!(
-                    "WITH synced AS ({sync} RETURNING ip, attacker_uuid, payload_digest) \
-                     SELECT m.ip AS ip, m.attacker_uuid AS attacker_uuid, \
-                     m.payload_digest AS payload_digest, {no_state} \
-                     FROM enrichd_attacker_map m JOIN attackers a ON a.uuid = m.attacker_uuid \
-                     WHERE m.ip IN ({list}) \
-                     UNION ALL SELECT ip, attacker_uuid, payload_digest, {no_state} FROM synced \
+                    "WITH {synced}, attackers_of AS ({attackers}) \
+                     SELECT ip, attacker_uuid, payload_digest, {no_state} FROM attackers_of \
                      UNION ALL SELECT ip, NULL, NULL, provider, outcome, verdict, fields, raw, \
                      answered_at, queried_at, next_attempt_at, attempts, last_error \
                      FROM enrichd_provider_state WHERE ip IN ({list}) \
                      ORDER BY ip, provider, attacker_uuid",
-                    sync = sync_statement(&now_p, &list),
+                    synced = synced_cte(&now_p, &list),
+                    attackers = attackers_with_synced(&list),
                 ),
                 p.0,
             ))
@@ -1524,22 +1525,19 @@ pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
         let list = p.list(keys.iter().cloned());
-        let sync = sync_statement(&now_p, &list);
         let rows = if sql.is_pg() {
-            // One round trip: the rows the sync maps come back from it, since the outer
-            // query's snapshot does not see them (so none is listed twice).
             db.query_all_raw(sql.stmt(
                 format!(
-                    "WITH synced AS ({sync} RETURNING ip, attacker_uuid, payload_digest) \
-                     {} UNION ALL SELECT ip, attacker_uuid, payload_digest FROM synced \
-                     ORDER BY ip, attacker_uuid",
-                    mapped_select(&list)
+                    "WITH {} {} ORDER BY ip, attacker_uuid",
+                    synced_cte(&now_p, &list),
+                    attackers_with_synced(&list)
                 ),
                 p.0,
             ))
             .await?
         } else {
-            db.execute_raw(sql.stmt(sync, p.0)).await?;
+            db.execute_raw(sql.stmt(sync_statement(&now_p, &list), p.0))
+                .await?;
             let mut p = Params::default();
             let list = p.list(keys.iter().cloned());
             db.query_all_raw(sql.stmt(
@@ -1567,6 +1565,25 @@ fn sync_statement(now: &str, list: &str) -> String {
          SELECT a.uuid, a.ip, {now} FROM attackers a WHERE a.ip IN ({list}) \
          AND NOT EXISTS (SELECT 1 FROM enrichd_attacker_map m \
          WHERE m.attacker_uuid = a.uuid) ON CONFLICT (attacker_uuid) DO NOTHING"
+    )
+}
+
+/// On PostgreSQL, [`sync_statement`] as the CTE `synced`, returning the rows it maps.
+fn synced_cte(now: &str, list: &str) -> String {
+    format!(
+        "synced AS ({} RETURNING ip, attacker_uuid, payload_digest)",
+        sync_statement(now, list)
+    )
+}
+
+/// Every attacker of the addresses in the placeholder `list` (`ip`, `attacker_uuid`,
+/// `payload_digest`), beside a [`synced_cte`]: one round trip maps and lists them. The rows
+/// the sync maps come back from it, since the outer query's snapshot does not see them (so
+/// none is listed twice).
+fn attackers_with_synced(list: &str) -> String {
+    format!(
+        "{} UNION ALL SELECT ip, attacker_uuid, payload_digest FROM synced",
+        mapped_select(list)
     )
 }
 
