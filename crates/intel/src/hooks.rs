@@ -53,6 +53,14 @@ pub trait ProviderHooks: IntelProvider {
         true
     }
 
+    /// Whether the provider can say anything about `ip` at all. `false` (GreyNoise and IPv6)
+    /// makes the actor answer `skipped_unsupported` before anything else: no rate slot, no
+    /// quota unit, no wait behind a park or an open breaker for an answer known in advance.
+    fn supports(&self, ip: CanonicalIp) -> bool {
+        let _ = ip;
+        true
+    }
+
     /// Called before every lookup. Bulk providers refresh their data here when due (never a
     /// download per lookup) and report whether the data is usable.
     fn availability(&self) -> impl Future<Output = Availability> + Send {

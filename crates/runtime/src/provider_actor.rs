@@ -288,6 +288,13 @@ impl<P: ProviderHooks, G: ProviderGate> Handler<CallPanicked> for ProviderActor<
 
 impl<P: ProviderHooks, G: ProviderGate> Shared<P, G> {
     async fn query(&self, ip: CanonicalIp) -> Result<ProviderReport, ProviderUnavailable> {
+        // Known before any gate: an unsupported address must not wait for, or spend, a slot.
+        if !self.provider.supports(ip) {
+            return Ok(ProviderReport::bare(
+                self.id,
+                ProviderOutcome::SkippedUnsupported,
+            ));
+        }
         if self.provider.availability().await == Availability::Stale {
             debug!("Provider data stale; not asking.");
             return Err(ProviderUnavailable::Stale);
@@ -768,6 +775,25 @@ mod tests {
         assert_eq!(server.request_count(), 1, "no request while parked");
         assert_eq!(status(&addr).await.parked_until, Some(resume_at));
         assert_eq!(status(&addr).await.breaker, BreakerState::Closed);
+    }
+
+    #[actix::test]
+    async fn an_unsupported_address_is_skipped_before_any_gate() {
+        let server = HttpServer::start(|_| Response::json(200, "{}")).await;
+        let gate = Arc::new(FakeGate::default());
+        // Parked cluster-wide: a supported address would wait; this one is answered at once.
+        lock(&gate.state).parked_until = Some(Utc::now() + TimeDelta::minutes(10));
+        let addr = start(greynoise(&server), Arc::clone(&gate), 4);
+        for _ in 0..3 {
+            let report = addr
+                .send(query(ProviderId::Greynoise, "2001:4860:4860::8888"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(report.outcome, ProviderOutcome::SkippedUnsupported);
+        }
+        assert_eq!(gate.reservations(), 0, "no slot and no quota unit spent");
+        assert_eq!(server.request_count(), 0);
     }
 
     #[actix::test]

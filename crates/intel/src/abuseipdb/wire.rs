@@ -247,6 +247,38 @@ mod tests {
     }
 
     #[test]
+    fn reports_in_any_order_and_offset_are_kept_newest_first() {
+        // 25 reports, shuffled, some in a non-UTC offset, one without a readable time.
+        let mut reports: Vec<Value> = (0..24)
+            .map(|hour| {
+                let instant = Utc.with_ymd_and_hms(2026, 4, 10, hour, 30, 0).unwrap();
+                let at = if hour % 2 == 0 {
+                    instant.to_rfc3339()
+                } else {
+                    let east = chrono::FixedOffset::east_opt(2 * 3600).unwrap();
+                    instant.with_timezone(&east).to_rfc3339()
+                };
+                json!({"reportedAt": at, "comment": format!("hour {hour}")})
+            })
+            .collect();
+        reports.push(json!({"reportedAt": "yesterday", "comment": "no time"}));
+        reports.reverse();
+        reports.swap(3, 17);
+        reports.swap(0, 11);
+        let body =
+            json!({"data": {"abuseConfidenceScore": 80, "totalReports": 25, "reports": reports}});
+        let r = ok(body.to_string().as_bytes());
+        let kept: Vec<&str> = r.raw["reports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["comment"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = (4..24).rev().map(|h| format!("hour {h}")).collect();
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
     fn bad_score_is_a_metered_error_never_zero() {
         for body in [
             fixture("bad_score_type.json"),

@@ -61,4 +61,8 @@ impl IntelProvider for GreyNoise {
     }
 }
 
-impl ProviderHooks for GreyNoise {}
+impl ProviderHooks for GreyNoise {
+    fn supports(&self, ip: CanonicalIp) -> bool {
+        ip.is_ipv4()
+    }
+}

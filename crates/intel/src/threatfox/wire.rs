@@ -74,6 +74,10 @@ pub(super) fn report(
             )));
         }
     }
+    // `ok` with no data has been seen for addresses ThreatFox knows nothing about.
+    if answer.data.is_null() {
+        return Ok(not_listed());
+    }
     let Value::Array(entries) = answer.data else {
         return Err(ProviderError::Decode(format!(
             "expected data to be an array, got {}",
@@ -89,7 +93,11 @@ pub(super) fn report(
         }
         threat_types.extend(entry.threat_type);
         ioc_types.extend(entry.ioc_type);
-        families.extend(entry.malware.or(entry.malware_printable));
+        let family = entry
+            .malware
+            .filter(|m| !m.trim().is_empty())
+            .or(entry.malware_printable);
+        families.extend(family);
         hits.push(raw);
     }
     if hits.is_empty() {
@@ -130,10 +138,14 @@ fn sorted_unique(mut items: Vec<String>) -> Vec<String> {
     items
 }
 
-/// Whether an IOC is exactly this address: the IP, `ip:port` (`[v6]:port`), or a URL whose
-/// host is the IP. Compared as parsed addresses, so textual variants of one IPv6 match.
+/// Whether an IOC is exactly this address: the IP, `ip:port` (`[v6]:port`, or an unbracketed
+/// IPv6 whose text before the last `:` is this very address and the rest a port), or a URL
+/// whose host is the IP. Compared as parsed addresses, so textual variants of one IPv6 match.
 pub(super) fn ioc_is(ioc: &str, ip: CanonicalIp) -> bool {
     let ioc = ioc.trim();
+    if unbracketed_v6_with_port(ioc, ip) {
+        return true;
+    }
     let host = if let Some((_, rest)) = ioc.split_once("://") {
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -151,6 +163,19 @@ pub(super) fn ioc_is(ioc: &str, ip: CanonicalIp) -> bool {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     IpAddr::from_str(host).is_ok_and(|addr| CanonicalIp::from_addr(addr) == ip)
+}
+
+/// `2001:db8::1:443` for `2001:db8::1`: ambiguous on its own (it is also an address of its
+/// own), so it counts only when the text before the last `:` is exactly the searched address.
+fn unbracketed_v6_with_port(ioc: &str, ip: CanonicalIp) -> bool {
+    let Some((host, port)) = ioc.rsplit_once(':') else {
+        return false;
+    };
+    !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && host.contains(':')
+        && IpAddr::from_str(host).is_ok_and(|addr| CanonicalIp::from_addr(addr) == ip)
 }
 
 /// Splits `host:port` / `[v6]:port` when the port is all digits; a bare IPv6 (several colons,
@@ -212,6 +237,13 @@ mod tests {
             ("http://[2001:db8::1]:8080/p", v6, true),
             ("2001:db8::10", v6, false),
             ("[2001:db8::1]", v6, true),
+            // Unbracketed: the text before the last `:` must be the address itself.
+            ("2001:db8::1:443", v6, true),
+            ("2001:0db8::1:8080", v6, true),
+            ("2001:db8::1:99999x", v6, false),
+            ("2001:db8::2:443", v6, false),
+            ("2001:db8::1:443", ip("2001:db8::1:443"), true),
+            ("2001:db8::1:443", ip("2001:db8::"), false),
         ];
         for (ioc, target, expected) in cases {
             assert_eq!(ioc_is(ioc, target), expected, "{ioc}");
@@ -266,6 +298,41 @@ mod tests {
             panic!("threatfox fields");
         };
         assert_eq!(malware_families, vec!["Unknown malware".to_owned()]);
+
+        let empty = json!({"query_status": "ok", "data": [
+            {"ioc": "45.155.205.233:443", "threat_type": "botnet_cc", "ioc_type": "ip:port",
+             "malware": "  ", "malware_printable": "Cobalt Strike"}
+        ]});
+        let r = report(
+            200,
+            &HeaderMap::new(),
+            Ok(empty.to_string().into_bytes()),
+            ip("45.155.205.233"),
+            now(),
+        )
+        .unwrap();
+        let Some(ProviderFields::Threatfox {
+            malware_families, ..
+        }) = r.fields
+        else {
+            panic!("threatfox fields");
+        };
+        assert_eq!(malware_families, vec!["Cobalt Strike".to_owned()]);
+    }
+
+    #[test]
+    fn ok_with_null_data_is_not_listed() {
+        let body = json!({"query_status": "ok", "data": null});
+        let r = report(
+            200,
+            &HeaderMap::new(),
+            Ok(body.to_string().into_bytes()),
+            ip("45.155.205.233"),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.outcome, ProviderOutcome::NotFound);
+        assert_eq!(r.verdict, None);
     }
 
     #[test]
