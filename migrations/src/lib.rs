@@ -15,12 +15,13 @@
 //! - [`meta`]: key names of `enrichd_meta`.
 
 mod m0001_initial;
+mod m0002_ptr_forward_confirmed;
 
 use sea_orm_migration::prelude::*;
 
 /// The schema version this binary writes and understands. Every migration that changes the
 /// schema bumps it and records it in `enrichd_meta`, so an older binary can see it is behind.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Key names of the `enrichd_meta` table.
 pub mod meta {
@@ -39,7 +40,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m0001_initial::Migration)]
+        vec![
+            Box::new(m0001_initial::Migration),
+            Box::new(m0002_ptr_forward_confirmed::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

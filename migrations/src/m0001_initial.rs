@@ -3,7 +3,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-use crate::{SCHEMA_VERSION, meta};
+use crate::meta;
 
 /// Column types that differ between the backends.
 struct Types {
@@ -180,7 +180,10 @@ fn own_ddl(t: &Types) -> Vec<String> {
     ]
 }
 
-async fn run_all(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
+pub(crate) async fn run_all(
+    manager: &SchemaManager<'_>,
+    statements: Vec<String>,
+) -> Result<(), DbErr> {
     let db = manager.get_connection();
     for sql in statements {
         db.execute_unprepared(&sql).await?;
@@ -190,7 +193,7 @@ async fn run_all(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result
 
 /// Records `key = value` in `enrichd_meta`: `overwrite` replaces an existing value, otherwise
 /// the first value recorded stays.
-async fn put_meta(
+pub(crate) async fn put_meta(
     manager: &SchemaManager<'_>,
     key: &str,
     value: &str,
@@ -247,13 +250,7 @@ impl MigrationTrait for Migration {
         }
         let owns = if had_attackers { "false" } else { "true" };
         put_meta(manager, meta::OWNS_ATTACKERS, owns, false).await?;
-        put_meta(
-            manager,
-            meta::SCHEMA_VERSION,
-            &SCHEMA_VERSION.to_string(),
-            true,
-        )
-        .await
+        put_meta(manager, meta::SCHEMA_VERSION, "1", true).await
     }
 
     fn use_transaction(&self) -> Option<bool> {

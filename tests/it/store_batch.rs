@@ -58,6 +58,7 @@ fn answers(n: usize, target: &str, claims: &Claims) -> ApplyItem {
     ApplyItem {
         ip: ip(target),
         scope: StoredScope::Global,
+        write_rows: true,
         ptr: claims.ptr.map(|lease| (lease, named(n))),
         providers: claims
             .providers

@@ -35,7 +35,7 @@ async fn migrations_create_every_table_and_a_rerun_is_a_no_op() {
         for table in TABLES {
             count(&conn, &format!("SELECT COUNT(*) FROM {table}"), vec![]).await;
         }
-        assert_eq!(count(&conn, "SELECT COUNT(*) FROM enrichd_migrations", vec![]).await, 1);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM enrichd_migrations", vec![]).await, 2);
 
         if db.is_postgres() {
             let types = texts(
@@ -77,6 +77,36 @@ async fn migrations_create_every_table_and_a_rerun_is_a_no_op() {
         )
         .await;
         assert_eq!(defaults, [Some("[] {} 1".to_owned())], "{}", db.label());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_schema_1_database_gains_forward_confirmation_and_keeps_its_rows() {
+    use enrichd_migrations::Migrator;
+    use sea_orm_migration::MigratorTrait;
+    on_both(|db: TestDb| async move {
+        let conn = db.connect().await;
+        Migrator::up(&conn, Some(1)).await.unwrap();
+        let store = enrichd_store::Store::connect(db.url()).await.unwrap();
+        assert_eq!(
+            store.schema_status().await.unwrap(),
+            SchemaStatus::Behind { found: Some(1) },
+            "{}",
+            db.label()
+        );
+        exec(
+            &conn,
+            "INSERT INTO enrichd_ip_state (ip, ptr_name, ptr_outcome, ptr_attempts, updated_at) \
+             VALUES ('8.8.8.8', 'dns.google', 'ok', 0, '2026-11-23 10:00:00')",
+            vec![],
+        )
+        .await;
+        store.migrate().await.unwrap();
+        assert_eq!(store.schema_status().await.unwrap(), SchemaStatus::Current);
+        let ptr = store.ptr_state(ip("8.8.8.8")).await.unwrap().unwrap();
+        assert_eq!(ptr.name.as_deref(), Some("dns.google"), "{}", db.label());
+        assert_eq!(ptr.forward_confirmed, None, "not checked yet");
     })
     .await;
 }
@@ -188,7 +218,8 @@ async fn replicas_migrating_at_once_serialise_on_the_advisory_lock() {
         let conn = db.connect().await;
         assert_eq!(
             count(&conn, "SELECT COUNT(*) FROM enrichd_migrations", vec![]).await,
-            1
+            2,
+            "each migration applied once"
         );
     })
     .await;

@@ -89,6 +89,10 @@ pub enum ProviderUnavailable {
     /// Parked for a rate limit until this time.
     #[error("parked until {0}")]
     Parked(DateTime<Utc>),
+    /// The cluster-wide rate has no slot for this call before this time (further ahead than
+    /// a call may wait).
+    #[error("no rate slot before {0}")]
+    NoSlotUntil(DateTime<Utc>),
     /// Parked because the configured key was rejected.
     #[error("api key rejected")]
     KeyRejected,
@@ -103,9 +107,92 @@ pub enum ProviderUnavailable {
     Unreachable,
 }
 
+impl ProviderUnavailable {
+    /// When the provider may have a slot again, for the waits that end at a known time.
+    pub fn resumes_at(self) -> Option<DateTime<Utc>> {
+        match self {
+            Self::Parked(at) | Self::NoSlotUntil(at) => Some(at),
+            Self::KeyRejected | Self::BreakerOpen | Self::Stale | Self::Unreachable => None,
+        }
+    }
+
+    /// The state a person is shown for it (`enrichd lookup`, `provider_outcomes` there).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Parked(_) | Self::NoSlotUntil(_) => "rate_limited",
+            Self::KeyRejected => "key_rejected",
+            Self::BreakerOpen => "breaker_open",
+            Self::Stale => "stale",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// Holds a provider's concurrency slot while it exists. A provider actor hands one out with
+/// every answer from a call, and the job drops it once the answer is durable: answers paid
+/// for but not yet written then never outnumber the provider's concurrency, which is what a
+/// crash can cost (SPEC §1.7 "a crash wastes at most the calls in flight").
+pub struct CallSlot(Option<Box<dyn Send + Sync>>);
+
+impl CallSlot {
+    /// Holds `guard` (a semaphore permit) until this slot is dropped.
+    pub fn holding(guard: impl Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(guard)))
+    }
+
+    /// A slot that holds nothing: the answer cost no call.
+    pub fn free() -> Self {
+        Self(None)
+    }
+}
+
+impl fmt::Debug for CallSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CallSlot(held)"
+        } else {
+            "CallSlot(free)"
+        })
+    }
+}
+
+/// A provider's report and the concurrency slot its call took (see [`CallSlot`]).
+#[derive(Debug)]
+pub struct ProviderAnswer {
+    /// The report.
+    pub report: ProviderReport,
+    /// Released when dropped.
+    pub slot: CallSlot,
+}
+
+impl ProviderAnswer {
+    /// An answer that cost no call (skipped, quota spent): nothing to hold.
+    pub fn free(report: ProviderReport) -> Self {
+        Self {
+            report,
+            slot: CallSlot::free(),
+        }
+    }
+}
+
+impl std::ops::Deref for ProviderAnswer {
+    type Target = ProviderReport;
+
+    fn deref(&self) -> &ProviderReport {
+        &self.report
+    }
+}
+
+/// Answers compare by report: the slot is a resource, not a value.
+impl PartialEq for ProviderAnswer {
+    fn eq(&self, other: &Self) -> bool {
+        self.report == other.report
+    }
+}
+
 /// Ask one provider about one address. `Aggregator` → `ProviderActor`.
 #[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "Result<ProviderReport, ProviderUnavailable>")]
+#[rtype(result = "Result<ProviderAnswer, ProviderUnavailable>")]
 pub struct QueryProvider {
     /// The job.
     pub job_id: JobId,

@@ -65,6 +65,10 @@ pub struct IntelPayload {
     pub ptr_record: Option<String>,
     /// Outcome of the PTR lookup.
     pub ptr_outcome: Option<String>,
+    /// With forward confirmation on (`ENRICHD_PTR_FCRDNS`): whether `ptr_record` resolves
+    /// back to the address. `null` when not checked or there is no name. An unconfirmed name
+    /// is still given: it is evidence, and this says how much to trust it.
+    pub ptr_forward_confirmed: Option<bool>,
     /// `{provider: outcome}` for every configured provider with state.
     pub provider_outcomes: BTreeMap<String, String>,
 }
@@ -125,6 +129,7 @@ mod tests {
             threatfox_malware_families: vec![],
             ptr_record: None,
             ptr_outcome: Some("nxdomain".into()),
+            ptr_forward_confirmed: None,
             provider_outcomes: BTreeMap::from([("abuseipdb".into(), "ok".into())]),
         }
     }
@@ -136,7 +141,10 @@ mod tests {
         for key in FORBIDDEN_PAYLOAD_KEYS {
             assert!(!object.contains_key(key), "{key}");
         }
-        assert_eq!(object.len(), 18);
+        // The reference's 15 keys plus ptr_record, ptr_outcome, ptr_forward_confirmed and
+        // provider_outcomes.
+        assert_eq!(object.len(), 19);
+        assert!(object["ptr_forward_confirmed"].is_null());
         assert!(object["greynoise_tags"].is_array());
         assert!(object["feodo_listed"].is_null());
         assert_eq!(object["abuseipdb_score"], 100);

@@ -140,6 +140,33 @@ impl Backfill {
         }
     }
 
+    /// A pass for every address with an attacker row, due or not (`enrichd backfill --all`):
+    /// each recomputes its rows from stored state under the current configuration (a
+    /// provider turned off stops counting), and asks only what is due. Returns how many
+    /// addresses it handed out; `progress` hears the running count.
+    ///
+    /// # Errors
+    /// The store's error text when the addresses cannot be read.
+    pub async fn run_all(&self, progress: impl Fn(u64)) -> Result<u64, String> {
+        let mut total = 0;
+        let mut after = None;
+        loop {
+            let ips = self
+                .store
+                .mapped_addresses(after, self.config.batch)
+                .await
+                .map_err(|e| enrichd_core::error::chain(&e))?;
+            let Some(last) = ips.last().copied() else {
+                break;
+            };
+            after = Some(last);
+            total += self.dispatch(ips).await as u64;
+            progress(total);
+        }
+        let _ = self.aggregator.send(Drain).await;
+        Ok(total)
+    }
+
     /// One batch: reads the backlog and waits until every address is durable in the aggregator.
     async fn one_batch(&self) -> Result<usize, String> {
         let ips = self
@@ -150,6 +177,11 @@ impl Backfill {
         self.stats
             .last_batch
             .store(ips.len() as u64, Ordering::Relaxed);
+        Ok(self.dispatch(ips).await)
+    }
+
+    /// Hands `ips` to the aggregator and waits until each is durable there.
+    async fn dispatch(&self, ips: Vec<enrichd_core::CanonicalIp>) -> usize {
         let n = ips.len();
         futures::stream::iter(ips)
             .for_each_concurrent(None, |ip| {
@@ -171,6 +203,6 @@ impl Backfill {
         self.stats
             .dispatched_total
             .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        n
     }
 }

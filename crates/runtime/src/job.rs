@@ -5,12 +5,21 @@
 //! work is either leased by this live process or recorded as due, so a bus delivery can be
 //! acked (SPEC §1.7) and a crash loses nothing: the lease lapses and any replica's backfill
 //! finishes the work.
+//!
+//! What a crash may cost is the calls already paid for and not yet written. Each answer keeps
+//! its provider's concurrency slot ([`CallSlot`]) until it is durable, so those never outnumber
+//! the providers' concurrency. Answers normally go with the pass's one write; one that has
+//! waited [`EARLY_WRITE_AFTER`] for a slower provider is written on its own (batched with other
+//! addresses' answers), so a slow provider does not keep the fast ones' slots taken.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Recipient;
-use enrichd_core::messages::{JobId, ProviderUnavailable, QueryProvider, ResolvePtr};
+use chrono::Utc;
+use enrichd_core::messages::{
+    CallSlot, JobId, ProviderAnswer, ProviderUnavailable, QueryProvider, ResolvePtr,
+};
 use enrichd_core::metric_names;
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
@@ -18,15 +27,28 @@ use enrichd_store::{
     ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Lease, Store, StoreError,
     StoredScope,
 };
-use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{FutureExt, future};
+
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::relay::OutboxHandoff;
 use crate::store_batcher::{ClaimSettings, StoreBatcher};
 
-/// Writes tried while the store is unavailable (about 11 s of waiting, well inside the leases).
-const APPLY_ATTEMPTS: u32 = 6;
+/// A write with no lease to keep (nothing paid for in it) is tried for about 11 s while the
+/// store is unavailable.
+const UNLEASED_WRITE_PATIENCE: Duration = Duration::from_secs(11);
+
+/// A paid-for answer's write is retried while the store is unavailable until this long before
+/// its lease lapses: after that another replica may take the work, and the answer is lost.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// An answer that has waited this long for its pass's slower providers is written on its own.
+/// Shorter writes more (a statement's share per answer); longer keeps slots taken while a
+/// slow provider answers, which with the default concurrency of 4 is what limits a provider.
+pub const EARLY_WRITE_AFTER: Duration = Duration::from_millis(50);
 
 /// Slack on top of a provider's own deadlines before we stop waiting for its actor.
 const MAILBOX_SLACK: Duration = Duration::from_secs(5);
@@ -57,6 +79,41 @@ pub struct JobDeps {
     /// Notified when deferred work falls due again, so the backfill takes it at once rather
     /// than at its next poll.
     pub backfill_wake: Option<Arc<Notify>>,
+    /// How long a pass may wait for a provider that has no slot for it yet (`enrichd lookup`);
+    /// `None`: not at all, the work is deferred and the backfill takes it again.
+    pub patience: Option<Patience>,
+}
+
+/// How long a pass waits for a provider's next rate slot or the end of its park, and who
+/// hears about the waits (`enrichd lookup` shows them).
+#[derive(Clone)]
+pub struct Patience {
+    /// Longest a pass waits for one provider.
+    pub max_wait: Duration,
+    /// Told before each wait and about each provider that stays unavailable.
+    pub notices: Arc<dyn Fn(ProviderNotice) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Patience {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Patience")
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a patient pass says about a provider it could not ask at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderNotice {
+    /// The address.
+    pub ip: CanonicalIp,
+    /// The provider.
+    pub provider: ProviderId,
+    /// Why it could not be asked.
+    pub reason: ProviderUnavailable,
+    /// `true`: the pass waits until [`ProviderUnavailable::resumes_at`] and asks again;
+    /// `false`: the provider stays unasked in this pass.
+    pub waiting: bool,
 }
 
 impl JobDeps {
@@ -127,6 +184,7 @@ pub async fn enrich(
             .apply(ApplyItem {
                 ip,
                 scope,
+                write_rows: true,
                 ptr: None,
                 providers: Vec::new(),
             })
@@ -155,53 +213,295 @@ pub async fn enrich(
     debug!(%job_id, %ip, providers = claims.providers.len(), ptr = claims.ptr.is_some(), "Claimed work.");
     record_cache_hits(&provider_ids, deps.ptr.is_some(), &claims);
 
-    let (ptr, reports, unavailable) = ask(job_id, ip, &claims, deps).await;
-    defer_parked(ip, &unavailable, deps).await;
-    let summary_asked: Vec<ProviderId> = reports.iter().map(|(_, r)| r.provider).collect();
-    let ptr_resolved = ptr.is_some();
+    let pass = Pass {
+        job_id,
+        ip,
+        scope,
+        deps,
+        writer,
+    };
+    let asked = pass.ask(&claims).await;
+    defer_parked(ip, &asked.unavailable, deps).await;
+    let ptr_resolved = asked.ptr.is_some();
     // Even with nothing new, the write recomputes every attacker row of the address from the
     // stored state: an attacker row that appeared since the last pass gets its intel row.
-    let mut applied = apply_answers(ip, scope, ptr, reports, writer).await?;
+    let (reports, slots): (Vec<_>, Vec<_>) = asked
+        .held
+        .into_iter()
+        .map(|held| ((held.lease, held.report), held.slot))
+        .unzip();
+    let item = ApplyItem {
+        ip,
+        scope,
+        write_rows: true,
+        ptr: asked.ptr,
+        providers: reports,
+    };
+    let written = write_durably(item, writer).await;
+    drop(slots);
+    let mut applied = written?;
     if let Some(outbox) = &deps.outbox {
         if applied.events > applied.handed_off.len() {
             outbox.wake_claim();
         }
         outbox.hand_off(std::mem::take(&mut applied.handed_off));
     }
+    applied.applied.extend(asked.written_early.applied);
+    applied.stale.extend(asked.written_early.stale);
+    applied.applied.sort_unstable();
+    applied.stale.sort_unstable();
     Ok(JobSummary {
-        asked: summary_asked,
-        unavailable,
+        asked: asked.answered,
+        unavailable: asked.unavailable,
         ptr_resolved,
         applied,
     })
 }
 
-/// Writes the answers of a pass. They were paid for (quota, rate), so a store that is briefly
-/// unreachable or out of connections is waited for, within the leases, rather than giving up
-/// and asking the providers again later.
-async fn apply_answers(
-    ip: CanonicalIp,
-    scope: StoredScope,
-    ptr: Option<(Lease, PtrReport)>,
-    reports: Vec<(Lease, ProviderReport)>,
-    writer: &StoreBatcher,
-) -> Result<ApplyOutcome, StoreError> {
-    let item = ApplyItem {
-        ip,
-        scope,
-        ptr,
-        providers: reports,
+/// Writes `item` through the batcher. Its answers were paid for (quota, rate), so a store
+/// that is unreachable or out of connections is waited for until shortly before the first of
+/// their leases lapses, rather than giving up and asking the providers again later; a write
+/// with nothing paid for in it waits about 11 s.
+async fn write_durably(item: ApplyItem, writer: &StoreBatcher) -> Result<ApplyOutcome, StoreError> {
+    let first_lapse = item
+        .providers
+        .iter()
+        .map(|(lease, _)| lease.until)
+        .chain(item.ptr.as_ref().map(|(lease, _)| lease.until))
+        .min();
+    let give_up_at = match first_lapse {
+        Some(until) if !item.providers.is_empty() => {
+            let left = (until - Utc::now()).to_std().unwrap_or_default();
+            Instant::now() + left.saturating_sub(LEASE_MARGIN)
+        }
+        _ => Instant::now() + UNLEASED_WRITE_PATIENCE,
     };
     let mut attempt = 0;
     loop {
         attempt += 1;
         match writer.apply(item.clone()).await {
-            Err(e) if e.is_unavailable() && attempt < APPLY_ATTEMPTS => {
-                debug!(%ip, attempt, error = %e, "Store unavailable; retrying the write.");
-                tokio::time::sleep(crate::supervision::jittered_backoff(attempt + 2)).await;
+            Err(e) if e.is_unavailable() => {
+                let backoff = crate::supervision::jittered_backoff(attempt + 2);
+                if Instant::now() + backoff >= give_up_at {
+                    warn!(ip = %item.ip, attempt, error = %e, "Store unavailable past the lease; the answers are left to be asked again.");
+                    return Err(e);
+                }
+                debug!(ip = %item.ip, attempt, error = %e, "Store unavailable; retrying the write.");
+                tokio::time::sleep(backoff).await;
             }
             other => return other,
         }
+    }
+}
+
+/// One pass's context while it asks.
+struct Pass<'a> {
+    job_id: JobId,
+    ip: CanonicalIp,
+    scope: StoredScope,
+    deps: &'a JobDeps,
+    writer: &'a StoreBatcher,
+}
+
+/// A provider's answer held until it is written, with the slot its call took.
+struct Held {
+    lease: Lease,
+    report: ProviderReport,
+    slot: CallSlot,
+    arrived: Instant,
+}
+
+/// What a pass's asking left for its write.
+#[derive(Default)]
+struct Asked {
+    /// The PTR answer.
+    ptr: Option<(Lease, PtrReport)>,
+    /// Answers not written yet, with their slots.
+    held: Vec<Held>,
+    /// Providers that answered (written early or held).
+    answered: Vec<ProviderId>,
+    /// What the early writes wrote.
+    written_early: ApplyOutcome,
+    /// Providers that could not be asked.
+    unavailable: Vec<(ProviderId, ProviderUnavailable)>,
+}
+
+impl Pass<'_> {
+    /// Asks PTR and every claimed provider at once; each answers within its own deadline. An
+    /// answer that waits [`EARLY_WRITE_AFTER`] for the others is written on its own meanwhile.
+    async fn ask(&self, claims: &Claims) -> Asked {
+        let mut asked = Asked::default();
+        let mut calls: FuturesUnordered<_> = claims
+            .providers
+            .iter()
+            .filter_map(|(id, lease)| {
+                let recipient = self
+                    .deps
+                    .providers
+                    .iter()
+                    .find(|(p, _)| p == id)
+                    .map(|(_, r)| r.clone())?;
+                Some(self.call(*id, *lease, recipient))
+            })
+            .collect();
+        // Resolves at once to `None` when there is no PTR work.
+        let ptr = self.resolve_ptr(claims.ptr).fuse();
+        tokio::pin!(ptr);
+        let mut ptr_pending = true;
+        let mut early_writes = FuturesUnordered::new();
+        while !calls.is_empty() || ptr_pending {
+            let flush_at = asked.held.iter().map(|h| h.arrived).min();
+            tokio::select! {
+                Some((id, lease, answer)) = calls.next() => match answer {
+                    Ok(answer) => {
+                        asked.answered.push(id);
+                        asked.held.push(Held {
+                            lease,
+                            report: answer.report,
+                            slot: answer.slot,
+                            arrived: Instant::now(),
+                        });
+                    }
+                    Err(reason) => {
+                        debug!(job_id = %self.job_id, ip = %self.ip, provider = %id, reason = %reason, "Provider unavailable; work stays due.");
+                        asked.unavailable.push((id, reason));
+                    }
+                },
+                answer = &mut ptr, if ptr_pending => {
+                    ptr_pending = false;
+                    asked.ptr = answer;
+                }
+                () = sleep_until(flush_at.map(|at| at + EARLY_WRITE_AFTER)), if flush_at.is_some() => {
+                    let due = Instant::now() - EARLY_WRITE_AFTER;
+                    let (early, later): (Vec<Held>, Vec<Held>) =
+                        std::mem::take(&mut asked.held).into_iter().partition(|h| h.arrived <= due);
+                    asked.held = later;
+                    early_writes.push(self.write_early(early));
+                }
+                Some(written) = early_writes.next(), if !early_writes.is_empty() => {
+                    absorb(&mut asked, written);
+                }
+            }
+        }
+        while let Some(written) = early_writes.next().await {
+            absorb(&mut asked, written);
+        }
+        if let Some((_, report)) = &asked.ptr {
+            enrichd_metrics::global()
+                .counter(
+                    metric_names::PTR_LOOKUPS,
+                    &[("outcome", report.outcome.as_str())],
+                )
+                .inc();
+        }
+        asked
+    }
+
+    /// Asks one provider; with [`Patience`], waits for its next slot or the end of its park
+    /// as long as that comes within the patience, and asks again.
+    async fn call(
+        &self,
+        id: ProviderId,
+        lease: Lease,
+        recipient: Recipient<QueryProvider>,
+    ) -> (
+        ProviderId,
+        Lease,
+        Result<ProviderAnswer, ProviderUnavailable>,
+    ) {
+        let timeout = self
+            .deps
+            .provider_lease
+            .saturating_sub(Duration::from_secs(20))
+            + MAILBOX_SLACK;
+        let patience = self.deps.patience.as_ref();
+        let patient_until = patience.map(|p| Utc::now() + p.max_wait);
+        loop {
+            let started = Instant::now();
+            let answer = recipient
+                .send(QueryProvider {
+                    job_id: self.job_id,
+                    provider: id,
+                    ip: self.ip,
+                })
+                .timeout(timeout)
+                .await
+                .unwrap_or(Err(ProviderUnavailable::Unreachable));
+            let reason = match answer {
+                Ok(answer) => {
+                    record_lookup(id, &answer.report, started.elapsed());
+                    return (id, lease, Ok(answer));
+                }
+                Err(reason) => reason,
+            };
+            let (Some(patience), Some(until)) = (patience, patient_until) else {
+                return (id, lease, Err(reason));
+            };
+            let resume = reason.resumes_at().filter(|at| *at <= until);
+            (patience.notices)(ProviderNotice {
+                ip: self.ip,
+                provider: id,
+                reason,
+                waiting: resume.is_some(),
+            });
+            let Some(resume) = resume else {
+                return (id, lease, Err(reason));
+            };
+            tokio::time::sleep((resume - Utc::now()).to_std().unwrap_or_default()).await;
+        }
+    }
+
+    async fn resolve_ptr(&self, lease: Option<Lease>) -> Option<(Lease, PtrReport)> {
+        let (Some(lease), Some(pool)) = (lease, self.deps.ptr.as_ref()) else {
+            return None;
+        };
+        let deadline = self.deps.ptr_lease.saturating_sub(Duration::from_secs(20)) + MAILBOX_SLACK;
+        let job_id = self.job_id;
+        let ip = self.ip;
+        match pool.send(ResolvePtr { job_id, ip }).timeout(deadline).await {
+            Ok(report) => Some((lease, report)),
+            Err(e) => {
+                // The lease lapses and the work is retried; a failure never replaces a name.
+                warn!(%job_id, %ip, error = %e, "PTR pool did not answer.");
+                None
+            }
+        }
+    }
+
+    /// Writes answers that waited for slower providers, without the attacker rows (the
+    /// pass's own write recomputes those), then releases their slots.
+    async fn write_early(&self, held: Vec<Held>) -> Result<ApplyOutcome, Vec<Held>> {
+        let item = ApplyItem {
+            ip: self.ip,
+            scope: self.scope,
+            write_rows: false,
+            ptr: None,
+            providers: held.iter().map(|h| (h.lease, h.report.clone())).collect(),
+        };
+        match write_durably(item, self.writer).await {
+            Ok(outcome) => Ok(outcome),
+            // Kept for the pass's own write, which fails the same way or gets them in.
+            Err(_) => Err(held),
+        }
+    }
+}
+
+/// Takes an early write's result into the pass: what it wrote, or its answers back.
+fn absorb(asked: &mut Asked, written: Result<ApplyOutcome, Vec<Held>>) {
+    match written {
+        Ok(outcome) => {
+            asked.written_early.applied.extend(outcome.applied);
+            asked.written_early.stale.extend(outcome.stale);
+        }
+        Err(held) => asked.held.extend(held),
+    }
+}
+
+/// Sleeps until `at`, or forever without one (the `select!` branch is disabled then anyway).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => future::pending().await,
     }
 }
 
@@ -215,7 +515,8 @@ async fn defer_parked(
     deps: &JobDeps,
 ) {
     for (provider, reason) in unavailable {
-        let ProviderUnavailable::Parked(until) = reason else {
+        let (ProviderUnavailable::Parked(until) | ProviderUnavailable::NoSlotUntil(until)) = reason
+        else {
             continue;
         };
         let jitter = chrono::Duration::milliseconds(rand::random_range(0..5_000));
@@ -226,7 +527,7 @@ async fn defer_parked(
         }
         if let Some(wake) = &deps.backfill_wake {
             let wake = Arc::clone(wake);
-            let delay = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+            let delay = (at - Utc::now()).to_std().unwrap_or_default();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 wake.notify_one();
@@ -263,74 +564,4 @@ fn record_cache_hits(providers: &[ProviderId], ptr_enabled: bool, claims: &Claim
             .counter(metric_names::CACHE_HITS, &[("provider", "ptr")])
             .inc();
     }
-}
-
-type Asked = (
-    Option<(Lease, PtrReport)>,
-    Vec<(Lease, ProviderReport)>,
-    Vec<(ProviderId, ProviderUnavailable)>,
-);
-
-/// Asks PTR and every claimed provider at once; each answers within its own deadline.
-async fn ask(job_id: JobId, ip: CanonicalIp, claims: &Claims, deps: &JobDeps) -> Asked {
-    let ptr_future = async {
-        let (Some(lease), Some(pool)) = (claims.ptr, deps.ptr.as_ref()) else {
-            return None;
-        };
-        let deadline = deps.ptr_lease.saturating_sub(Duration::from_secs(20)) + MAILBOX_SLACK;
-        match pool.send(ResolvePtr { job_id, ip }).timeout(deadline).await {
-            Ok(report) => Some((lease, report)),
-            Err(e) => {
-                // The lease lapses and the work is retried; a failure never replaces a name.
-                warn!(%job_id, %ip, error = %e, "PTR pool did not answer.");
-                None
-            }
-        }
-    };
-    let provider_futures = claims.providers.iter().filter_map(|(id, lease)| {
-        let recipient = deps
-            .providers
-            .iter()
-            .find(|(p, _)| p == id)
-            .map(|(_, r)| r.clone())?;
-        let timeout = deps.provider_lease.saturating_sub(Duration::from_secs(20)) + MAILBOX_SLACK;
-        let (id, lease) = (*id, *lease);
-        Some(async move {
-            let started = tokio::time::Instant::now();
-            let answer = recipient
-                .send(QueryProvider {
-                    job_id,
-                    provider: id,
-                    ip,
-                })
-                .timeout(timeout)
-                .await
-                .unwrap_or(Err(ProviderUnavailable::Unreachable));
-            if let Ok(report) = &answer {
-                record_lookup(id, report, started.elapsed());
-            }
-            (id, lease, answer)
-        })
-    });
-    let (ptr, answers) = futures::future::join(ptr_future, join_all(provider_futures)).await;
-    if let Some((_, report)) = &ptr {
-        enrichd_metrics::global()
-            .counter(
-                metric_names::PTR_LOOKUPS,
-                &[("outcome", report.outcome.as_str())],
-            )
-            .inc();
-    }
-    let mut reports = Vec::new();
-    let mut unavailable = Vec::new();
-    for (id, lease, answer) in answers {
-        match answer {
-            Ok(report) => reports.push((lease, report)),
-            Err(reason) => {
-                debug!(%job_id, %ip, provider = %id, reason = %reason, "Provider unavailable; work stays due.");
-                unavailable.push((id, reason));
-            }
-        }
-    }
-    (ptr, reports, unavailable)
 }

@@ -38,7 +38,7 @@ use actix::{
     Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Supervised,
 };
 use chrono::{DateTime, Utc};
-use enrichd_core::messages::{ProviderUnavailable, QueryProvider};
+use enrichd_core::messages::{CallSlot, ProviderAnswer, ProviderUnavailable, QueryProvider};
 use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
 use enrichd_core::provider::ProviderFate;
 use enrichd_core::text::column_text;
@@ -128,7 +128,8 @@ struct Shared<P, G> {
     gate: Arc<G>,
     limits: ProviderLimits,
     concurrency: usize,
-    permits: Semaphore,
+    /// Shared with the answers: a permit travels with an answer until it is durable.
+    permits: Arc<Semaphore>,
     breaker: Mutex<CircuitBreaker>,
     local: Mutex<Local>,
 }
@@ -171,7 +172,7 @@ impl<P: ProviderHooks, G: ProviderGate> ProviderActor<P, G> {
                 gate,
                 limits,
                 concurrency,
-                permits: Semaphore::new(concurrency),
+                permits: Arc::new(Semaphore::new(concurrency)),
                 breaker: Mutex::new(CircuitBreaker::new(config.breaker)),
                 local: Mutex::new(Local::default()),
             }),
@@ -213,7 +214,7 @@ impl<P: ProviderHooks, G: ProviderGate> Supervised for ProviderActor<P, G> {
 }
 
 impl<P: ProviderHooks, G: ProviderGate> Handler<QueryProvider> for ProviderActor<P, G> {
-    type Result = ResponseFuture<Result<ProviderReport, ProviderUnavailable>>;
+    type Result = ResponseFuture<Result<ProviderAnswer, ProviderUnavailable>>;
 
     fn handle(&mut self, msg: QueryProvider, ctx: &mut Context<Self>) -> Self::Result {
         let shared = Arc::clone(&self.shared);
@@ -287,24 +288,32 @@ impl<P: ProviderHooks, G: ProviderGate> Handler<CallPanicked> for ProviderActor<
 // === impl Shared ===
 
 impl<P: ProviderHooks, G: ProviderGate> Shared<P, G> {
-    async fn query(&self, ip: CanonicalIp) -> Result<ProviderReport, ProviderUnavailable> {
+    async fn query(&self, ip: CanonicalIp) -> Result<ProviderAnswer, ProviderUnavailable> {
         // Known before any gate: an unsupported address must not wait for, or spend, a slot.
         if !self.provider.supports(ip) {
-            return Ok(ProviderReport::bare(
+            return Ok(ProviderAnswer::free(ProviderReport::bare(
                 self.id,
                 ProviderOutcome::SkippedUnsupported,
-            ));
+            )));
         }
         if self.provider.availability().await == Availability::Stale {
             debug!("Provider data stale; not asking.");
             return Err(ProviderUnavailable::Stale);
         }
         self.check_parks()?;
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| ProviderUnavailable::Unreachable)?;
+        let report = self.call(ip).await?;
+        Ok(ProviderAnswer {
+            report,
+            slot: CallSlot::holding(permit),
+        })
+    }
+
+    /// One call under a concurrency permit the caller holds.
+    async fn call(&self, ip: CanonicalIp) -> Result<ProviderReport, ProviderUnavailable> {
         // A park may have begun while this call queued for a permit.
         self.check_parks()?;
         let ticket = lock(&self.breaker)
@@ -394,7 +403,7 @@ impl<P: ProviderHooks, G: ProviderGate> Shared<P, G> {
                 }
                 Ok(None)
             }
-            Reservation::Busy { retry_at } => Err(ProviderUnavailable::Parked(retry_at)),
+            Reservation::Busy { retry_at } => Err(ProviderUnavailable::NoSlotUntil(retry_at)),
             Reservation::Parked { until } => {
                 let mut local = lock(&self.local);
                 local.parked_until = local.parked_until.max(Some(until));
@@ -730,7 +739,7 @@ mod tests {
 
     async fn ask<P: ProviderHooks>(
         addr: &Addr<ProviderActor<P, FakeGate>>,
-    ) -> Result<ProviderReport, ProviderUnavailable> {
+    ) -> Result<ProviderAnswer, ProviderUnavailable> {
         addr.send(query(ProviderId::Greynoise, "198.51.100.10"))
             .await
             .unwrap()

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Addr, Supervisor};
-use enrichd_core::messages::{JobId, ProviderUnavailable, QueryProvider};
+use enrichd_core::messages::{JobId, ProviderAnswer, ProviderUnavailable, QueryProvider};
 use enrichd_core::ports::ProviderLimits;
-use enrichd_core::{CanonicalIp, ProviderId, ProviderOutcome, ProviderReport};
+use enrichd_core::{CanonicalIp, ProviderId, ProviderOutcome};
 use enrichd_intel::{GreyNoise, ProviderConfig};
 use enrichd_runtime::provider_actor::{ProviderActor, ProviderActorConfig};
 use enrichd_store::Store;
@@ -48,7 +48,7 @@ async fn replica(db: &TestDb, base_url: &str, rate_per_sec: f64) -> Addr<Actor> 
     })
 }
 
-async fn ask(addr: &Addr<Actor>, ip: &str) -> Result<ProviderReport, ProviderUnavailable> {
+async fn ask(addr: &Addr<Actor>, ip: &str) -> Result<ProviderAnswer, ProviderUnavailable> {
     let ip = CanonicalIp::parse(ip).unwrap();
     addr.send(QueryProvider {
         job_id: JobId::new(),
@@ -64,7 +64,7 @@ async fn ask_until_answered(addr: Addr<Actor>, ip: String) {
     loop {
         match ask(&addr, &ip).await {
             Ok(_) => return,
-            Err(ProviderUnavailable::Parked(until)) => {
+            Err(ProviderUnavailable::Parked(until) | ProviderUnavailable::NoSlotUntil(until)) => {
                 let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
                 tokio::time::sleep(wait.max(Duration::from_millis(20))).await;
             }

@@ -123,6 +123,7 @@ where
     })
     .await
     .map_err(|e| e.to_string())?
+    .map(|answer| answer.report)
     .map_err(|e| e.to_string())
 }
 
@@ -203,6 +204,7 @@ fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
         outbox: None,
         backfill_wake: None,
         ack_deadline: Duration::from_secs(30),
+        patience: None,
     };
     let aggregator = Aggregator::new(deps, Arc::new(AggregatorStats::default())).start();
     let (backfill_stop, _) = watch::channel(false);
@@ -237,6 +239,7 @@ async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory()
         outbox: None,
         backfill_wake: None,
         ack_deadline: Duration::from_secs(30),
+        patience: None,
     };
     let stats = Arc::new(AggregatorStats::default());
     let aggregator = Aggregator::new(deps, Arc::clone(&stats)).start();

@@ -419,6 +419,47 @@ impl Store {
         Ok(ips)
     }
 
+    /// Every address with an attacker row, in key order, `limit` at a time after `after`
+    /// (`enrichd backfill --all`: a pass for each, whatever is due). Unmapped attacker rows
+    /// are mapped first.
+    pub async fn mapped_addresses(
+        &self,
+        after: Option<CanonicalIp>,
+        limit: u32,
+    ) -> Result<Vec<CanonicalIp>, StoreError> {
+        if after.is_none() {
+            let batch = limit.max(500);
+            while self.sync_attacker_map(batch).await? >= batch as usize {}
+        }
+        let sql = self.sql;
+        let order = sql.ip_order();
+        let statement = format!(
+            "SELECT ip FROM enrichd_attacker_map m \
+             WHERE ip IS NOT NULL AND {order} > $1 \
+             AND EXISTS (SELECT 1 FROM attackers a WHERE a.uuid = m.attacker_uuid) \
+             GROUP BY ip ORDER BY {order} LIMIT $2"
+        );
+        let rows = self
+            .read
+            .query_all_raw(sql.stmt(
+                statement,
+                vec![
+                    after.map_or_else(String::new, |ip| ip.to_string()).into(),
+                    i64::from(limit).into(),
+                ],
+            ))
+            .await?;
+        let mut ips = Vec::with_capacity(rows.len());
+        for row in rows {
+            let text: String = row.try_get("", "ip")?;
+            ips.push(
+                CanonicalIp::parse(&text)
+                    .map_err(|e| StoreError::malformed("enrichd_attacker_map.ip", e.to_string()))?,
+            );
+        }
+        Ok(ips)
+    }
+
     /// The PTR state stored for `ip`, if any.
     pub async fn ptr_state(&self, ip: CanonicalIp) -> Result<Option<PtrState>, StoreError> {
         let row = self

@@ -14,6 +14,7 @@
 //! - [`intake`]: [`Store::note_event`], attacker mapping, [`Store::backlog`], read-only views.
 //! - [`gate`]: cluster-wide rate, quota and park state ([`ProviderGate`] for [`Store`]).
 //! - [`outbox`]: claim, delete-by-version, stats.
+//! - [`waiting`]: work owed but not takeable yet, for `enrichd backfill`'s end.
 //! - [`state`]: stored state as values and the pure merge into `attacker_intel` columns.
 //! - [`error`]: [`StoreError`] and its fate.
 //!
@@ -26,6 +27,7 @@ pub mod outbox;
 mod sql;
 pub mod state;
 pub mod store;
+pub mod waiting;
 pub mod work;
 
 pub use error::{StoreError, StoreFate};
@@ -34,6 +36,7 @@ pub use intake::{EventNote, Intake};
 pub use outbox::{OutboxRow, OutboxStats};
 pub use state::{ApplyContext, ProviderState, PtrState, StoredScope};
 pub use store::{SchemaStatus, Store};
+pub use waiting::{WaitReason, WaitingWork};
 pub use work::{ApplyItem, ApplyOutcome, ClaimMode, ClaimSettings, Claims, Lease};
 
 /// SQLite timestamp text as enrichd writes it (`YYYY-MM-DD HH:MM:SS.ffffff`), for tests and

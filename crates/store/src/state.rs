@@ -108,6 +108,9 @@ pub struct PtrState {
     pub attempts: u32,
     /// Claim time of the last applied lookup (the fence).
     pub queried_at: Option<DateTime<Utc>>,
+    /// Whether the stored name resolves back to the address (`None`: not checked, or no
+    /// name). Belongs to the name: kept and cleared with it.
+    pub forward_confirmed: Option<bool>,
 }
 
 impl PtrState {
@@ -193,7 +196,7 @@ fn strings(items: &[String]) -> serde_json::Value {
 
 impl<'a> IntelColumns<'a> {
     /// A row with every provider column empty.
-    fn empty(ip: &str, cached_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> Self {
+    pub(crate) fn empty(ip: &str, cached_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> Self {
         Self {
             attacker_ip: ip.to_owned(),
             greynoise_classification: None,
@@ -283,9 +286,11 @@ pub(crate) struct Merged<'a> {
 
 /// Merges the stored state of one IP into its row and payload.
 ///
-/// `states` may hold providers that are no longer configured: their stored answers still
-/// count (the data is true), but only configured providers decide `expires_at` and appear in
-/// `provider_outcomes`.
+/// `states` may hold providers that are no longer configured. Their stored answers are kept
+/// (turning the provider back on reuses them while fresh) but count for nothing: the columns,
+/// `providers`, the aggregate, `expires_at` and `provider_outcomes` come from the configured
+/// providers only, so an old `malicious` from a provider an operator turned off cannot pin
+/// the verdict.
 pub(crate) fn merge<'a>(
     ip: &str,
     scope: StoredScope,
@@ -304,6 +309,7 @@ pub(crate) fn merge<'a>(
         None
     };
     let ptr_outcome = ptr.outcome.or(unasked).map(|o| o.as_str().to_owned());
+    let ptr_forward_confirmed = ptr.name.as_ref().and(ptr.forward_confirmed);
     if !scope.is_global() {
         let columns = IntelColumns::empty(ip, now, now + NON_GLOBAL_VALIDITY);
         let provider_outcomes = ctx
@@ -321,8 +327,11 @@ pub(crate) fn merge<'a>(
         let payload = payload_from(
             &columns,
             Vec::new(),
-            ptr_record,
-            ptr_outcome,
+            PtrView {
+                record: ptr_record,
+                outcome: ptr_outcome,
+                forward_confirmed: ptr_forward_confirmed,
+            },
             provider_outcomes,
         );
         return Merged { columns, payload };
@@ -331,8 +340,13 @@ pub(crate) fn merge<'a>(
     let ttl = chrono::Duration::from_std(ctx.ttl).unwrap_or(chrono::Duration::hours(24));
     let mut columns = IntelColumns::empty(ip, now, now + ttl);
     let mut answered = Vec::new();
+    let configured = || {
+        states
+            .iter()
+            .filter(|s| ctx.providers.contains(&s.provider))
+    };
     for provider in ProviderId::ALL {
-        let Some(state) = states.iter().find(|s| s.provider == provider) else {
+        let Some(state) = configured().find(|s| s.provider == provider) else {
             continue;
         };
         if let Some(fields) = state.fields.as_ref().filter(|f| f.provider() == provider) {
@@ -341,7 +355,7 @@ pub(crate) fn merge<'a>(
         }
     }
     columns.aggregate_verdict =
-        verdict::aggregate(states.iter().map(|s| s.verdict)).map(|v| v.as_str().to_owned());
+        verdict::aggregate(configured().map(|s| s.verdict)).map(|v| v.as_str().to_owned());
 
     let mut earliest: Option<DateTime<Utc>> = None;
     let mut provider_outcomes = BTreeMap::new();
@@ -373,8 +387,11 @@ pub(crate) fn merge<'a>(
     let payload = payload_from(
         &columns,
         answered,
-        ptr_record,
-        ptr_outcome,
+        PtrView {
+            record: ptr_record,
+            outcome: ptr_outcome,
+            forward_confirmed: ptr_forward_confirmed,
+        },
         provider_outcomes,
     );
     Merged { columns, payload }
@@ -392,11 +409,17 @@ fn json_strings(value: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The PTR keys of a payload.
+struct PtrView {
+    record: Option<String>,
+    outcome: Option<String>,
+    forward_confirmed: Option<bool>,
+}
+
 fn payload_from(
     c: &IntelColumns<'_>,
     providers: Vec<String>,
-    ptr_record: Option<String>,
-    ptr_outcome: Option<String>,
+    ptr: PtrView,
     provider_outcomes: BTreeMap<String, String>,
 ) -> IntelPayload {
     IntelPayload {
@@ -419,8 +442,9 @@ fn payload_from(
         threatfox_threat_types: json_strings(&c.threatfox_threat_types),
         threatfox_ioc_types: json_strings(&c.threatfox_ioc_types),
         threatfox_malware_families: json_strings(&c.threatfox_malware_families),
-        ptr_record,
-        ptr_outcome,
+        ptr_record: ptr.record,
+        ptr_outcome: ptr.outcome,
+        ptr_forward_confirmed: ptr.forward_confirmed,
         provider_outcomes,
     }
 }
@@ -571,6 +595,56 @@ mod tests {
             now(),
         );
         assert_eq!(with_unasked.columns.expires_at, now());
+    }
+
+    #[test]
+    fn a_provider_turned_off_no_longer_counts() {
+        let states = [
+            answered(
+                ProviderId::Greynoise,
+                Some(Verdict::Benign),
+                ProviderFields::Greynoise {
+                    classification: "benign".into(),
+                    name: None,
+                    tags: vec![],
+                },
+            ),
+            answered(
+                ProviderId::Abuseipdb,
+                Some(Verdict::Malicious),
+                ProviderFields::Abuseipdb {
+                    score: 100,
+                    categories: vec![18],
+                },
+            ),
+        ];
+        let both = merge(
+            "1.2.3.4",
+            StoredScope::Global,
+            &states,
+            &PtrState::default(),
+            &ctx(&[ProviderId::Greynoise, ProviderId::Abuseipdb]),
+            now(),
+        );
+        assert_eq!(both.payload.aggregate_verdict.as_deref(), Some("malicious"));
+        let off = merge(
+            "1.2.3.4",
+            StoredScope::Global,
+            &states,
+            &PtrState::default(),
+            &ctx(&[ProviderId::Greynoise]),
+            now(),
+        );
+        assert_eq!(off.payload.aggregate_verdict.as_deref(), Some("benign"));
+        assert_eq!(off.payload.providers, ["greynoise"]);
+        assert_eq!(off.payload.abuseipdb_score, None);
+        assert_eq!(off.columns.abuseipdb_raw, None);
+        assert!(off.payload.abuseipdb_categories.is_empty());
+        assert_eq!(
+            off.payload.provider_outcomes.keys().collect::<Vec<_>>(),
+            ["greynoise"]
+        );
+        assert_ne!(payload_digest(&both.payload), payload_digest(&off.payload));
     }
 
     #[test]

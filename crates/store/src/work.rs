@@ -277,6 +277,7 @@ impl Store {
         let item = ApplyItem {
             ip,
             scope,
+            write_rows: true,
             ptr,
             providers,
         };
@@ -309,7 +310,7 @@ impl Store {
                 continue;
             }
             let refs: Vec<&ApplyItem> = round.iter().map(|&i| &items[i]).collect();
-            match self.apply_round(&refs, ctx, true).await {
+            match self.apply_round(&refs, ctx).await {
                 Ok(outcomes) => {
                     for (&i, outcome) in round.iter().zip(outcomes) {
                         results[i] = Some(Ok(outcome));
@@ -341,7 +342,7 @@ impl Store {
         item: &ApplyItem,
         ctx: &ApplyContext,
     ) -> Result<ApplyOutcome, StoreError> {
-        let err = match self.apply_round(&[item], ctx, true).await {
+        let err = match self.apply_round(&[item], ctx).await {
             Ok(mut outcomes) => {
                 return outcomes
                     .pop()
@@ -357,6 +358,7 @@ impl Store {
             let as_errors = ApplyItem {
                 ip: item.ip,
                 scope: item.scope,
+                write_rows: false,
                 ptr: None,
                 providers: item
                     .providers
@@ -364,7 +366,7 @@ impl Store {
                     .map(|(lease, r)| (*lease, ProviderReport::error(r.provider, reason.clone())))
                     .collect(),
             };
-            if let Err(e) = self.apply_round(&[&as_errors], ctx, false).await {
+            if let Err(e) = self.apply_round(&[&as_errors], ctx).await {
                 tracing::warn!(ip = %item.ip, error = %enrichd_core::error::chain(&e), "Recording a rejected write as an error failed.");
             }
         }
@@ -377,9 +379,8 @@ impl Store {
         &self,
         items: &[&ApplyItem],
         ctx: &ApplyContext,
-        write_rows: bool,
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        retry_busy(move || self.apply_once(items, ctx, write_rows)).await
+        retry_busy(move || self.apply_once(items, ctx)).await
     }
 
     /// Locks the `enrichd_ip_state` rows of `keys` (creating missing ones) and returns the
@@ -425,8 +426,8 @@ impl Store {
         &self,
         items: &[&ApplyItem],
         ctx: &ApplyContext,
-        write_rows: bool,
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        let write_rows = items.iter().any(|i| i.write_rows);
         let keys: Vec<String> = items.iter().map(|i| i.ip.to_string()).collect();
         let (txn, clock) = self.begin_keyed_write().await?;
         let mut outcomes = vec![ApplyOutcome::default(); items.len()];
@@ -544,6 +545,10 @@ pub struct ApplyItem {
     pub ip: CanonicalIp,
     /// Its scope under the current policy.
     pub scope: StoredScope,
+    /// Whether the address's attacker rows (`attacker_intel`, `ptr_record`, the outbox) are
+    /// recomputed from the merged state in this write. `false` for a provider answer written
+    /// as it arrives, ahead of its pass's other answers: only its state is made durable.
+    pub write_rows: bool,
     /// The PTR answer and the lease it was asked under.
     pub ptr: Option<(Lease, PtrReport)>,
     /// Provider answers and the leases they were asked under.
@@ -619,6 +624,11 @@ async fn write_attacker_rows(
     } = settled;
     let mut rows = RowWrites::default();
     for (index, (item, key)) in items.iter().zip(keys).enumerate() {
+        if !item.write_rows {
+            // Keeps `columns` one per address: `intel` points into it by index.
+            rows.columns.push(IntelColumns::empty(key, now, now));
+            continue;
+        }
         let (old_ptr, new_ptr) = &ptrs[index];
         let known = states.get(key).map_or(&[][..], Vec::as_slice);
         let merged = state::merge(key, item.scope, known, new_ptr, ctx, now);
@@ -818,7 +828,7 @@ async fn write_ip_states(
             .iter()
             .map(|(w, ptr)| {
                 format!(
-                    "({}, {}, {}, {}, {}, {}, {}, {}, {now_p})",
+                    "({}, {}, {}, {}, {}, {}, {}, {}, {}, {now_p})",
                     p.push(w.key.clone()),
                     p.push(w.scope.as_str()),
                     p.push(ptr.name.clone()),
@@ -827,15 +837,18 @@ async fn write_ip_states(
                     p.push(sql.ts_opt(ptr.expires_at)),
                     p.push(i64::from(ptr.attempts)),
                     p.push(sql.ts_opt(ptr.queried_at)),
+                    p.push(ptr.forward_confirmed),
                 )
             })
             .collect();
         let end_lease = end_our_lease("enrichd_ip_state", "ptr_lease", &owner);
         let statement = format!(
             "INSERT INTO enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, \
-             ptr_resolved_at, ptr_expires_at, ptr_attempts, ptr_queried_at, updated_at) \
+             ptr_resolved_at, ptr_expires_at, ptr_attempts, ptr_queried_at, \
+             ptr_forward_confirmed, updated_at) \
              VALUES {} ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
              ptr_name = excluded.ptr_name, ptr_outcome = excluded.ptr_outcome, \
+             ptr_forward_confirmed = excluded.ptr_forward_confirmed, \
              ptr_resolved_at = excluded.ptr_resolved_at, \
              ptr_expires_at = excluded.ptr_expires_at, ptr_attempts = excluded.ptr_attempts, \
              ptr_queried_at = excluded.ptr_queried_at, \
@@ -1252,6 +1265,7 @@ pub(crate) fn read_ptr(store: &Store, row: &QueryResult) -> Result<PtrState, Sto
         expires_at: sql.get_ts(row, "ptr_expires_at")?,
         attempts: count(sql.get_i64(row, "ptr_attempts")?),
         queried_at: sql.get_ts(row, "ptr_queried_at")?,
+        forward_confirmed: row.try_get("", "ptr_forward_confirmed")?,
     })
 }
 
@@ -1424,14 +1438,16 @@ pub(crate) fn next_ptr_state(
         .as_deref()
         .map(|n| column_text(n, PTR_CHARS))
         .filter(|n| outcome == PtrOutcome::Ok && !n.is_empty());
-    let (name, resolved_at) = match (outcome, good_name) {
-        (PtrOutcome::Ok, Some(name)) => (Some(name), Some(lease.claimed_at)),
+    let (name, resolved_at, forward_confirmed) = match (outcome, good_name) {
+        (PtrOutcome::Ok, Some(name)) => {
+            (Some(name), Some(lease.claimed_at), report.forward_confirmed)
+        }
         // A failure, or switching PTR off, never erases a good stored name.
         (PtrOutcome::Servfail | PtrOutcome::Timeout | PtrOutcome::Disabled, _)
-        | (PtrOutcome::Ok, None) => (old.name.clone(), old.resolved_at),
+        | (PtrOutcome::Ok, None) => (old.name.clone(), old.resolved_at, old.forward_confirmed),
         // A negative answer replaces it.
         (PtrOutcome::Nxdomain | PtrOutcome::InvalidName | PtrOutcome::SkippedNonGlobal, _) => {
-            (None, None)
+            (None, None, None)
         }
     };
     PtrState {
@@ -1441,6 +1457,7 @@ pub(crate) fn next_ptr_state(
         expires_at,
         attempts,
         queried_at: Some(lease.claimed_at),
+        forward_confirmed,
     }
 }
 

@@ -35,9 +35,24 @@ pub enum Command {
         /// Ask again even when the stored state is fresh.
         #[arg(long)]
         refresh: bool,
+        /// Longest wait for a provider's rate slot or the end of its park; a provider that
+        /// cannot answer sooner is shown with its state (`rate_limited until …`).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        max_wait: u64,
     },
     /// Do the work that is due now, with a progress bar, then exit.
-    Backfill,
+    ///
+    /// It ends when nothing is due, or when everything still owed waits longer than
+    /// `--max-wait` (a rate slot, a park, a spent quota, a retry), and says which.
+    Backfill {
+        /// Also rewrite every address's rows from stored state, due or not: after a provider
+        /// was turned off, its old answers stop counting everywhere at once.
+        #[arg(long)]
+        all: bool,
+        /// Longest wait for owed work to become possible before stopping.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        max_wait: u64,
+    },
     /// Validate the configuration and reach the database, bus, DNS and providers without
     /// spending quota.
     Check,

@@ -14,7 +14,7 @@ use enrichd_intel::{
     AbuseIpdb, BuildError, Feodo, FeodoConfig, GreyNoise, ProviderConfig, ProviderHooks, ThreatFox,
 };
 use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
-use enrichd_runtime::job::JobDeps;
+use enrichd_runtime::job::{JobDeps, Patience};
 use enrichd_runtime::provider_actor::{GetProviderStatus, ProviderActor, ProviderActorConfig};
 use enrichd_runtime::ptr_pool::PtrResolverPool;
 use enrichd_runtime::relay::{self, OutboxHandoff};
@@ -68,11 +68,14 @@ pub enum OutboxRelay {
 
 /// Starts the actors. `give_up` hears about a spent restart budget (the Coordinator);
 /// `None` outside `run`, where restarts are simply unlimited for the command's short life.
+/// With `patience` (`lookup`), passes wait for providers' slots, and their leases last that
+/// much longer so no other replica takes the work meanwhile.
 pub fn start_core(
     settings: &Settings,
     store: &Store,
     give_up: Option<&Recipient<ChildGaveUp>>,
     relay: OutboxRelay,
+    patience: Option<Patience>,
 ) -> Core {
     enrichd_intel::install_crypto_provider();
     let mut providers = Vec::new();
@@ -117,7 +120,10 @@ pub fn start_core(
         },
         providers,
         ptr,
-        provider_lease: SLOT_HORIZON + call_timeout + LEASE_SLACK,
+        provider_lease: SLOT_HORIZON
+            + call_timeout
+            + LEASE_SLACK
+            + patience.as_ref().map_or(Duration::ZERO, |p| p.max_wait),
         ptr_lease: settings.dns.timeout + LEASE_SLACK,
         outbox: Some(Arc::clone(&outbox)),
         backfill_wake: Some(Arc::clone(&backfill_wake)),
@@ -125,6 +131,7 @@ pub fn start_core(
             .bus
             .as_ref()
             .map_or(Duration::from_secs(30), |b| b.ack_deadline),
+        patience,
     };
     let stats = Arc::new(AggregatorStats::default());
     let aggregator = Aggregator::new(deps.clone(), Arc::clone(&stats)).start();

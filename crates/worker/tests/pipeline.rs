@@ -96,6 +96,11 @@ async fn a_scored_envelope_becomes_a_compatible_row_and_an_enriched_event() {
     }
     assert_eq!(p["ptr_record"], "h0.fake.test");
     assert_eq!(p["ptr_outcome"], "ok");
+    assert!(
+        p.get("ptr_forward_confirmed")
+            .is_some_and(serde_json::Value::is_null),
+        "published, null without forward confirmation: {p}"
+    );
     assert_eq!(
         p["provider_outcomes"],
         serde_json::json!({"greynoise": "ok", "feodo": "ok"})

@@ -19,11 +19,42 @@ pub async fn dispatch(command: Command, settings: Settings) -> u8 {
         Command::Run => run::run(&settings).await,
         Command::Migrate => migrate::migrate(&settings).await,
         Command::Check => check::check(&settings).await,
-        Command::Lookup { ips, json, refresh } => {
-            lookup::lookup(&settings, &ips, json, refresh).await
+        Command::Lookup {
+            ips,
+            json,
+            refresh,
+            max_wait,
+        } => {
+            let options = lookup::LookupOptions {
+                json,
+                refresh,
+                max_wait: std::time::Duration::from_secs(max_wait),
+            };
+            lookup::lookup(&settings, &ips, options).await
         }
-        Command::Backfill => backfill::backfill(&settings).await,
+        Command::Backfill { all, max_wait } => {
+            backfill::backfill(&settings, all, std::time::Duration::from_secs(max_wait)).await
+        }
         Command::Dlq { action } => dlq::dlq(&settings, &action).await,
+    }
+}
+
+/// Command output on stdout (logs and progress go to stderr). `false` when stdout is gone.
+fn print_out(text: &str) -> bool {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_ok()
+}
+
+/// `13:05Z` for a time today (UTC), `2026-12-08 00:00Z` otherwise.
+fn short_time(at: chrono::DateTime<chrono::Utc>, now: chrono::DateTime<chrono::Utc>) -> String {
+    if at.date_naive() == now.date_naive() {
+        at.format("%H:%MZ").to_string()
+    } else {
+        at.format("%Y-%m-%d %H:%MZ").to_string()
     }
 }
 

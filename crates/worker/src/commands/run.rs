@@ -45,6 +45,7 @@ pub(super) async fn run(settings: &Settings) -> u8 {
             &store,
             Some(&give_up),
             wiring::OutboxRelay::InProcess,
+            None,
         );
         let backfill_wake = Arc::clone(&core.backfill_wake);
         let backfill_stats = Arc::new(BackfillStats::default());
