@@ -4,9 +4,23 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Attacker enrichment worker: reverse DNS and threat intel for honeypot attacker addresses.
+/// What `enrichd --help` opens with: what it does for its user.
+const ABOUT: &str = "\
+enrichd turns the IP addresses attacking your honeypots into intelligence: each address's
+reverse-DNS name and a threat-intel verdict from GreyNoise, AbuseIPDB, Feodo Tracker and
+ThreatFox, written beside your attacker rows and published for dashboards, SIEMs and the
+ATT&CK tagger. Rate limits and daily quotas hold for the whole cluster; nothing is ever sent
+about private or excluded addresses.";
+
+/// How to start, under the command list.
+const START: &str = "\
+Start with `enrichd lookup 45.155.205.233` (SQLite ./enrichd.db, no broker). Set
+ENRICHD_ABUSEIPDB_API_KEY and ENRICHD_THREATFOX_API_KEY to use those providers;
+`enrichd check` shows what is configured and reachable.";
+
+/// The `enrichd` command line.
 #[derive(Debug, Parser)]
-#[command(name = "enrichd", version, about, long_about = None)]
+#[command(name = "enrichd", version, about = ABOUT, after_help = START, long_about = None)]
 pub struct Cli {
     /// Configuration file (TOML). Default: ./enrichd.toml when it exists.
     #[arg(long, global = true, value_name = "PATH")]

@@ -92,6 +92,7 @@ struct FileConfig {
     poll_interval_secs: Option<u64>,
     grace_secs: Option<u64>,
     metrics_addr: Option<String>,
+    log_format: Option<String>,
     #[serde(default)]
     bus: FileBus,
     #[serde(default)]
@@ -172,6 +173,28 @@ pub struct Settings {
     pub grace: Duration,
     /// Prometheus and probe listener.
     pub metrics_addr: SocketAddr,
+    /// `ENRICHD_LOG_FORMAT`; `None`: decided by the command and the terminal
+    /// ([`crate::telemetry::LogStyle::choose`]).
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for a collector.
+    Json,
+    /// Compact text lines, for a person.
+    Text,
+}
+
+impl LogFormat {
+    fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "json" => Some(Self::Json),
+            "text" => Some(Self::Text),
+            _ => None,
+        }
+    }
 }
 
 /// RabbitMQ settings.
@@ -270,6 +293,7 @@ pub fn known_variables() -> Vec<String> {
         "POLL_INTERVAL_SECS",
         "GRACE_SECS",
         "METRICS_ADDR",
+        "LOG_FORMAT",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -508,6 +532,8 @@ impl Settings {
                 SocketAddr::from(([127, 0, 0, 1], 9464))
             });
 
+        let log_format = Self::log_format(&lookup, file.log_format, &mut problems);
+
         if !problems.0.is_empty() {
             return Err(ConfigErrors(problems.0));
         }
@@ -524,7 +550,25 @@ impl Settings {
             poll_interval: Duration::from_secs(poll_secs),
             grace: Duration::from_secs(grace_secs),
             metrics_addr,
+            log_format,
         })
+    }
+
+    fn log_format(
+        lookup: &Lookup<'_>,
+        file: Option<String>,
+        problems: &mut Problems,
+    ) -> Option<LogFormat> {
+        problems
+            .env_value(lookup, "LOG_FORMAT", "json or text", LogFormat::parse)
+            .or_else(|| {
+                let text = file?;
+                let parsed = LogFormat::parse(text.trim());
+                if parsed.is_none() {
+                    problems.push(format!("log_format: {text:?} is not json or text"));
+                }
+                parsed
+            })
     }
 
     fn bus(lookup: &Lookup<'_>, file: FileBus, problems: &mut Problems) -> Option<BusSettings> {

@@ -32,7 +32,10 @@ fn main() -> ExitCode {
         }
     };
 
-    telemetry::init();
+    telemetry::init(telemetry::LogStyle::for_process(
+        &cli.command,
+        settings.log_format,
+    ));
     for name in Settings::unknown_variables(&ProcessEnv) {
         tracing::warn!(variable = %name, "Unknown ENRICHD_ variable ignored.");
     }

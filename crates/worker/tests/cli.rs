@@ -218,3 +218,86 @@ fn a_second_run_on_one_sqlite_file_exits_1() {
     first.kill().expect("stop the first run");
     let _ = first.wait();
 }
+
+#[test]
+fn help_opens_with_what_enrichd_does_for_its_user() {
+    let out = run(enrichd().arg("--help"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("enrichd turns the IP addresses attacking your honeypots"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("The enrichd binary"),
+        "no crate description: {text}"
+    );
+}
+
+/// Runs `enrichd args` on a pseudo-terminal (util-linux `script`), as a person at a shell
+/// would, and returns everything it wrote there (stdout and stderr together).
+fn on_a_terminal(dir: &std::path::Path, args: &str, extra_env: &[(&str, &str)]) -> String {
+    let bin = env!("CARGO_BIN_EXE_enrichd");
+    let mut cmd = Command::new("script");
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "dumb")
+        .current_dir(dir)
+        .args(["-qec", &format!("{bin} {args}"), "/dev/null"]);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+#[test]
+fn a_person_at_a_terminal_reads_text_and_a_pipe_gets_json() {
+    let dir = temp_dir("terminal");
+    let env = [("ENRICHD_PROVIDERS", ""), ("ENRICHD_PTR_ENABLED", "false")];
+
+    // On a terminal: no JSON, no migration chatter; the table is all there is.
+    let screen = on_a_terminal(&dir, "lookup 10.1.2.3", &env);
+    assert!(!screen.contains("{\""), "no JSON on a terminal: {screen}");
+    assert!(!screen.contains("Applying"), "no info chatter: {screen}");
+    assert!(screen.contains("10.1.2.3"), "{screen}");
+
+    // A warning still reaches the person, as a compact text line.
+    let warned = on_a_terminal(
+        &dir,
+        "lookup 10.1.2.4",
+        &[("ENRICHD_PROVIDERS", "threatfox")],
+    );
+    assert!(
+        warned.contains("WARN") && warned.contains("Provider disabled."),
+        "{warned}"
+    );
+    assert!(!warned.contains("{\""), "{warned}");
+
+    // ENRICHD_LOG_FORMAT=json wins on a terminal.
+    let forced = on_a_terminal(
+        &dir,
+        "lookup 10.1.2.5",
+        &[
+            ("ENRICHD_PROVIDERS", "threatfox"),
+            ("ENRICHD_LOG_FORMAT", "json"),
+        ],
+    );
+    assert!(forced.contains("{\"timestamp\""), "{forced}");
+
+    // Not a terminal: JSON lines, info and up.
+    let piped = run(enrichd()
+        .env_remove("RUST_LOG")
+        .env("ENRICHD_PROVIDERS", "")
+        .env("ENRICHD_PTR_ENABLED", "false")
+        .current_dir(&dir)
+        .args(["lookup", "10.1.2.6"]));
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "JSON lines on a pipe: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
