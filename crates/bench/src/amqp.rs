@@ -51,10 +51,15 @@ impl Bus {
     /// Declares enrichd's topology (quorum work queue, dead-letter queue) under `topology`'s
     /// names, with exactly enrichd's arguments so enrichd's own declaration matches.
     pub(crate) async fn declare(&self, topology: &Topology) -> anyhow::Result<()> {
-        topology
-            .declare(&self.channel)
+        let mismatches = topology
+            .declare(&self.conn)
             .await
-            .map_err(|e| anyhow::anyhow!(enrichd_core::error::chain(&e)))
+            .map_err(|e| anyhow::anyhow!(enrichd_core::error::chain(&e)))?;
+        anyhow::ensure!(
+            mismatches.is_empty(),
+            "queues with other arguments: {mismatches:?}"
+        );
+        Ok(())
     }
 
     /// Ready messages and consumers of `queue` (a passive declare, on a channel of its own:

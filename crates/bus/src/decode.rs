@@ -77,6 +77,19 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<EventRequest, Poison> {
     })
 }
 
+/// Cuts an oversized body down to its first [`MAX_BODY_BYTES`] at once, so a flood of large
+/// poison does not hold megabytes per delivery while each is dead-lettered, and returns its
+/// original size. `None`: the body was within the limit and is untouched.
+pub fn cut_oversized(body: &mut Vec<u8>) -> Option<usize> {
+    let size = body.len();
+    if size <= MAX_BODY_BYTES {
+        return None;
+    }
+    body.truncate(MAX_BODY_BYTES);
+    body.shrink_to_fit();
+    Some(size)
+}
+
 /// An object whose `payload` is an object is an envelope; any other object is a bare payload.
 fn payload_of(object: &Map<String, Value>) -> &Map<String, Value> {
     match object.get("payload") {
@@ -169,6 +182,14 @@ mod tests {
         for (body, expected) in cases {
             assert_eq!(decode(body, "t").unwrap_err(), expected);
         }
+        let mut cut = huge.clone().into_bytes();
+        assert_eq!(cut_oversized(&mut cut), Some(huge.len()));
+        assert_eq!(cut.len(), MAX_BODY_BYTES);
+        assert_eq!(&cut[..], &huge.as_bytes()[..MAX_BODY_BYTES]);
+        let mut small = b"{}".to_vec();
+        assert_eq!(cut_oversized(&mut small), None);
+        assert_eq!(small, b"{}");
+
         let err = decode(br#"{"attacker_ip":"1.2.3.4:22"}"#, "t").unwrap_err();
         assert!(matches!(err, Poison::BadAttackerIp(_)));
         assert!(

@@ -5,6 +5,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use crate::BusError;
+use crate::decode::MAX_BODY_BYTES;
 
 /// AMQP `delivery_mode` for messages that must survive a broker restart.
 const PERSISTENT: u8 = 2;
@@ -157,6 +158,11 @@ impl Publisher {
     /// original headers and `x-enrichd-reason`, and waits for the confirm. The caller acks the
     /// original only after this returns `Ok`, so a poison message is never lost.
     ///
+    /// A body over 64 KiB goes as its first 64 KiB, with `x-enrichd-original-size` and
+    /// `x-enrichd-truncated: true`: the letter says what it was without its bulk filling the
+    /// dead-letter queue. `original_size` is the size of a body the caller already cut
+    /// ([`crate::decode::cut_oversized`]).
+    ///
     /// # Errors
     /// As [`Publisher::publish`].
     pub async fn dead_letter(
@@ -165,12 +171,23 @@ impl Publisher {
         dead_queue: &str,
         delivery: &lapin::message::Delivery,
         reason: &str,
+        original_size: Option<usize>,
     ) -> Result<(), BusError> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             "x-enrichd-reason".into(),
             AMQPValue::LongString(reason.into()),
         );
+        let body = &delivery.data[..delivery.data.len().min(MAX_BODY_BYTES)];
+        let original_size = original_size
+            .or_else(|| (delivery.data.len() > MAX_BODY_BYTES).then_some(delivery.data.len()));
+        if let Some(size) = original_size {
+            headers.insert(
+                "x-enrichd-original-size".into(),
+                AMQPValue::LongLongInt(i64::try_from(size).unwrap_or(i64::MAX)),
+            );
+            headers.insert("x-enrichd-truncated".into(), AMQPValue::Boolean(true));
+        }
         headers.insert(
             "x-enrichd-original-routing-key".into(),
             AMQPValue::LongString(delivery.routing_key.as_str().into()),
@@ -183,7 +200,7 @@ impl Publisher {
         self.publish(Outgoing {
             exchange: dead_letter_exchange,
             routing_key: dead_queue,
-            body: &delivery.data,
+            body,
             message_id,
             persistent: true,
             expiration_ms: None,

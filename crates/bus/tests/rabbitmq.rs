@@ -30,10 +30,7 @@ async fn declared() -> (lapin::Connection, Publisher, Topology) {
     let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
     let publisher = Publisher::open(&connection).await.expect("publisher");
     let topology = Topology::new(&unique("t.decnet"), &unique("t.enrich.attackers"));
-    topology
-        .declare(publisher.channel())
-        .await
-        .expect("declare");
+    topology.declare(&connection).await.expect("declare");
     (connection, publisher, topology)
 }
 
@@ -61,10 +58,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
     }
     let (connection, publisher, topology) = declared().await;
     // Declaring twice (a second replica) is accepted: same arguments.
-    topology
-        .declare(publisher.channel())
-        .await
-        .expect("redeclare");
+    topology.declare(&connection).await.expect("redeclare");
     let control = topology
         .declare_control_queue(publisher.channel())
         .await
@@ -113,6 +107,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
             &topology.dead_queue,
             &delivery,
             "not json",
+            None,
         )
         .await
         .expect("dead-letter");
@@ -131,6 +126,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
         Some(&AMQPValue::LongString("not json".into()))
     );
     assert_eq!(dead_letter.properties.delivery_mode(), &Some(2));
+    assert_eq!(headers.inner().get("x-enrichd-truncated"), None);
     dead_letter
         .ack(BasicAckOptions::default())
         .await
@@ -140,7 +136,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_declared_with_other_arguments_is_refused() {
+async fn a_queue_declared_with_other_arguments_is_kept_reported_and_consumed() {
     if !require_rabbitmq() {
         return;
     }
@@ -148,23 +144,67 @@ async fn a_queue_declared_with_other_arguments_is_refused() {
     let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let topology = Topology::new(&unique("t2.decnet"), &unique("t2.enrich.attackers"));
-    // Someone created the work queue as a classic queue: our declaration must fail loudly.
+    // An older release's dead-letter queue: no byte bound.
+    let mut old_arguments = FieldTable::default();
+    old_arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    old_arguments.insert("x-max-length".into(), AMQPValue::LongInt(100_000));
+    old_arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
     channel
         .queue_declare(
-            topology.queue.as_str().into(),
+            topology.dead_queue.as_str().into(),
             lapin::options::QueueDeclareOptions {
                 durable: true,
+                ..Default::default()
+            },
+            old_arguments,
+        )
+        .await
+        .expect("old declare");
+    let mismatches = topology.declare(&connection).await.expect("no crash loop");
+    assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+    let mismatch = &mismatches[0];
+    assert_eq!(mismatch.queue, topology.dead_queue);
+    assert!(
+        mismatch.broker_says.contains("x-max-length-bytes"),
+        "what differs: {mismatch:?}"
+    );
+    assert!(mismatch.migrate.contains("set_policy"), "{mismatch:?}");
+    // Still usable: the binding is in place, so a dead letter reaches the old queue.
+    let publisher = Publisher::open(&connection).await.expect("publisher");
+    publisher
+        .publish(Outgoing {
+            exchange: &topology.dead_letter_exchange,
+            routing_key: &topology.dead_queue,
+            body: b"{}",
+            message_id: None,
+            persistent: true,
+            expiration_ms: None,
+            headers: None,
+        })
+        .await
+        .expect("routed and confirmed");
+    let depth = connection
+        .create_channel()
+        .await
+        .expect("channel")
+        .queue_declare(
+            topology.dead_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
                 ..Default::default()
             },
             FieldTable::default(),
         )
         .await
-        .expect("classic declare");
-    let err = topology
-        .declare(&channel)
-        .await
-        .expect_err("precondition failed");
-    assert!(err.to_string().contains("declare work queue"), "{err}");
+        .expect("passive")
+        .message_count();
+    assert_eq!(depth, 1);
     topology.delete(&connection).await;
 }
 
@@ -187,10 +227,7 @@ async fn dlq_replay_moves_letters_back_within_the_limit_and_purge_drops_the_rest
     let connection = connect(&url, "enrichd-bus-test").await.expect("connect");
     let publisher = Publisher::open(&connection).await.expect("publisher");
     let topology = Topology::new(&unique("t3.decnet"), &unique("t3.enrich.attackers"));
-    topology
-        .declare(publisher.channel())
-        .await
-        .expect("declare");
+    topology.declare(&connection).await.expect("declare");
     for i in 0..5 {
         let body = format!(r#"{{"attacker_ip":"8.8.8.{i}"}}"#);
         publisher

@@ -111,7 +111,7 @@ impl Vhost {
             .context("connect the publisher")?;
         let publisher = Publisher::open(&connection).await?;
         Topology::new(EXCHANGE, QUEUE)
-            .declare(publisher.channel())
+            .declare(&connection)
             .await
             .context("declare the topology")?;
         let mut sends = futures::stream::iter(bodies)

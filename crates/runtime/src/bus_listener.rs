@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, NaiveDateTime, Utc};
+use enrichd_bus::decode::cut_oversized;
 use enrichd_bus::publish::{Outgoing, Publisher};
-use enrichd_bus::{Topology, connect, decode};
+use enrichd_bus::{Poison, Topology, connect, decode};
 use enrichd_core::Secret;
 use enrichd_core::messages::{DeliveryTag, EnrichIp, JobId, Origin, PersistError, StopIntake};
 use enrichd_core::metric_names;
@@ -247,11 +248,21 @@ async fn open_session(config: &BusConfig) -> Result<Session, String> {
         .await
         .map_err(chain)?;
     let publisher = Publisher::open(&publish_conn).await.map_err(chain)?;
-    config
+    for mismatch in config
         .topology
-        .declare(publisher.channel())
+        .declare(&publish_conn)
         .await
-        .map_err(chain)?;
+        .map_err(chain)?
+    {
+        // A queue from an older release: consuming goes on, and the operator learns what
+        // differs and how to migrate, once per session.
+        warn!(
+            queue = %mismatch.queue,
+            broker = %mismatch.broker_says,
+            migrate = %mismatch.migrate,
+            "Queue exists with other arguments than this version declares; using it as it is."
+        );
+    }
     let consume_ch = consume_conn
         .create_channel()
         .await
@@ -384,14 +395,17 @@ async fn session(
         let held_until = acks.next_deadline();
         tokio::select! {
             next = work.next(), if intake_open => match next {
-                Some(Ok(delivery)) => {
+                Some(Ok(mut delivery)) => {
                     deps.stats.consumed.fetch_add(1, Ordering::Relaxed);
                     enrichd_metrics::global().counter(metric_names::EVENTS_CONSUMED, &[]).inc();
                     acks.delivered(delivery.delivery_tag);
+                    // At once, before anything waits: held whole, a flood of large poison
+                    // costs its full size per delivery until each is dead-lettered.
+                    let oversized = cut_oversized(&mut delivery.data);
                     let (settling, stop) = (Arc::clone(&settling), intake_stop.clone());
                     deliveries.spawn(async move {
                         let tag = delivery.delivery_tag;
-                        (tag, settle(delivery, &settling, stop).await)
+                        (tag, settle(delivery, oversized, &settling, stop).await)
                     });
                 }
                 Some(Err(e)) => break SessionEnd::Failed(format!("consumer: {e}")),
@@ -561,16 +575,27 @@ struct Settling {
 }
 
 /// Decides the fate of one delivery (the only place that does); dead-letters poison.
-async fn settle(delivery: Delivery, settling: &Settling, mut stop: watch::Receiver<bool>) -> Fate {
+/// `oversized`: the body was over 64 KiB and was cut to that on receipt (its original size).
+async fn settle(
+    delivery: Delivery,
+    oversized: Option<usize>,
+    settling: &Settling,
+    mut stop: watch::Receiver<bool>,
+) -> Fate {
     let Settling {
         deps,
         publisher,
         topology,
     } = settling;
+    if let Some(size) = oversized {
+        let reason = Poison::TooLarge(size).to_string();
+        return dead_letter(&delivery, deps, publisher, topology, &reason, Some(size)).await;
+    }
     let request = match decode(&delivery.data, delivery.routing_key.as_str()) {
         Ok(request) => request,
         Err(poison) => {
-            return dead_letter(&delivery, deps, publisher, topology, &poison.to_string()).await;
+            let reason = poison.to_string();
+            return dead_letter(&delivery, deps, publisher, topology, &reason, None).await;
         }
     };
     let first_seen = request.first_seen.as_deref().and_then(parse_first_seen);
@@ -593,7 +618,7 @@ async fn settle(delivery: Delivery, settling: &Settling, mut stop: watch::Receiv
                     "store rejected: {}",
                     reason.chars().take(200).collect::<String>()
                 );
-                return dead_letter(&delivery, deps, publisher, topology, &reason).await;
+                return dead_letter(&delivery, deps, publisher, topology, &reason, None).await;
             }
             Ok(Err(PersistError::Unavailable(reason))) => {
                 attempt += 1;
@@ -622,6 +647,7 @@ async fn dead_letter(
     publisher: &Publisher,
     topology: &Topology,
     reason: &str,
+    original_size: Option<usize>,
 ) -> Fate {
     match publisher
         .dead_letter(
@@ -629,6 +655,7 @@ async fn dead_letter(
             &topology.dead_queue,
             delivery,
             reason,
+            original_size,
         )
         .await
     {

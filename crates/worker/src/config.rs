@@ -109,6 +109,7 @@ struct FileBus {
     queue: Option<String>,
     prefetch: Option<u64>,
     ack_deadline_secs: Option<u64>,
+    dlq_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +211,16 @@ pub struct BusSettings {
     pub prefetch: u16,
     /// Longest a delivery waits before it is acked as "work recorded as due".
     pub ack_deadline: Duration,
+    /// The dead-letter queue's bound in bytes (`x-max-length-bytes`).
+    pub dlq_max_bytes: u64,
+}
+
+impl BusSettings {
+    /// The topology these settings name.
+    pub fn topology(&self) -> enrichd_bus::Topology {
+        enrichd_bus::Topology::new(&self.exchange, &self.queue)
+            .with_dead_max_bytes(self.dlq_max_bytes)
+    }
 }
 
 /// Reverse-DNS settings.
@@ -279,6 +290,7 @@ pub fn known_variables() -> Vec<String> {
         "QUEUE",
         "PREFETCH",
         "ACK_DEADLINE_SECS",
+        "DLQ_MAX_BYTES",
         "DNS_SERVERS",
         "PTR_ENABLED",
         "PTR_FCRDNS",
@@ -605,6 +617,18 @@ impl Settings {
         if ack_deadline_secs == 0 {
             problems.push("ack_deadline_secs must be at least 1");
         }
+        let dlq_max_bytes = problems
+            .env_value(
+                lookup,
+                "DLQ_MAX_BYTES",
+                "a whole number of bytes",
+                parse_u64,
+            )
+            .or(file.dlq_max_bytes)
+            .unwrap_or(enrichd_bus::topology::DEFAULT_DEAD_MAX_BYTES);
+        if dlq_max_bytes < 65_536 {
+            problems.push("dlq_max_bytes must be at least 65536 (one letter)");
+        }
         for (name, value) in [("exchange", &exchange), ("queue", &queue)] {
             if value.trim().is_empty() || value.len() > 255 {
                 problems.push(format!("{name}: must be 1 to 255 characters"));
@@ -616,6 +640,7 @@ impl Settings {
             queue,
             prefetch,
             ack_deadline: Duration::from_secs(ack_deadline_secs),
+            dlq_max_bytes,
         })
     }
 

@@ -41,6 +41,8 @@ enum Kind {
     Dockerfile,
     EnvFile,
     Markdown,
+    /// RabbitMQ's `key = value` configuration (`conf.d/*.conf`).
+    RabbitConf,
 }
 
 fn classify(path: &Path) -> Option<Kind> {
@@ -57,6 +59,7 @@ fn classify(path: &Path) -> Option<Kind> {
         "toml" => Some(Kind::Toml),
         "service" => Some(Kind::SystemdUnit),
         "md" => Some(Kind::Markdown),
+        "conf" => Some(Kind::RabbitConf),
         _ => None,
     }
 }
@@ -532,6 +535,22 @@ fn duration_secs(text: &str) -> u64 {
     }
 }
 
+/// RabbitMQ's new-style configuration: `key = value` lines, `#` comments.
+fn parse_rabbit_conf(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut settings = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: no `=` in {line:?}", n + 1))?;
+        settings.insert(key.trim().to_owned(), value.trim().to_owned());
+    }
+    Ok(settings)
+}
+
 // ============================================================================= tests ===
 
 #[test]
@@ -558,6 +577,7 @@ fn every_deploy_file_is_of_a_known_kind_and_parses() {
             Kind::Dockerfile => parse_dockerfile(&f.text).map(|_| ()),
             Kind::EnvFile => parse_env_file(&f.text).map(|_| ()),
             Kind::Markdown => markdown_code_lines(&f.text).map(|_| ()),
+            Kind::RabbitConf => parse_rabbit_conf(&f.text).map(|_| ()),
         };
         if let Err(e) = result {
             problems.push(format!("deploy/{}: {e}", f.rel));
@@ -1432,4 +1452,21 @@ fn the_command_line_scanner_catches_unknown_subcommands() {
     assert!(Cli::command().find_subcommand("migrat").is_none());
     assert_eq!(duration_secs("30s"), 30);
     assert_eq!(duration_secs("2min"), 120);
+}
+
+#[test]
+fn the_broker_refuses_bodies_far_over_the_contract_and_compose_mounts_that() {
+    let kit = kit();
+    let conf = parse_rabbit_conf(&file(&kit, "rabbitmq/enrichd.conf").text).unwrap();
+    let max: usize = conf["max_message_size"].parse().unwrap();
+    let contract = enrichd_bus::decode::MAX_BODY_BYTES;
+    assert!(
+        max > contract && max <= 2 * contract,
+        "oversized events still reach the dead-letter queue, floods do not: {max}"
+    );
+    let compose = &file(&kit, "compose.yaml").text;
+    assert!(
+        compose.contains("./rabbitmq/enrichd.conf:/etc/rabbitmq/conf.d/"),
+        "compose mounts it"
+    );
 }

@@ -345,6 +345,97 @@ async fn poison_is_dead_lettered_with_its_reason_and_consumption_goes_on() {
     bus.teardown().await;
 }
 
+/// Peak resident memory of `pid` (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_poison_is_dead_lettered_cut_to_64_kib_and_never_held_whole() {
+    if !services_up() {
+        return;
+    }
+    let db = TestDb::postgres().await;
+    let fakes = FakeProviders::start(Duration::ZERO).await;
+    let dns = dns_for(&[]);
+    let topology = topology("large").with_dead_max_bytes(1024 * 1024);
+    let bus = TestBus::start(topology).await;
+    let mut env = Worker::env(db.url(), &fakes, &dns);
+    bus_env(&mut env, &bus, &amqp_url());
+    env.push(("ENRICHD_DLQ_MAX_BYTES".into(), "1048576".into()));
+    let worker = Worker::start("large", &env).await;
+    let pid = worker.child.id().unwrap();
+    let before = peak_rss_kib(pid);
+
+    // Twenty 10 MB bodies: each becomes a 64 KiB letter saying what it was.
+    let body = {
+        let mut b = br#"{"attacker_ip":"8.8.8.8","pad":""#.to_vec();
+        b.resize(10 * 1024 * 1024, b'x');
+        b
+    };
+    for _ in 0..20 {
+        bus.publish_raw("attacker.scored", &body).await;
+    }
+    assert!(
+        eventually(WAIT, || async {
+            worker.counter("enrichd_events_dead_lettered_total").await == 20
+        })
+        .await,
+        "{}",
+        worker.log_text()
+    );
+    let peak_mib = peak_rss_kib(pid) / 1024;
+    eprintln!(
+        "peak RSS {peak_mib} MiB (before the flood: {} MiB)",
+        before / 1024
+    );
+
+    // The queue holds 1 MiB at most: the oldest letters were dropped for the newest.
+    let depth = bus.queue_depth(&bus.topology.dead_queue).await;
+    assert!(
+        (1..=16).contains(&depth),
+        "bounded in bytes: {depth} letters"
+    );
+    let channel = bus.connection.create_channel().await.unwrap();
+    let letter = channel
+        .basic_get(
+            bus.topology.dead_queue.as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("a letter");
+    assert_eq!(letter.delivery.data.len(), 64 * 1024);
+    assert_eq!(&letter.delivery.data[..], &body[..64 * 1024]);
+    let headers = letter.delivery.properties.headers().clone().unwrap();
+    let headers = headers.inner();
+    assert_eq!(
+        headers.get("x-enrichd-truncated"),
+        Some(&lapin::types::AMQPValue::Boolean(true))
+    );
+    assert_eq!(
+        headers.get("x-enrichd-original-size"),
+        Some(&lapin::types::AMQPValue::LongLongInt(10 * 1024 * 1024))
+    );
+    let Some(lapin::types::AMQPValue::LongString(reason)) = headers.get("x-enrichd-reason") else {
+        panic!("a reason: {headers:?}");
+    };
+    assert!(
+        String::from_utf8_lossy(reason.as_bytes()).starts_with("body over 64 KiB"),
+        "{reason:?}"
+    );
+    // 200 MB went through; what stayed resident is a fraction of it (each body is cut on
+    // receipt). Republished whole, the same flood peaked at 233 MiB.
+    assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
+    drop(worker);
+    bus.teardown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_pauses_intake_and_loses_nothing() {
     if !services_up() {

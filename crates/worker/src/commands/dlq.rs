@@ -2,8 +2,8 @@
 
 use std::io::Write as _;
 
+use enrichd_bus::connect;
 use enrichd_bus::publish::Publisher;
-use enrichd_bus::{Topology, connect};
 
 use crate::cli::DlqAction;
 use crate::config::Settings;
@@ -14,12 +14,14 @@ pub(super) async fn dlq(settings: &Settings, action: &DlqAction) -> u8 {
         eprintln!("config: dlq needs a broker: set ENRICHD_AMQP_URL");
         return exit::CONFIG;
     };
-    let topology = Topology::new(&bus.exchange, &bus.queue);
+    let topology = bus.topology();
     let result =
         async {
             let connection = connect(&bus.amqp_url, "enrichd-dlq").await?;
             let publisher = Publisher::open(&connection).await?;
-            topology.declare(publisher.channel()).await?;
+            for mismatch in topology.declare(&connection).await? {
+                tracing::warn!(queue = %mismatch.queue, broker = %mismatch.broker_says, migrate = %mismatch.migrate, "Queue exists with other arguments; used as it is.");
+            }
             let channel = connection.create_channel().await.map_err(|source| {
                 enrichd_bus::BusError::Amqp {
                     operation: "open channel",

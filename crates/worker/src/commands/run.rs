@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use actix::{Actor, Addr, AsyncContext, Context};
-use enrichd_bus::Topology;
 use enrichd_runtime::backfill::{Backfill, BackfillConfig, BackfillStats};
 use enrichd_runtime::bus_listener::{BusConfig, BusDeps, BusListener, BusStats};
 use enrichd_runtime::coordinator::{AttachBus, Coordinator, Shutdown};
@@ -131,7 +130,7 @@ fn start_bus(
     let listener = BusListener::new(
         BusConfig {
             url: bus.amqp_url.clone(),
-            topology: Topology::new(&bus.exchange, &bus.queue),
+            topology: bus.topology(),
             prefetch: bus.prefetch,
             instance: instance.to_owned(),
         },

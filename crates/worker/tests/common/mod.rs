@@ -104,10 +104,8 @@ impl TestBus {
             .await
             .expect("connect");
         let publisher = Publisher::open(&connection).await.expect("publisher");
-        topology
-            .declare(publisher.channel())
-            .await
-            .expect("declare");
+        let mismatches = topology.declare(&connection).await.expect("declare");
+        assert!(mismatches.is_empty(), "{mismatches:?}");
         let channel = connection.create_channel().await.expect("channel");
         let queue = channel
             .queue_declare(
