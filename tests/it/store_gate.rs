@@ -188,3 +188,79 @@ async fn an_unmetered_provider_is_granted_without_a_limits_row_and_sees_a_park_s
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_taken_in_blocks_keep_the_cluster_rate_and_unused_quota_comes_back() {
+    on_both(|db: TestDb| async move {
+        let a = migrated(&db).await;
+        let b = Store::connect(db.url()).await.unwrap();
+        let rate = 200.0;
+        let l = limits(rate, 10_000, "k");
+        let burst = |store: Store, l: ProviderLimits| async move {
+            let mut calls = Vec::new();
+            while calls.len() < 100 {
+                match store.reserve(ProviderId::Abuseipdb, &l).await.unwrap() {
+                    Reservation::Granted { wait, .. } => {
+                        let at = tokio::time::Instant::now() + wait;
+                        calls.push(at);
+                        // A caller holds its slot until its time, as the provider actor does.
+                        tokio::time::sleep_until(at).await;
+                    }
+                    Reservation::Busy { .. } => tokio::task::yield_now().await,
+                    other => panic!("{other:?}"),
+                }
+            }
+            calls
+        };
+        let (ca, cb) = tokio::join!(burst(a.clone(), l.clone()), burst(b.clone(), l.clone()));
+        let mut calls: Vec<_> = ca.into_iter().chain(cb).collect();
+        calls.sort();
+        // Two replicas taking blocks off one cursor: about the rate in any 100 ms (20), never
+        // the double that two replicas granting the same slots would make. Each replica
+        // places its slots on its own estimate of the database clock (it starts its block
+        // when the reserving transaction has committed), so under load one replica's late
+        // slots can meet the other's first ones at a block's edge.
+        let window = Duration::from_millis(100);
+        let most = calls
+            .iter()
+            .map(|start| {
+                calls
+                    .iter()
+                    .filter(|t| **t >= *start && **t < *start + window)
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert!(
+            most <= 22,
+            "{}: {most} calls in 100 ms at 200/s",
+            db.label()
+        );
+        let spent = calls.last().unwrap().duration_since(calls[0]).as_secs_f64();
+        assert!(
+            spent >= 199.0 / rate - 0.05,
+            "{}: 200 calls in {spent:.3} s",
+            db.label()
+        );
+
+        // What the replicas reserved ahead and did not use comes back (the next block takes
+        // it along; shutdown gives it back at once), so the day's count is what was used.
+        let held = 10_000
+            - a.provider_status(ProviderId::Abuseipdb, &l)
+                .await
+                .unwrap()
+                .quota_remaining
+                .unwrap();
+        assert!(held >= 200, "{}", db.label());
+        let released = a.release_slots().await.unwrap() + b.release_slots().await.unwrap();
+        assert_eq!(u64::from(held - 200), released, "{}", db.label());
+        let status = a.provider_status(ProviderId::Abuseipdb, &l).await.unwrap();
+        assert_eq!(
+            status.quota_remaining,
+            Some(10_000 - 200),
+            "{}: unused slots hold no quota",
+            db.label()
+        );
+    })
+    .await;
+}

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use enrichd_core::messages::{ChildGaveUp, Drain, StopIntake};
 use enrichd_store::Store;
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::aggregator::Aggregator;
 use crate::bus_listener::{BusListener, CloseConnection};
@@ -117,6 +117,13 @@ impl Handler<Shutdown> for Coordinator {
                 Ok(n) => info!(released = n, "Leases released."),
                 Err(e) => {
                     warn!(error = %enrichd_core::error::chain(&e), "Leases not released; they lapse on their own.");
+                }
+            }
+            // The coordinator's store handle shares the provider actors' blocks.
+            match store.release_slots().await {
+                Ok(n) => debug!(released = n, "Rate slots given back."),
+                Err(e) => {
+                    warn!(error = %enrichd_core::error::chain(&e), "Rate slots not given back; their quota units stay spent today.");
                 }
             }
             if let Some(bus) = &bus {

@@ -15,6 +15,7 @@ use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
 use crate::error::retry_busy;
+use crate::slots::{self, Block, Slot, Unused};
 use crate::{Store, StoreError};
 
 /// A slot further ahead than this is not held for: the caller is told `Busy`.
@@ -228,6 +229,24 @@ pub(crate) fn decide(
     }
 }
 
+/// Returns slots reserved and not used to `row`: their quota units (while the quota period
+/// they were taken in lasts), and the rate cursor when nobody reserved after them.
+fn give_back(row: &mut LimitsRow, unused: &[Unused], now: DateTime<Utc>) {
+    roll_quota(row, now);
+    for block in unused.iter().filter(|u| u.count > 0) {
+        if block.quota_day.is_some() && block.quota_day == row.quota_day {
+            row.quota_used = (row.quota_used - i64::from(block.count)).max(0);
+            row.quota_remaining = row.quota_remaining.map(|r| r + i64::from(block.count));
+        }
+        if let Some(first) = block.first_ahead
+            && block.cursor_after.is_some()
+            && row.next_slot_at == block.cursor_after
+        {
+            row.next_slot_at = Some(crate::sql::micros(first.max(now)));
+        }
+    }
+}
+
 /// Applies a provider's statement about its limits to `row`.
 pub(crate) fn observe(row: &mut LimitsRow, event: &GateEvent, now: DateTime<Utc>) {
     match event {
@@ -345,6 +364,72 @@ impl Store {
         Ok(())
     }
 
+    /// A metered reservation: the next slot of this replica's block, or a new block taken
+    /// from the shared row ([`crate::slots`]).
+    async fn reserve_metered(
+        &self,
+        provider: ProviderId,
+        limits: &ProviderLimits,
+    ) -> Result<Reservation, StoreError> {
+        if let Some(granted) = self.slot_blocks.take(provider) {
+            return Ok(granted);
+        }
+        let turn = self.slot_blocks.turn(provider);
+        let _turn = turn.lock().await;
+        if let Some(granted) = self.slot_blocks.take(provider) {
+            return Ok(granted);
+        }
+        let unused = self.slot_blocks.end(provider);
+        let want = slots::block_size(limits.rate_per_sec);
+        let unused = &unused;
+        let (first, block) =
+            retry_busy(move || self.reserve_block_once(provider, limits, want, unused)).await?;
+        if let Some(block) = block {
+            self.slot_blocks.start(provider, block);
+        }
+        Ok(first)
+    }
+
+    /// One transaction on the limits row: gives back `unused` slots, then reserves up to
+    /// `want`; the first is the answer, the rest a block to hand out.
+    async fn reserve_block_once(
+        &self,
+        provider: ProviderId,
+        limits: &ProviderLimits,
+        want: u32,
+        unused: &[Unused],
+    ) -> Result<(Reservation, Option<Block>), StoreError> {
+        let (txn, now) = self.begin_write_at().await?;
+        let mut row = self.lock_limits(&txn, provider, now).await?;
+        let before = row.clone();
+        give_back(&mut row, unused, now);
+        let first = decide(&mut row, limits, now);
+        let mut rest = Vec::new();
+        if matches!(first, Reservation::Granted { .. }) {
+            for _ in 1..want {
+                let Reservation::Granted {
+                    wait,
+                    quota_remaining,
+                } = decide(&mut row, limits, now)
+                else {
+                    break;
+                };
+                let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                rest.push(Slot {
+                    at,
+                    quota_remaining,
+                });
+            }
+        }
+        if row != before {
+            self.store_limits(&txn, provider, &row, now).await?;
+        }
+        txn.commit().await?;
+        let block = (!rest.is_empty())
+            .then(|| Block::new(rest, now, row.next_slot_at, row.quota_day.clone()));
+        Ok((first, block))
+    }
+
     async fn reserve_once(
         &self,
         provider: ProviderId,
@@ -389,6 +474,26 @@ impl Store {
         }
         self.gate_cache.put(provider, now, row.clone());
         Ok(decide_unmetered(&row, limits, now))
+    }
+
+    /// Gives back the rate slots and quota units this process reserved ahead and did not use
+    /// (on shutdown, beside [`Store::release_leases`]); returns how many.
+    pub async fn release_slots(&self) -> Result<u64, StoreError> {
+        let mut released = 0;
+        for (provider, unused) in self.slot_blocks.end_all() {
+            let unused = &unused;
+            retry_busy(move || async move {
+                let (txn, now) = self.begin_write_at().await?;
+                let mut row = self.lock_limits(&txn, provider, now).await?;
+                give_back(&mut row, unused, now);
+                self.store_limits(&txn, provider, &row, now).await?;
+                txn.commit().await?;
+                Ok(())
+            })
+            .await?;
+            released += unused.iter().map(|u| u64::from(u.count)).sum::<u64>();
+        }
+        Ok(released)
     }
 
     async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
@@ -451,34 +556,34 @@ impl ProviderGate for Store {
         if !rate_limited && limits.daily_quota == 0 {
             return self.reserve_unmetered(provider, limits).await;
         }
-        retry_busy(move || self.reserve_once(provider, limits)).await
+        self.reserve_metered(provider, limits).await
     }
 
+    /// From a read at most [`UNMETERED_RECHECK`] old: every call that waited for its slot
+    /// asks, and a read each made the check the busiest statement at a high rate. A park
+    /// recorded here is seen at once (recording forgets the cached row).
     async fn parked_until(
         &self,
         provider: ProviderId,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let sql = self.sql;
-        // The database clock inside the statement: one round trip on every metered call.
-        let row = self
-            .read
-            .query_one_raw(sql.stmt(
-                format!(
-                    "SELECT parked_until FROM enrichd_provider_limits WHERE provider = $1 \
-                     AND parked_until > {}",
-                    sql.now_expr()
-                ),
-                vec![provider.as_str().into()],
-            ))
-            .await?;
-        match row {
-            Some(row) => sql.get_ts(&row, "parked_until"),
-            None => Ok(None),
-        }
+        let (now, row) = if let Some(cached) = self.gate_cache.get(provider) {
+            cached
+        } else {
+            let (now, row) = self.limits_at(provider).await?;
+            self.gate_cache.put(provider, now, row.clone());
+            (now, row)
+        };
+        Ok(row.parked_until.filter(|until| *until > now))
     }
 
     async fn record(&self, provider: ProviderId, event: GateEvent) -> Result<(), StoreError> {
         self.gate_cache.forget(provider);
+        if matches!(
+            event,
+            GateEvent::Park { .. } | GateEvent::KeyRejected { .. }
+        ) {
+            self.slot_blocks.drop_block(provider);
+        }
         let event = &event;
         retry_busy(move || self.record_once(provider, event)).await
     }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod gate;
 pub mod intake;
 pub mod outbox;
+mod slots;
 mod sql;
 pub mod state;
 pub mod store;

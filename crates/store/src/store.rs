@@ -71,6 +71,8 @@ pub struct Store {
     url: Arc<str>,
     /// Recently read limits rows of unmetered providers (see `gate`).
     pub(crate) gate_cache: crate::gate::GateCache,
+    /// Rate slots this replica took ahead and hands out ([`crate::slots`]).
+    pub(crate) slot_blocks: crate::slots::SlotBlocks,
     /// Whether enrichd's migration created `attackers` (read once; see `owns_attackers_in`).
     owns_attackers_cache: Arc<std::sync::OnceLock<bool>>,
     /// PostgreSQL sessions opened with the keyed writes' planning settings
@@ -191,6 +193,7 @@ impl Store {
             owner: uuid::Uuid::new_v4().simple().to_string().into(),
             url: url.into(),
             gate_cache: crate::gate::GateCache::default(),
+            slot_blocks: crate::slots::SlotBlocks::default(),
             owns_attackers_cache: Arc::default(),
             keyed_sessions: false,
         })
