@@ -151,8 +151,46 @@ pub(crate) async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> anyhow::Re
     Ok(row.try_get_by_index::<i64>(0)?)
 }
 
-/// Inserts one attacker row per address into the compatible `attackers` table that enrichd's
-/// migration created (uuid4 text, every NOT NULL column), newest `last_seen` first.
+/// Creates `attackers` as the reference's own models do (its many NOT NULL columns), before
+/// enrichd's migration: enrichd then records it does not own the table, and never inserts
+/// into it. The drop-in case (SPEC §5).
+pub(crate) async fn create_reference_attackers(target: &Target) -> anyhow::Result<()> {
+    let ts = match target {
+        Target::Postgres { .. } => "TIMESTAMP WITHOUT TIME ZONE",
+        Target::Sqlite { .. } => "DATETIME",
+    };
+    let db = target.connect(1).await?;
+    db.execute_unprepared(&format!(
+        "CREATE TABLE attackers (
+            uuid VARCHAR(36) NOT NULL PRIMARY KEY,
+            ip VARCHAR NOT NULL,
+            first_seen {ts} NOT NULL,
+            last_seen {ts} NOT NULL,
+            event_count INTEGER NOT NULL DEFAULT 0,
+            service_count INTEGER NOT NULL DEFAULT 0,
+            decky_count INTEGER NOT NULL DEFAULT 0,
+            credential_count INTEGER NOT NULL DEFAULT 0,
+            bounty_count INTEGER NOT NULL DEFAULT 0,
+            services TEXT NOT NULL DEFAULT '[]',
+            deckies TEXT NOT NULL DEFAULT '[]',
+            traversal_path TEXT NULL,
+            is_traversal BOOLEAN NOT NULL DEFAULT FALSE,
+            commands TEXT NOT NULL DEFAULT '[]',
+            fingerprints TEXT NOT NULL DEFAULT '[]',
+            updated_at {ts} NOT NULL,
+            ptr_record VARCHAR(256) NULL
+        )"
+    ))
+    .await
+    .context("create the reference's attackers table")?;
+    db.execute_unprepared("CREATE INDEX ix_attackers_ip ON attackers (ip)")
+        .await?;
+    let _ = db.close().await;
+    Ok(())
+}
+
+/// Inserts one attacker row per address into the compatible `attackers` table (uuid4 text,
+/// every NOT NULL column it has without a default), newest `last_seen` first.
 pub(crate) async fn insert_attackers(target: &Target, ips: &[Ipv4Addr]) -> anyhow::Result<()> {
     let db = target.connect(1).await?;
     for (chunk_no, chunk) in ips.chunks(BATCH_ROWS).enumerate() {

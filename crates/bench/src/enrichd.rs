@@ -36,6 +36,20 @@ pub(crate) struct BusEnv {
     pub queue: String,
 }
 
+/// The providers' rate limits and quotas in a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Limits {
+    /// `_RATE_PER_SEC=0`, `_DAILY_QUOTA=0`: no slot is reserved (the ceiling).
+    Lifted,
+    /// Configured, as every real deployment is: each call takes a cluster-wide slot.
+    Metered {
+        /// Calls per second, per provider.
+        rate_per_sec: f64,
+        /// Calls per day, per provider.
+        daily_quota: u32,
+    },
+}
+
 impl Launcher {
     /// enrichd's environment: the fakes as every provider's base URL and as the only DNS
     /// server, every rate limit and quota lifted, `concurrency` per provider, metrics on a
@@ -45,6 +59,17 @@ impl Launcher {
         database_url: &str,
         bus: Option<&BusEnv>,
         metrics_port: u16,
+    ) -> Vec<(String, String)> {
+        self.env_with(database_url, bus, metrics_port, Limits::Lifted)
+    }
+
+    /// [`Launcher::env`] with `limits` on the keyed providers.
+    pub(crate) fn env_with(
+        &self,
+        database_url: &str,
+        bus: Option<&BusEnv>,
+        metrics_port: u16,
+        limits: Limits,
     ) -> Vec<(String, String)> {
         let mut env = vec![
             ("ENRICHD_DATABASE_URL".into(), database_url.to_owned()),
@@ -70,8 +95,15 @@ impl Launcher {
                 format!("ENRICHD_{upper}_BASE_URL"),
                 format!("http://{}", self.fakes_http),
             ));
-            env.push((format!("ENRICHD_{upper}_RATE_PER_SEC"), "0".into()));
-            env.push((format!("ENRICHD_{upper}_DAILY_QUOTA"), "0".into()));
+            let (rate, quota) = match limits {
+                Limits::Metered {
+                    rate_per_sec,
+                    daily_quota,
+                } if provider != "feodo" => (rate_per_sec.to_string(), daily_quota.to_string()),
+                _ => ("0".to_owned(), "0".to_owned()),
+            };
+            env.push((format!("ENRICHD_{upper}_RATE_PER_SEC"), rate));
+            env.push((format!("ENRICHD_{upper}_DAILY_QUOTA"), quota));
             env.push((
                 format!("ENRICHD_{upper}_CONCURRENCY"),
                 self.concurrency.to_string(),

@@ -45,9 +45,10 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::enrichd::Limits;
 use crate::fakes::{Fakes, Knobs};
 use crate::report::{Report, ScenarioReport};
-use crate::scenarios::{Ctx, Sizes};
+use crate::scenarios::{BackfillShape, Ctx, Sizes};
 
 /// Benchmarks the release enrichd binary against fake providers, RabbitMQ, PostgreSQL and
 /// SQLite on loopback, and reports each figure next to its target.
@@ -77,7 +78,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceilings,backfill_postgres,backfill_sqlite,ingestion,latency_floor,latency,memory"
+        default_value = "ceilings,backfill_postgres,backfill_sqlite,backfill_reference_sqlite,backfill_reference_sqlite_metered,ingestion,latency_floor,latency,memory"
     )]
     scenarios: Vec<String>,
     /// Added to every fake provider answer.
@@ -144,10 +145,12 @@ struct Args {
     deadline_secs: u64,
 }
 
-const KNOWN: [&str; 7] = [
+const KNOWN: [&str; 9] = [
     "ceilings",
     "backfill_postgres",
     "backfill_sqlite",
+    "backfill_reference_sqlite",
+    "backfill_reference_sqlite_metered",
     "ingestion",
     "latency_floor",
     "latency",
@@ -312,6 +315,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         perf: args.perf,
         pg_log_slow_ms: args.pg_log_slow_ms,
         bare_consumer_rate: Mutex::new(None),
+        unmetered_backfill_rate: Mutex::new(None),
         cleanup: Mutex::default(),
     };
 
@@ -393,9 +397,30 @@ async fn run_one(
         "ceilings" => scenarios::ceilings(ctx, report).await,
         "backfill_postgres" | "backfill_sqlite" => {
             let sqlite = name == "backfill_sqlite";
-            let target = scenarios::backfill_target(ctx, sqlite).await?;
+            let target = scenarios::backfill_target(ctx, sqlite, name).await?;
             let first_octet = if sqlite { 50 } else { 45 };
-            scenarios::backfill(ctx, report, &target, name, first_octet).await
+            let shape = BackfillShape {
+                limits: Limits::Lifted,
+                reference_tables: false,
+            };
+            scenarios::backfill(ctx, report, &target, name, first_octet, shape).await
+        }
+        "backfill_reference_sqlite" | "backfill_reference_sqlite_metered" => {
+            let metered = name.ends_with("_metered");
+            let target = scenarios::backfill_target(ctx, true, name).await?;
+            let shape = BackfillShape {
+                limits: if metered {
+                    Limits::Metered {
+                        rate_per_sec: scenarios::METERED_RATE,
+                        daily_quota: 1_000_000,
+                    }
+                } else {
+                    Limits::Lifted
+                },
+                reference_tables: true,
+            };
+            let first_octet = if metered { 52 } else { 51 };
+            scenarios::backfill(ctx, report, &target, name, first_octet, shape).await
         }
         "ingestion" => scenarios::ingestion(ctx, report).await,
         "latency_floor" => scenarios::latency_floor(ctx, report).await,

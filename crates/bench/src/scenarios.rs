@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::amqp::{self, Bus};
 use crate::db::{self, Target as Db};
-use crate::enrichd::{self, BusEnv, Launcher, PER_IP_PROVIDERS, Watch};
+use crate::enrichd::{self, BusEnv, Launcher, Limits, PER_IP_PROVIDERS, Watch};
 use crate::fakes::{Fakes, Stats};
 use crate::floor;
 use crate::procs::{self, CpuSnapshot, Profiler, round3};
@@ -56,6 +56,8 @@ pub(crate) struct Ctx {
     pub pg_log_slow_ms: Option<u64>,
     /// The bare consumer's rate from the ceilings, the yardstick of ingestion.
     pub bare_consumer_rate: Mutex<Option<f64>>,
+    /// The unmetered reference-shaped backfill's rate, the yardstick of the metered one.
+    pub unmetered_backfill_rate: Mutex<Option<f64>>,
     /// Databases and topologies to remove at the end.
     pub cleanup: Mutex<Cleanup>,
 }
@@ -241,15 +243,50 @@ pub(crate) async fn ceilings(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::
 // === (b), (f) backfill ===
 
 /// `enrichd backfill` over attackers inserted directly into a database enrichd migrated.
+/// What a backfill scenario runs on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BackfillShape {
+    /// The providers' limits.
+    pub limits: Limits,
+    /// `attackers` created by the reference (its NOT NULL columns), not by enrichd.
+    pub reference_tables: bool,
+}
+
+impl std::fmt::Display for BackfillShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.limits {
+            Limits::Lifted => f.write_str("limits lifted")?,
+            Limits::Metered {
+                rate_per_sec,
+                daily_quota,
+            } => write!(f, "metered at {rate_per_sec}/s, {daily_quota}/day")?,
+        }
+        if self.reference_tables {
+            f.write_str(", the reference's attackers table")?;
+        }
+        Ok(())
+    }
+}
+
+/// The configured rate of the metered backfill: far above what the run reaches, so the
+/// slot reservations, not the limit, are what it measures.
+pub(crate) const METERED_RATE: f64 = 10_000.0;
+
 pub(crate) async fn backfill(
     ctx: &Ctx,
     report: &mut ScenarioReport,
     target: &Db,
     label: &str,
     first_octet: u8,
+    shape: BackfillShape,
 ) -> anyhow::Result<()> {
     let n = ctx.sizes.backfill_attackers;
-    let env = ctx.launcher.env(&target.url(), None, enrichd::free_port()?);
+    let env = ctx
+        .launcher
+        .env_with(&target.url(), None, enrichd::free_port()?, shape.limits);
+    if shape.reference_tables {
+        db::create_reference_attackers(target).await?;
+    }
     ctx.launcher.migrate(label, &env).await?;
     db::insert_attackers(target, &ips(first_octet, n)).await?;
     ctx.fakes.reset().await?;
@@ -293,17 +330,21 @@ pub(crate) async fn backfill(
     let stats = ctx.fakes.stats().await?;
     let complete = exited_ok && usize::try_from(intel).unwrap_or(0) == n;
 
+    let rate = per_sec(n, wall);
     report.figures.push(Figure::judged(
         "attackers_per_sec",
-        per_sec(n, wall),
+        rate,
         "attackers/s",
         Target::AtLeast(1000.0),
         complete,
         format!(
             "{n} attackers, wall time of the `enrichd backfill` process ({wall:.2} s, start-up \
-             included); {intel} intel rows, {with_ptr} PTR names written"
+             included); {intel} intel rows, {with_ptr} PTR names written; {shape}"
         ),
     ));
+    if shape.reference_tables {
+        push_metered_share(ctx, report, shape.limits, rate, complete).await;
+    }
     if let Some((first, last)) = stats.span_ms(&PER_IP_PROVIDERS) {
         let secs = (last.saturating_sub(first)).max(1) as f64 / 1000.0;
         report.figures.push(Figure::info(
@@ -339,6 +380,37 @@ pub(crate) async fn backfill(
     report.details["database"] = counters;
     report.details["database_activity"] = activity;
     Ok(())
+}
+
+/// The metered reference-shaped backfill against the unmetered one: what taking slots costs.
+async fn push_metered_share(
+    ctx: &Ctx,
+    report: &mut ScenarioReport,
+    limits: Limits,
+    rate: f64,
+    complete: bool,
+) {
+    if limits == Limits::Lifted {
+        *ctx.unmetered_backfill_rate.lock().await = Some(rate);
+        return;
+    }
+    match *ctx.unmetered_backfill_rate.lock().await {
+        Some(unmetered) if unmetered > 0.0 => report.figures.push(Figure::judged(
+            "metered_share_of_unmetered",
+            round3(rate / unmetered),
+            "ratio",
+            Target::AtLeast(0.9),
+            complete,
+            format!(
+                "{rate:.0} attackers/s with every keyed provider metered at {METERED_RATE}/s \
+                 against {unmetered:.0}/s unmetered, same shape and size"
+            ),
+        )),
+        _ => {
+            report.details["note"] =
+                Value::from("run backfill_reference_sqlite before this scenario for the ratio");
+        }
+    }
 }
 
 /// PostgreSQL commits per unit of work, from `pg_stat_database` (each commit is a WAL flush).
@@ -1043,12 +1115,12 @@ fn project(series: &[(f64, f64, f64, f64)], at: f64) -> Option<f64> {
     Some(round3(mean_y + slope * (at - mean_x)))
 }
 
-/// The SQLite and PostgreSQL targets of the backfill scenarios.
-pub(crate) async fn backfill_target(ctx: &Ctx, sqlite: bool) -> anyhow::Result<Db> {
+/// The SQLite and PostgreSQL targets of the backfill scenarios, one per scenario `label`.
+pub(crate) async fn backfill_target(ctx: &Ctx, sqlite: bool, label: &str) -> anyhow::Result<Db> {
     if sqlite {
-        ctx.sqlite("backfill").await
+        ctx.sqlite(label).await
     } else {
-        ctx.pg("backfill").await
+        ctx.pg(label).await
     }
 }
 
