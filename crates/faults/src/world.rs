@@ -77,8 +77,13 @@ pub(crate) struct World<'a> {
     /// Its replicas, in start order.
     pub(crate) replicas: Vec<Replica>,
     env: Vec<(String, String)>,
+    /// Events published so far, for the reliability ledger.
+    published: std::sync::atomic::AtomicUsize,
     started: Instant,
 }
+
+/// Calls in flight per provider and replica when limits are lifted.
+pub(crate) const LIFTED_CONCURRENCY: u64 = 16;
 
 impl<'a> World<'a> {
     /// Creates the database and vhost and starts `enrichd-fakes` with `fake_args`.
@@ -122,6 +127,7 @@ impl<'a> World<'a> {
             fakes,
             replicas: Vec::new(),
             env,
+            published: std::sync::atomic::AtomicUsize::new(0),
             started: Instant::now(),
         })
     }
@@ -159,7 +165,10 @@ impl<'a> World<'a> {
             for provider in ["GREYNOISE", "ABUSEIPDB", "THREATFOX"] {
                 env.push((format!("ENRICHD_{provider}_RATE_PER_SEC"), "0".into()));
                 env.push((format!("ENRICHD_{provider}_DAILY_QUOTA"), "0".into()));
-                env.push((format!("ENRICHD_{provider}_CONCURRENCY"), "16".into()));
+                env.push((
+                    format!("ENRICHD_{provider}_CONCURRENCY"),
+                    LIFTED_CONCURRENCY.to_string(),
+                ));
             }
         }
         env
@@ -213,7 +222,14 @@ impl<'a> World<'a> {
         }
         let n = bodies.len();
         self.vhost.publish_scored(bodies).await?;
+        self.published
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
+    }
+
+    /// Events published so far.
+    pub(crate) fn published(&self) -> usize {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts from the database.
