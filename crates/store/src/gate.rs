@@ -271,12 +271,17 @@ pub(crate) fn observe(row: &mut LimitsRow, event: &GateEvent, now: DateTime<Utc>
 }
 
 impl Store {
+    /// Locks `provider`'s limits row (creating it) and returns it with the database clock at
+    /// the moment the lock was granted. Slots are placed from that moment: from the
+    /// transaction's start instead, a reservation that queued behind another replica's for
+    /// the row would place its slots in the past of the replica taking them, which then uses
+    /// them late, on top of the next block's.
     async fn lock_limits(
         &self,
         txn: &DatabaseTransaction,
         provider: ProviderId,
         now: DateTime<Utc>,
-    ) -> Result<LimitsRow, StoreError> {
+    ) -> Result<(DateTime<Utc>, LimitsRow), StoreError> {
         let sql = self.sql;
         txn.execute_raw(sql.stmt(
             "INSERT INTO enrichd_provider_limits (provider, quota_used, updated_at) \
@@ -287,14 +292,20 @@ impl Store {
         let row = txn
             .query_one_raw(sql.stmt(
                 format!(
-                    "SELECT * FROM enrichd_provider_limits WHERE provider = $1{}",
+                    "SELECT *, {} AS locked_at FROM enrichd_provider_limits \
+                     WHERE provider = $1{}",
+                    sql.clock_expr(),
                     sql.for_update()
                 ),
                 vec![provider.as_str().into()],
             ))
             .await?
             .ok_or_else(|| StoreError::malformed("enrichd_provider_limits", "row vanished"))?;
-        self.limits_from(&row)
+        let locked_at = sql
+            .get_ts(&row, "locked_at")?
+            .map_or(now, crate::sql::micros)
+            .max(now);
+        Ok((locked_at, self.limits_from(&row)?))
     }
 
     /// The database clock and `provider`'s limits row (the default when it has none), in one
@@ -399,8 +410,8 @@ impl Store {
         want: u32,
         unused: &[Unused],
     ) -> Result<(Reservation, Option<Block>), StoreError> {
-        let (txn, now) = self.begin_write_at().await?;
-        let mut row = self.lock_limits(&txn, provider, now).await?;
+        let (txn, begun) = self.begin_write_at().await?;
+        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
         let before = row.clone();
         give_back(&mut row, unused, now);
         let first = decide(&mut row, limits, now);
@@ -435,8 +446,8 @@ impl Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<Reservation, StoreError> {
-        let (txn, now) = self.begin_write_at().await?;
-        let mut row = self.lock_limits(&txn, provider, now).await?;
+        let (txn, begun) = self.begin_write_at().await?;
+        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
         let before = row.clone();
         let decision = decide(&mut row, limits, now);
         if row != before {
@@ -483,8 +494,8 @@ impl Store {
         for (provider, unused) in self.slot_blocks.end_all() {
             let unused = &unused;
             retry_busy(move || async move {
-                let (txn, now) = self.begin_write_at().await?;
-                let mut row = self.lock_limits(&txn, provider, now).await?;
+                let (txn, begun) = self.begin_write_at().await?;
+                let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
                 give_back(&mut row, unused, now);
                 self.store_limits(&txn, provider, &row, now).await?;
                 txn.commit().await?;
@@ -497,8 +508,8 @@ impl Store {
     }
 
     async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
-        let (txn, now) = self.begin_write_at().await?;
-        let mut row = self.lock_limits(&txn, provider, now).await?;
+        let (txn, begun) = self.begin_write_at().await?;
+        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
         observe(&mut row, event, now);
         self.store_limits(&txn, provider, &row, now).await?;
         txn.commit().await?;

@@ -336,6 +336,17 @@ impl Sql {
         }
     }
 
+    /// The database's wall clock at the moment the statement runs (not the transaction's
+    /// start, which `now()` is on PostgreSQL): for a decision made after waiting on a lock.
+    pub(crate) fn clock_expr(self) -> &'static str {
+        if self.is_pg() {
+            "(clock_timestamp() AT TIME ZONE 'UTC')"
+        } else {
+            // `'now'` is read per statement on SQLite, and its write lock is taken at BEGIN.
+            self.now_expr()
+        }
+    }
+
     /// Reads the database clock.
     pub(crate) async fn now<C: ConnectionTrait>(self, db: &C) -> Result<DateTime<Utc>, StoreError> {
         let sql = format!("SELECT {} AS now", self.now_expr());
