@@ -25,7 +25,7 @@ pub(crate) const ALL: [(&str, &str); 5] = [
     ),
     (
         "kill9",
-        "limits lifted, 3 replicas, kill -9 of one mid-run: nothing lost, no duplicate rows, duplicate calls within its leases",
+        "limits lifted, 3 replicas, kill -9 of one mid-run: nothing lost, no duplicate rows, repeated calls within its concurrency",
     ),
     (
         "rabbitmq-restart",
@@ -33,7 +33,7 @@ pub(crate) const ALL: [(&str, &str); 5] = [
     ),
     (
         "postgres-restart",
-        "limits lifted, 3 replicas, PostgreSQL restarted mid-run: nothing lost",
+        "limits lifted, 3 replicas, PostgreSQL restarted mid-run: nothing lost, no call repeated",
     ),
     (
         "default-limits-faults",
