@@ -29,6 +29,9 @@
 //! (`PtrOutcome::due`) retry later, with backoff, instead of holding a permit.
 
 pub mod config;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod name;
 pub mod resolver;
 

@@ -27,6 +27,9 @@ pub mod breaker;
 mod client;
 pub mod config;
 pub mod feodo;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod greynoise;
 pub mod hooks;
 mod json;

@@ -10,7 +10,7 @@
 //! `min_backoff` = 24 h instead of a bare [`ProviderError`]. The actor counts such a report
 //! as a breaker-tripping failure.
 
-mod wire;
+pub(crate) mod wire;
 
 use std::time::Duration;
 

@@ -42,7 +42,7 @@ struct Report {
 }
 
 /// Maps one AbuseIPDB response to a report or a typed failure.
-pub(super) fn report(
+pub(crate) fn report(
     status: u16,
     headers: &HeaderMap,
     body: Result<Vec<u8>, ProviderError>,

@@ -3,7 +3,7 @@
 //! The key is optional: the community endpoint answers without one, at a lower limit, so
 //! the `key` header is sent only when a key is configured.
 
-mod wire;
+pub(crate) mod wire;
 
 use enrichd_core::ports::IntelProvider;
 use enrichd_core::{CanonicalIp, ProviderError, ProviderId, ProviderOutcome, ProviderReport};

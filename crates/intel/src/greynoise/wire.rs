@@ -30,7 +30,7 @@ struct Community {
 }
 
 /// Maps one GreyNoise response to a report or a typed failure.
-pub(super) fn report(
+pub(crate) fn report(
     status: u16,
     headers: &HeaderMap,
     body: Result<Vec<u8>, ProviderError>,

@@ -5,7 +5,7 @@
 //! entries are filtered to those that really are this address: the bare IP, `ip:port`
 //! (`[v6]:port` for IPv6), or a URL whose host is the IP.
 
-mod wire;
+pub(crate) mod wire;
 
 use enrichd_core::ports::IntelProvider;
 use enrichd_core::{CanonicalIp, ProviderError, ProviderId, ProviderReport};

@@ -38,7 +38,7 @@ struct Entry {
 }
 
 /// Maps one ThreatFox response for a search of `ip` to a report or a typed failure.
-pub(super) fn report(
+pub(crate) fn report(
     status: u16,
     headers: &HeaderMap,
     body: Result<Vec<u8>, ProviderError>,
@@ -141,7 +141,7 @@ fn sorted_unique(mut items: Vec<String>) -> Vec<String> {
 /// Whether an IOC is exactly this address: the IP, `ip:port` (`[v6]:port`, or an unbracketed
 /// IPv6 whose text before the last `:` is this very address and the rest a port), or a URL
 /// whose host is the IP. Compared as parsed addresses, so textual variants of one IPv6 match.
-pub(super) fn ioc_is(ioc: &str, ip: CanonicalIp) -> bool {
+pub(crate) fn ioc_is(ioc: &str, ip: CanonicalIp) -> bool {
     let ioc = ioc.trim();
     if unbracketed_v6_with_port(ioc, ip) {
         return true;
