@@ -78,7 +78,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceilings,backfill_postgres,backfill_sqlite,backfill_reference_sqlite,backfill_reference_sqlite_metered,ingestion,latency_floor,latency,memory"
+        default_value = "ceilings,backfill_postgres,backfill_sqlite,backfill_reference_sqlite,backfill_reference_sqlite_metered,backfill_reference_sqlite_quota,ingestion,latency_floor,latency,memory"
     )]
     scenarios: Vec<String>,
     /// Added to every fake provider answer.
@@ -145,12 +145,13 @@ struct Args {
     deadline_secs: u64,
 }
 
-const KNOWN: [&str; 9] = [
+const KNOWN: [&str; 10] = [
     "ceilings",
     "backfill_postgres",
     "backfill_sqlite",
     "backfill_reference_sqlite",
     "backfill_reference_sqlite_metered",
+    "backfill_reference_sqlite_quota",
     "ingestion",
     "latency_floor",
     "latency",
@@ -405,21 +406,31 @@ async fn run_one(
             };
             scenarios::backfill(ctx, report, &target, name, first_octet, shape).await
         }
-        "backfill_reference_sqlite" | "backfill_reference_sqlite_metered" => {
-            let metered = name.ends_with("_metered");
+        "backfill_reference_sqlite"
+        | "backfill_reference_sqlite_metered"
+        | "backfill_reference_sqlite_quota" => {
             let target = scenarios::backfill_target(ctx, true, name).await?;
-            let shape = BackfillShape {
-                limits: if metered {
+            let (limits, first_octet) = match name {
+                "backfill_reference_sqlite_metered" => (
+                    Limits::Metered {
+                        rate_per_sec: scenarios::METERED_RATE,
+                        daily_quota: 0,
+                    },
+                    52,
+                ),
+                "backfill_reference_sqlite_quota" => (
                     Limits::Metered {
                         rate_per_sec: scenarios::METERED_RATE,
                         daily_quota: 1_000_000,
-                    }
-                } else {
-                    Limits::Lifted
-                },
+                    },
+                    53,
+                ),
+                _ => (Limits::Lifted, 51),
+            };
+            let shape = BackfillShape {
+                limits,
                 reference_tables: true,
             };
-            let first_octet = if metered { 52 } else { 51 };
             scenarios::backfill(ctx, report, &target, name, first_octet, shape).await
         }
         "ingestion" => scenarios::ingestion(ctx, report).await,

@@ -390,20 +390,34 @@ async fn push_metered_share(
     rate: f64,
     complete: bool,
 ) {
-    if limits == Limits::Lifted {
+    let Limits::Metered { daily_quota, .. } = limits else {
         *ctx.unmetered_backfill_rate.lock().await = Some(rate);
         return;
-    }
+    };
     match *ctx.unmetered_backfill_rate.lock().await {
-        Some(unmetered) if unmetered > 0.0 => report.figures.push(Figure::judged(
-            "metered_share_of_unmetered",
+        // The gate's own cost: a rate, as every keyed provider has by default, is judged.
+        Some(unmetered) if unmetered > 0.0 && daily_quota == 0 => {
+            report.figures.push(Figure::judged(
+                "metered_share_of_unmetered",
+                round3(rate / unmetered),
+                "ratio",
+                Target::AtLeast(0.9),
+                complete,
+                format!(
+                    "{rate:.0} attackers/s with every keyed provider metered at \
+                     {METERED_RATE}/s against {unmetered:.0}/s unmetered, same shape and size"
+                ),
+            ));
+        }
+        // With a daily quota an answer also keeps its concurrency slot until it is written
+        // (what a crash can waste is bounded by the concurrency): what that costs, shown.
+        Some(unmetered) if unmetered > 0.0 => report.figures.push(Figure::info(
+            "quota_share_of_unmetered",
             round3(rate / unmetered),
             "ratio",
-            Target::AtLeast(0.9),
-            complete,
             format!(
-                "{rate:.0} attackers/s with every keyed provider metered at {METERED_RATE}/s \
-                 against {unmetered:.0}/s unmetered, same shape and size"
+                "{rate:.0} attackers/s metered at {METERED_RATE}/s and {daily_quota}/day, \
+                 slots held until each answer is written, against {unmetered:.0}/s unmetered"
             ),
         )),
         _ => {

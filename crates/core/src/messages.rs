@@ -128,10 +128,10 @@ impl ProviderUnavailable {
     }
 }
 
-/// Holds a provider's concurrency slot while it exists. A provider actor hands one out with
-/// every answer from a call, and the job drops it once the answer is durable: answers paid
-/// for but not yet written then never outnumber the provider's concurrency, which is what a
-/// crash can cost (SPEC §1.7 "a crash wastes at most the calls in flight").
+/// Holds a provider's concurrency slot while it exists. A provider actor with a daily quota
+/// hands one out with every answer from a call, and the job drops it once the answer is
+/// durable: answers paid for but not yet written then never outnumber the provider's
+/// concurrency, which is what a crash can waste of the day's quota.
 pub struct CallSlot(Option<Box<dyn Send + Sync>>);
 
 impl CallSlot {
@@ -140,9 +140,14 @@ impl CallSlot {
         Self(Some(Box::new(guard)))
     }
 
-    /// A slot that holds nothing: the answer cost no call.
+    /// A slot that holds nothing: the answer cost no call, or nothing a crash could waste.
     pub fn free() -> Self {
         Self(None)
+    }
+
+    /// Whether it holds a provider's slot.
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
     }
 }
 

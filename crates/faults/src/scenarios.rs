@@ -25,7 +25,7 @@ pub(crate) const ALL: [(&str, &str); 5] = [
     ),
     (
         "kill9",
-        "limits lifted, 3 replicas, kill -9 of one mid-run: nothing lost, no duplicate rows, repeated calls within its concurrency",
+        "a paid plan's limits (10,000/s, 1,000,000/day), 3 replicas, kill -9 of one mid-run: nothing lost, no duplicate rows, repeated calls within its concurrency",
     ),
     (
         "rabbitmq-restart",
@@ -45,7 +45,9 @@ pub(crate) const ALL: [(&str, &str); 5] = [
 pub(crate) async fn run(name: &str, ctx: &Ctx, report: &mut Report) -> Result<()> {
     let (fake_args, limits): (&[&str], Limits) = match name {
         "lifted" => (&[], Limits::Lifted),
-        "kill9" | "rabbitmq-restart" | "postgres-restart" => {
+        // With a daily quota, as the keyed providers have: what a crash wastes is quota.
+        "kill9" => (&["--latency-ms", "40"], Limits::Quota),
+        "rabbitmq-restart" | "postgres-restart" => {
             // Slow enough answers that "mid-run" is a wide target and leases are held.
             (&["--latency-ms", "40"], Limits::Lifted)
         }
@@ -180,7 +182,8 @@ async fn ledger(
 }
 
 /// Calls in flight a replica may have at once (the suite's `_CONCURRENCY` per provider):
-/// what a crash can cost, now that an answer keeps its slot until it is durable.
+/// what a crash can cost of a daily quota, since such an answer keeps its slot until it is
+/// durable.
 const REPLICA_CONCURRENCY: u64 = crate::world::LIFTED_CONCURRENCY * PER_IP.len() as u64;
 
 async fn check_drained(world: &World<'_>, report: &mut Report) {

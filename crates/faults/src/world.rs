@@ -38,7 +38,14 @@ pub(crate) enum Limits {
     /// The contract's defaults (greynoise 1 per 1.5 s, abuseipdb 2/s and 1000/day,
     /// threatfox 2/s, concurrency 4).
     Default,
+    /// A paid plan: every keyed provider metered at a high rate with a daily quota (what a
+    /// crash can waste), concurrency 16 per provider and replica.
+    Quota,
 }
+
+/// The `Quota` limits' rate and daily quota per provider.
+pub(crate) const QUOTA_RATE: &str = "10000";
+pub(crate) const QUOTA_PER_DAY: &str = "1000000";
 
 /// Counts read from the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -161,15 +168,18 @@ impl<'a> World<'a> {
         for provider in ["GREYNOISE", "ABUSEIPDB", "FEODO", "THREATFOX"] {
             env.push((format!("ENRICHD_{provider}_BASE_URL"), base.clone()));
         }
-        if limits == Limits::Lifted {
-            for provider in ["GREYNOISE", "ABUSEIPDB", "THREATFOX"] {
-                env.push((format!("ENRICHD_{provider}_RATE_PER_SEC"), "0".into()));
-                env.push((format!("ENRICHD_{provider}_DAILY_QUOTA"), "0".into()));
-                env.push((
-                    format!("ENRICHD_{provider}_CONCURRENCY"),
-                    LIFTED_CONCURRENCY.to_string(),
-                ));
-            }
+        let (rate, quota) = match limits {
+            Limits::Default => return env,
+            Limits::Lifted => ("0", "0"),
+            Limits::Quota => (QUOTA_RATE, QUOTA_PER_DAY),
+        };
+        for provider in ["GREYNOISE", "ABUSEIPDB", "THREATFOX"] {
+            env.push((format!("ENRICHD_{provider}_RATE_PER_SEC"), rate.into()));
+            env.push((format!("ENRICHD_{provider}_DAILY_QUOTA"), quota.into()));
+            env.push((
+                format!("ENRICHD_{provider}_CONCURRENCY"),
+                LIFTED_CONCURRENCY.to_string(),
+            ));
         }
         env
     }

@@ -132,11 +132,11 @@ impl Aggregator {
             let durable_to = me.clone();
             let durable =
                 move |attacker_uuids| durable_to.do_send(JobDurable { ip, attacker_uuids });
-            let result = match crate::supervision::contain_future(enrich(
-                job_id, ip, mode, event, &deps, &writer, durable,
-            ))
-            .await
-            {
+            // Boxed: a task's allocation is its future's largest state, and a queued job
+            // waits on the permit above with the whole pass's state reserved. Hundreds queue
+            // under a backlog; unboxed they held about 40 MiB doing nothing.
+            let pass = Box::pin(enrich(job_id, ip, mode, event, &deps, &writer, durable));
+            let result = match crate::supervision::contain_future(pass).await {
                 Ok(result) => result.map_err(|e| persist_error(&e)),
                 // A bug, not a failure mode; the work stays due and the next pass retries it.
                 Err(panic) => Err(PersistError::Rejected(panic.to_string())),

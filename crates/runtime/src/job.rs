@@ -6,11 +6,12 @@
 //! acked (SPEC §1.7) and a crash loses nothing: the lease lapses and any replica's backfill
 //! finishes the work.
 //!
-//! What a crash may cost is the calls already paid for and not yet written. Each answer keeps
-//! its provider's concurrency slot ([`CallSlot`]) until it is durable, so those never outnumber
-//! the providers' concurrency. Answers normally go with the pass's one write; one that has
-//! waited [`EARLY_WRITE_AFTER`] for a slower provider is written on its own (batched with other
-//! addresses' answers), so a slow provider does not keep the fast ones' slots taken.
+//! What a crash may cost is the calls already paid for and not yet written. An answer of a
+//! provider with a daily quota keeps its concurrency slot ([`CallSlot`]) until it is durable,
+//! so those never outnumber that provider's concurrency. Answers normally go with the pass's
+//! one write; one holding a slot that has waited [`EARLY_WRITE_AFTER`] for a slower provider
+//! is written on its own (batched with other addresses' answers), so a slow provider does not
+//! keep the fast ones' slots taken.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -350,7 +351,14 @@ impl Pass<'_> {
         let mut ptr_pending = true;
         let mut early_writes = FuturesUnordered::new();
         while !calls.is_empty() || ptr_pending {
-            let flush_at = asked.held.iter().map(|h| h.arrived).min();
+            // Only answers holding a slot are written early: to free it. The others are
+            // cheaper in the pass's one write.
+            let flush_at = asked
+                .held
+                .iter()
+                .filter(|h| h.slot.is_held())
+                .map(|h| h.arrived)
+                .min();
             tokio::select! {
                 Some((id, lease, answer)) = calls.next() => match answer {
                     Ok(answer) => {
@@ -373,8 +381,9 @@ impl Pass<'_> {
                 }
                 () = sleep_until(flush_at.map(|at| at + EARLY_WRITE_AFTER)), if flush_at.is_some() => {
                     let due = Instant::now() - EARLY_WRITE_AFTER;
-                    let (early, later): (Vec<Held>, Vec<Held>) =
-                        std::mem::take(&mut asked.held).into_iter().partition(|h| h.arrived <= due);
+                    let (early, later): (Vec<Held>, Vec<Held>) = std::mem::take(&mut asked.held)
+                        .into_iter()
+                        .partition(|h| h.slot.is_held() && h.arrived <= due);
                     asked.held = later;
                     early_writes.push(self.write_early(early));
                 }
