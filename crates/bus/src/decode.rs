@@ -44,6 +44,46 @@ pub enum Poison {
     BadAttackerIp(String),
 }
 
+/// Why a delivery is dead-lettered: poison, or an event the store refused for good. Its
+/// `Display` is the `x-enrichd-reason` header; [`DeadLetterReason::as_label`] the metric
+/// label, a small fixed set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeadLetterReason {
+    /// The body cannot name an attacker address.
+    #[error(transparent)]
+    Poison(#[from] Poison),
+    /// The store refused the event's write for good (a constraint, a value it cannot hold).
+    #[error("store rejected: {0}")]
+    StoreRejected(String),
+}
+
+impl DeadLetterReason {
+    /// The reason refused by the store, its detail cut to 200 characters for the header.
+    pub fn store_rejected(detail: &str) -> Self {
+        Self::StoreRejected(detail.chars().take(200).collect())
+    }
+
+    /// The `reason` label of `enrichd_events_dead_lettered_total`.
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            Self::Poison(Poison::TooLarge(_)) => "body over 64 KiB",
+            Self::Poison(Poison::NotJson) => "not json",
+            Self::Poison(Poison::NotAnObject) => "not a json object",
+            Self::Poison(Poison::NoAttackerIp) => "no attacker_ip string",
+            Self::Poison(Poison::BadAttackerIp(_)) => "attacker_ip rejected",
+            Self::StoreRejected(_) => "store rejected",
+        }
+    }
+
+    /// The body's size before it was cut to 64 KiB, when it was over.
+    pub fn original_size(&self) -> Option<usize> {
+        match self {
+            Self::Poison(Poison::TooLarge(size)) => Some(*size),
+            _ => None,
+        }
+    }
+}
+
 /// Decodes one delivery body that arrived with `routing_key`.
 ///
 /// # Errors
@@ -189,6 +229,36 @@ mod tests {
         let mut small = b"{}".to_vec();
         assert_eq!(cut_oversized(&mut small), None);
         assert_eq!(small, b"{}");
+
+        let labels: Vec<&str> = [
+            DeadLetterReason::from(Poison::TooLarge(70_000)),
+            Poison::NotJson.into(),
+            Poison::NotAnObject.into(),
+            Poison::NoAttackerIp.into(),
+            Poison::BadAttackerIp("x".into()).into(),
+            DeadLetterReason::store_rejected(&"y".repeat(300)),
+        ]
+        .iter()
+        .map(DeadLetterReason::as_label)
+        .collect();
+        // The label set the dashboard and alerts were built on.
+        assert_eq!(
+            labels,
+            [
+                "body over 64 KiB",
+                "not json",
+                "not a json object",
+                "no attacker_ip string",
+                "attacker_ip rejected",
+                "store rejected"
+            ]
+        );
+        let rejected = DeadLetterReason::store_rejected(&"y".repeat(300));
+        assert_eq!(rejected.to_string().len(), "store rejected: ".len() + 200);
+        assert_eq!(
+            DeadLetterReason::from(Poison::TooLarge(70_000)).to_string(),
+            "body over 64 KiB (70000 bytes)"
+        );
 
         let err = decode(br#"{"attacker_ip":"1.2.3.4:22"}"#, "t").unwrap_err();
         assert!(matches!(err, Poison::BadAttackerIp(_)));

@@ -18,7 +18,7 @@ pub mod publish;
 pub mod topology;
 
 pub use connection::connect;
-pub use decode::{EventRequest, Poison, decode};
+pub use decode::{DeadLetterReason, EventRequest, Poison, decode};
 pub use topology::Topology;
 
 /// A bus failure. Every variant means "the broker or connection is not usable now": the
@@ -47,6 +47,9 @@ pub enum BusError {
     /// The dedicated runtime could not be created.
     #[error("cannot start the amqp runtime")]
     Runtime(#[source] std::io::Error),
+    /// A message body could not be encoded.
+    #[error("cannot encode the message body")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl BusError {

@@ -5,7 +5,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use crate::BusError;
-use crate::decode::MAX_BODY_BYTES;
+use crate::decode::{DeadLetterReason, MAX_BODY_BYTES};
 
 /// AMQP `delivery_mode` for messages that must survive a broker restart.
 const PERSISTENT: u8 = 2;
@@ -160,7 +160,7 @@ impl Publisher {
     ///
     /// A body over 64 KiB goes as its first 64 KiB, with `x-enrichd-original-size` and
     /// `x-enrichd-truncated: true`: the letter says what it was without its bulk filling the
-    /// dead-letter queue. `original_size` is the size of a body the caller already cut
+    /// dead-letter queue. A `TooLarge` reason gives the size of a body the caller already cut
     /// ([`crate::decode::cut_oversized`]).
     ///
     /// # Errors
@@ -170,16 +170,16 @@ impl Publisher {
         dead_letter_exchange: &str,
         dead_queue: &str,
         delivery: &lapin::message::Delivery,
-        reason: &str,
-        original_size: Option<usize>,
+        reason: &DeadLetterReason,
     ) -> Result<(), BusError> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             "x-enrichd-reason".into(),
-            AMQPValue::LongString(reason.into()),
+            AMQPValue::LongString(reason.to_string().into()),
         );
         let body = &delivery.data[..delivery.data.len().min(MAX_BODY_BYTES)];
-        let original_size = original_size
+        let original_size = reason
+            .original_size()
             .or_else(|| (delivery.data.len() > MAX_BODY_BYTES).then_some(delivery.data.len()));
         if let Some(size) = original_size {
             headers.insert(

@@ -106,8 +106,7 @@ async fn topology_routes_events_and_dead_letters_poison_with_its_reason() {
             &topology.dead_letter_exchange,
             &topology.dead_queue,
             &delivery,
-            "not json",
-            None,
+            &enrichd_bus::Poison::NotJson.into(),
         )
         .await
         .expect("dead-letter");

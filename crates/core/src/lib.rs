@@ -1,6 +1,7 @@
 //! The enrichd domain, with no I/O: what an attacker address is, which addresses may leave
 //! the machine, what providers and PTR lookups can answer, when work falls due again, how
-//! verdicts aggregate, and the typed messages and ports the actors exchange.
+//! verdicts aggregate, the vocabulary of a job, and the ports the adapters implement. No actor
+//! framework: the actor messages live in `enrichd-runtime`.
 //!
 //! Every other crate depends on this one and on nothing of each other's (adapters ← runtime
 //! ← worker), so these types are the shared vocabulary of the whole service.
@@ -12,7 +13,7 @@
 //! - [`verdict`]: verdict labels and the aggregate rule.
 //! - [`outcome`]: provider and PTR outcomes and their due-time rules.
 //! - [`payload`]: the `attacker.intel.enriched` payload and the bus envelope.
-//! - [`messages`]: the messages actors exchange.
+//! - [`job`]: job ids, request origins, why a provider was not asked, provider answers.
 //! - [`metric_names`]: Prometheus series names.
 //! - [`ports`]: the traits adapters implement.
 //! - [`secret`]: API keys that never print.
@@ -21,7 +22,7 @@
 
 pub mod error;
 pub mod ip;
-pub mod messages;
+pub mod job;
 pub mod metric_names;
 pub mod outcome;
 pub mod payload;

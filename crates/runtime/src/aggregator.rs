@@ -14,13 +14,14 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use enrichd_core::CanonicalIp;
-use enrichd_core::messages::{Drain, EnrichIp, JobId, Origin, PersistError};
-use enrichd_store::{ClaimMode, EventNote, StoreError, StoredScope};
+use enrichd_core::job::{JobId, Origin, PersistError};
+use enrichd_store::{ClaimMode, EventNote, StoredScope};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::job::{JobDeps, JobSummary, enrich};
+use crate::messages::{Drain, EnrichIp, JobDone, JobDurable, JoinJob, Ping, Room, StartRecorded};
 use crate::store_batcher::StoreBatcher;
 
 /// Counters shared with the health beat and metrics.
@@ -137,7 +138,7 @@ impl Aggregator {
             // under a backlog; unboxed they held about 40 MiB doing nothing.
             let pass = Box::pin(enrich(job_id, ip, mode, event, &deps, &writer, durable));
             let result = match crate::supervision::contain_future(pass).await {
-                Ok(result) => result.map_err(|e| persist_error(&e)),
+                Ok(result) => result.map_err(PersistError::from),
                 // A bug, not a failure mode; the work stays due and the next pass retries it.
                 Err(panic) => Err(PersistError::Rejected(panic.to_string())),
             };
@@ -281,37 +282,8 @@ impl Aggregator {
     }
 }
 
-/// The one place that turns a store failure into what the bus does about it.
-fn persist_error(err: &StoreError) -> PersistError {
-    let text = enrichd_core::error::chain(err);
-    if err.is_unavailable() {
-        PersistError::Unavailable(text)
-    } else {
-        PersistError::Rejected(text)
-    }
-}
-
 impl Actor for Aggregator {
     type Context = Context<Self>;
-}
-
-/// The job for `ip` committed its claims. Sent by the job to its own aggregator; losing it
-/// only delays the answers until the job ends, so `do_send` is fine.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-struct JobDurable {
-    ip: CanonicalIp,
-    /// The attacker rows of the bus event the job recorded itself (see [`StartRecorded`]).
-    attacker_uuids: Vec<String>,
-}
-
-/// A job ended. Sent by the job's task to its aggregator.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-struct JobDone {
-    ip: CanonicalIp,
-    job_id: JobId,
-    result: Result<JobSummary, PersistError>,
 }
 
 impl Handler<JobDone> for Aggregator {
@@ -320,29 +292,6 @@ impl Handler<JobDone> for Aggregator {
     fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
         self.finish(msg.ip, msg.job_id, &msg.result, ctx);
     }
-}
-
-/// Join or start the job for a recorded request. Sent by the request's own task.
-#[derive(Debug, Message)]
-#[rtype(result = "Joined")]
-struct JoinJob {
-    ip: CanonicalIp,
-    origin: Origin,
-    job_id: JobId,
-    attacker_uuids: Vec<String>,
-}
-
-/// Start a job for a bus event not recorded yet, whose first transaction records it and
-/// claims the address's work together. Sent by the request's own task. The event comes back
-/// when it must be recorded on its own first: a job for the address is already running
-/// (it is joined after the record), or the running jobs are at their cap (a job that waits
-/// for a turn must not hold its event's record back, or the event's ack waits with it).
-#[derive(Debug, Message)]
-#[rtype(result = "Result<oneshot::Receiver<Result<(), PersistError>>, EventNote>")]
-struct StartRecorded {
-    ip: CanonicalIp,
-    job_id: JobId,
-    event: EventNote,
 }
 
 impl Handler<StartRecorded> for Aggregator {
@@ -367,7 +316,7 @@ impl Handler<StartRecorded> for Aggregator {
 }
 
 /// The answer to [`JoinJob`].
-struct Joined {
+pub(crate) struct Joined {
     /// Answers when the job is durable (or done, for `lookup`).
     receiver: oneshot::Receiver<Result<(), PersistError>>,
     /// A bus request may be acked now (see `Handler<EnrichIp>`).
@@ -473,7 +422,7 @@ impl Handler<EnrichIp> for Aggregator {
                             writer
                                 .note(event)
                                 .await
-                                .map_err(|e| persist_error(&e))?
+                                .map_err(PersistError::from)?
                                 .attacker_uuids
                         }
                     }
@@ -525,17 +474,6 @@ impl Handler<Drain> for Aggregator {
     }
 }
 
-/// Answers once fewer than `below` jobs are queued or running. The backfill waits for this
-/// after a full batch instead of querying the backlog again at once: while the jobs it (or
-/// the bus) started are still queued, their addresses are not leased yet, so the backlog would
-/// only return them again, and on a large table every backlog query is a scan.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct Room {
-    /// The queue length to wait below.
-    pub below: usize,
-}
-
 impl Handler<Room> for Aggregator {
     type Result = ResponseFuture<()>;
 
@@ -551,11 +489,6 @@ impl Handler<Room> for Aggregator {
         })
     }
 }
-
-/// Liveness probe: answered by the actor itself, so a reply means the actor system runs.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct Ping;
 
 impl Handler<Ping> for Aggregator {
     type Result = ();

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::Addr;
-use enrichd_core::messages::{Drain, EnrichIp, JobId, Origin};
+use enrichd_core::job::{JobId, Origin};
 use enrichd_store::{ApplyContext, Store};
 use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
-use crate::aggregator::{Aggregator, Room};
+use crate::aggregator::Aggregator;
+use crate::messages::{Drain, EnrichIp, Room};
 
 /// Least time between a short batch and the next one started by a wake-up.
 const MIN_WAKE_SPACING: Duration = Duration::from_secs(1);

@@ -19,9 +19,9 @@ use actix::prelude::*;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use enrichd_bus::decode::cut_oversized;
 use enrichd_bus::publish::{Outgoing, Publisher};
-use enrichd_bus::{Poison, Topology, connect, decode};
+use enrichd_bus::{BusError, DeadLetterReason, Poison, Topology, connect, decode};
 use enrichd_core::Secret;
-use enrichd_core::messages::{DeliveryTag, EnrichIp, JobId, Origin, PersistError, StopIntake};
+use enrichd_core::job::{DeliveryTag, JobId, Origin, PersistError};
 use enrichd_core::metric_names;
 use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
 use enrichd_store::Store;
@@ -36,8 +36,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::acks::AckBatcher;
 use crate::aggregator::Aggregator;
-use crate::coordinator::Shutdown;
 use crate::health::HealthSource;
+use crate::messages::{CloseConnection, EnrichIp, Shutdown, StopIntake};
 use crate::relay::{OutboxHandoff, RelayEnd, run_relay};
 
 /// Longest wait for an ack, a cancel or a close. Each takes microseconds on a live
@@ -104,11 +104,6 @@ pub struct BusDeps {
     /// Shared counters.
     pub stats: Arc<BusStats>,
 }
-
-/// Close the bus after the final outbox round. Sent by the Coordinator last.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct CloseConnection;
 
 /// The actor: holds the switches of the session loop running in the background.
 pub struct BusListener {
@@ -191,7 +186,42 @@ impl Handler<CloseConnection> for BusListener {
 
 enum SessionEnd {
     Stopped,
-    Failed(String),
+    Failed(SessionError),
+}
+
+/// Why a bus session ended early; the listener reconnects with backoff whatever it is.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Connecting, declaring, opening a channel or a consumer failed.
+    #[error("bus call failed")]
+    Bus(#[from] BusError),
+    /// A call on the session did not finish within its deadline: the connection is taken as
+    /// lost (lapin does not always notice a broker restart).
+    #[error("{call} not done in time; the connection is taken as lost")]
+    Hung {
+        /// Which call.
+        call: &'static str,
+    },
+    /// The work queue's consumer stream failed.
+    #[error("consumer failed")]
+    Consumer(#[source] lapin::Error),
+    /// The broker cancelled the consumer (the queue was deleted, or the node stopped).
+    #[error("consumer cancelled by the broker")]
+    ConsumerCancelled,
+    /// Either connection reported an error.
+    #[error("connection failed")]
+    Connection(#[source] lapin::Error),
+    /// The liveness check found a connection or the consuming channel closed.
+    #[error("connection lost")]
+    ConnectionLost,
+    /// The relay or the health beat found the publishing connection gone.
+    #[error("publishing connection failed")]
+    PublishingFailed,
+}
+
+/// `source` as a [`BusError`] of `operation`.
+fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> SessionError {
+    move |source| SessionError::Bus(BusError::Amqp { operation, source })
 }
 
 async fn session_loop(
@@ -217,6 +247,7 @@ async fn session_loop(
                 attempt += 1;
                 let wait =
                     crate::supervision::jittered_backoff(attempt + 3).min(Duration::from_secs(30));
+                let reason = enrichd_core::error::chain(&reason);
                 warn!(error = %reason, attempt, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "Bus unavailable; running on the backlog and reconnecting.");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
@@ -239,21 +270,13 @@ struct Session {
     control_tag: String,
 }
 
-async fn open_session(config: &BusConfig) -> Result<Session, String> {
-    let chain = |e: enrichd_bus::BusError| enrichd_core::error::chain(&e);
-    let consume_conn = connect(&config.url, &format!("enrichd-consume {}", config.instance))
-        .await
-        .map_err(chain)?;
-    let publish_conn = connect(&config.url, &format!("enrichd-publish {}", config.instance))
-        .await
-        .map_err(chain)?;
-    let publisher = Publisher::open(&publish_conn).await.map_err(chain)?;
-    for mismatch in config
-        .topology
-        .declare(&publish_conn)
-        .await
-        .map_err(chain)?
-    {
+async fn open_session(config: &BusConfig) -> Result<Session, SessionError> {
+    let consume_conn =
+        connect(&config.url, &format!("enrichd-consume {}", config.instance)).await?;
+    let publish_conn =
+        connect(&config.url, &format!("enrichd-publish {}", config.instance)).await?;
+    let publisher = Publisher::open(&publish_conn).await?;
+    for mismatch in config.topology.declare(&publish_conn).await? {
         // A queue from an older release: consuming goes on, and the operator learns what
         // differs and how to migrate, once per session.
         warn!(
@@ -266,16 +289,12 @@ async fn open_session(config: &BusConfig) -> Result<Session, String> {
     let consume_ch = consume_conn
         .create_channel()
         .await
-        .map_err(|e| format!("open consume channel: {e}"))?;
+        .map_err(amqp("open consume channel"))?;
     consume_ch
         .basic_qos(config.prefetch, BasicQosOptions::default())
         .await
-        .map_err(|e| format!("set prefetch: {e}"))?;
-    let control_queue = config
-        .topology
-        .declare_control_queue(&consume_ch)
-        .await
-        .map_err(chain)?;
+        .map_err(amqp("set prefetch"))?;
+    let control_queue = config.topology.declare_control_queue(&consume_ch).await?;
     let work_tag = format!("enrichd-{}", config.instance);
     let work = consume_ch
         .basic_consume(
@@ -285,7 +304,7 @@ async fn open_session(config: &BusConfig) -> Result<Session, String> {
             FieldTable::default(),
         )
         .await
-        .map_err(|e| format!("consume work queue: {e}"))?;
+        .map_err(amqp("consume work queue"))?;
     let control_tag = format!("enrichd-control-{}", config.instance);
     let control = consume_ch
         .basic_consume(
@@ -295,7 +314,7 @@ async fn open_session(config: &BusConfig) -> Result<Session, String> {
             FieldTable::default(),
         )
         .await
-        .map_err(|e| format!("consume control queue: {e}"))?;
+        .map_err(amqp("consume control queue"))?;
     Ok(Session {
         consume_conn,
         publish_conn,
@@ -337,7 +356,7 @@ fn start_background(
         async move {
             loop {
                 if let Err(e) = publish_health(&publisher, &exchange, &health).await {
-                    debug!(error = %e, "Health beat not published.");
+                    debug!(error = %enrichd_core::error::chain(&e), "Health beat not published.");
                 }
                 tokio::select! {
                     () = tokio::time::sleep(HEALTH_EVERY) => {}
@@ -408,8 +427,8 @@ async fn session(
                         (tag, settle(delivery, oversized, &settling, stop).await)
                     });
                 }
-                Some(Err(e)) => break SessionEnd::Failed(format!("consumer: {e}")),
-                None => break SessionEnd::Failed("consumer cancelled by the broker".into()),
+                Some(Err(e)) => break SessionEnd::Failed(SessionError::Consumer(e)),
+                None => break SessionEnd::Failed(SessionError::ConsumerCancelled),
             },
             next = control.next(), if intake_open => if let Some(Ok(delivery)) = next {
                 on_control(&delivery, deps);
@@ -441,14 +460,14 @@ async fn session(
                 break SessionEnd::Failed(reason);
             },
             Some(event) = connection_events.next() => if let Event::Error(e) = event {
-                break SessionEnd::Failed(format!("connection: {e}"));
+                break SessionEnd::Failed(SessionError::Connection(e));
             },
             _ = liveness.tick() => if !all_up(&consume_conn, &publish_conn, &consume_ch) {
-                break SessionEnd::Failed("connection lost".into());
+                break SessionEnd::Failed(SessionError::ConnectionLost);
             },
             Some(joined) = background.join_next() => {
                 if matches!(joined, Ok(true)) {
-                    break SessionEnd::Failed("publishing connection failed".into());
+                    break SessionEnd::Failed(SessionError::PublishingFailed);
                 }
                 if !intake_open && background.is_empty() {
                     break SessionEnd::Stopped;
@@ -479,8 +498,8 @@ async fn within<T>(call: impl Future<Output = T>) -> Option<T> {
 }
 
 /// Why a session ends when a call on it hung.
-fn hung(call: &str) -> String {
-    format!("{call} not done in time; the connection is taken as lost")
+fn hung(call: &'static str) -> SessionError {
+    SessionError::Hung { call }
 }
 
 /// Cancels both consumers, lets the deliveries in flight settle and sends their acks. `Err`
@@ -491,7 +510,7 @@ async fn stop_intake(
     deliveries: &mut JoinSet<(u64, Fate)>,
     acks: &mut AckBatcher<Acker>,
     deps: &BusDeps,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     for tag in consumer_tags {
         // A cancel that hangs is a dead connection: the broker requeues everything anyway.
         let _ = within(consume_ch.basic_cancel(tag.into(), BasicCancelOptions::default())).await;
@@ -528,7 +547,7 @@ async fn send_acks(
     acks: &mut AckBatcher<Acker>,
     deps: &BusDeps,
     flush: bool,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let round = acks.take(tokio::time::Instant::now(), flush);
     if round.is_empty() {
         return Ok(());
@@ -588,14 +607,13 @@ async fn settle(
         topology,
     } = settling;
     if let Some(size) = oversized {
-        let reason = Poison::TooLarge(size).to_string();
-        return dead_letter(&delivery, deps, publisher, topology, &reason, Some(size)).await;
+        let reason = Poison::TooLarge(size).into();
+        return dead_letter(&delivery, deps, publisher, topology, &reason).await;
     }
     let request = match decode(&delivery.data, delivery.routing_key.as_str()) {
         Ok(request) => request,
         Err(poison) => {
-            let reason = poison.to_string();
-            return dead_letter(&delivery, deps, publisher, topology, &reason, None).await;
+            return dead_letter(&delivery, deps, publisher, topology, &poison.into()).await;
         }
     };
     let first_seen = request.first_seen.as_deref().and_then(parse_first_seen);
@@ -614,11 +632,8 @@ async fn settle(
         match answer {
             Ok(Ok(())) => return Fate::Ack(delivery.acker),
             Ok(Err(PersistError::Rejected(reason))) => {
-                let reason = format!(
-                    "store rejected: {}",
-                    reason.chars().take(200).collect::<String>()
-                );
-                return dead_letter(&delivery, deps, publisher, topology, &reason, None).await;
+                let reason = DeadLetterReason::store_rejected(&reason);
+                return dead_letter(&delivery, deps, publisher, topology, &reason).await;
             }
             Ok(Err(PersistError::Unavailable(reason))) => {
                 attempt += 1;
@@ -646,8 +661,7 @@ async fn dead_letter(
     deps: &BusDeps,
     publisher: &Publisher,
     topology: &Topology,
-    reason: &str,
-    original_size: Option<usize>,
+    reason: &DeadLetterReason,
 ) -> Fate {
     match publisher
         .dead_letter(
@@ -655,12 +669,11 @@ async fn dead_letter(
             &topology.dead_queue,
             delivery,
             reason,
-            original_size,
         )
         .await
     {
         Ok(()) => {
-            warn!(reason, "Delivery dead-lettered.");
+            warn!(reason = %reason, "Delivery dead-lettered.");
             if !matches!(
                 within(delivery.ack(BasicAckOptions::default())).await,
                 Some(Ok(true))
@@ -669,10 +682,11 @@ async fn dead_letter(
                 return Fate::Unsettled;
             }
             deps.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            // The reason without its details keeps the label set small and fixed.
-            let kind = reason.split([':', '(']).next().unwrap_or("other").trim();
             enrichd_metrics::global()
-                .counter(metric_names::EVENTS_DEAD_LETTERED, &[("reason", kind)])
+                .counter(
+                    metric_names::EVENTS_DEAD_LETTERED,
+                    &[("reason", reason.as_label())],
+                )
                 .inc();
             Fate::Settled
         }
@@ -720,11 +734,11 @@ async fn publish_health(
     publisher: &Publisher,
     exchange: &str,
     health: &HealthSource,
-) -> Result<(), String> {
+) -> Result<(), BusError> {
     let payload = health.snapshot().await;
     let ts = crate::health::epoch_seconds();
     let envelope = Envelope::new(TOPIC_HEALTH, "health", ts, payload);
-    let body = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&envelope).map_err(BusError::Encode)?;
     publisher
         .publish(Outgoing {
             exchange,
@@ -736,7 +750,6 @@ async fn publish_health(
             headers: None,
         })
         .await
-        .map_err(|e| enrichd_core::error::chain(&e))
 }
 
 #[cfg(test)]

@@ -9,21 +9,13 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use enrichd_core::messages::{ChildGaveUp, Drain, StopIntake};
 use enrichd_store::Store;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::aggregator::Aggregator;
-use crate::bus_listener::{BusListener, CloseConnection};
-
-/// Begin the shutdown sequence and exit with `exit_code`.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct Shutdown {
-    /// 0 for a requested stop, 1 for a failure.
-    pub exit_code: u8,
-}
+use crate::bus_listener::BusListener;
+use crate::messages::{AttachBus, ChildGaveUp, CloseConnection, Drain, Shutdown, StopIntake};
 
 /// The root actor.
 pub struct Coordinator {
@@ -64,11 +56,6 @@ impl Coordinator {
 impl Actor for Coordinator {
     type Context = Context<Self>;
 }
-
-/// Attach the bus listener after both actors exist.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct AttachBus(pub Addr<BusListener>);
 
 impl Handler<AttachBus> for Coordinator {
     type Result = ();

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::aggregator::AggregatorStats;
 use crate::backfill::BackfillStats;
-use crate::provider_actor::GetProviderStatus;
+use crate::messages::GetProviderStatus;
 
 /// Everything a beat reads; cheap to clone.
 #[derive(Clone)]

@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use actix::Recipient;
 use chrono::Utc;
-use enrichd_core::messages::{
-    CallSlot, JobId, ProviderAnswer, ProviderUnavailable, QueryProvider, ResolvePtr,
-};
+use enrichd_core::job::{CallSlot, JobId, ProviderAnswer, ProviderUnavailable};
 use enrichd_core::metric_names;
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
@@ -35,6 +33,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::messages::{QueryProvider, ResolvePtr};
 use crate::relay::OutboxHandoff;
 use crate::store_batcher::{ClaimSettings, StoreBatcher};
 

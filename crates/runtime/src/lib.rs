@@ -1,6 +1,7 @@
 //! The enrichd actor system (SPEC §3): thin actix shells around the adapter crates.
 //!
 //! # Layout
+//! - [`messages`]: every message the actors exchange (the protocol, in one place).
 //! - [`acks`]: coalesced acknowledgements of one consuming channel.
 //! - [`job`]: one enrichment pass for one address (claim, ask, write).
 //! - [`coordinator`]: `Coordinator`, the root: shutdown order and exit code.
@@ -23,6 +24,7 @@ pub mod bus_listener;
 pub mod coordinator;
 pub mod health;
 pub mod job;
+pub mod messages;
 pub mod provider_actor;
 pub mod ptr_pool;
 pub mod relay;

@@ -34,11 +34,9 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use actix::{
-    Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Supervised,
-};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use chrono::{DateTime, Utc};
-use enrichd_core::messages::{CallSlot, ProviderAnswer, ProviderUnavailable, QueryProvider};
+use enrichd_core::job::{CallSlot, ProviderAnswer, ProviderUnavailable};
 use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
 use enrichd_core::provider::ProviderFate;
 use enrichd_core::text::column_text;
@@ -51,6 +49,8 @@ use futures::FutureExt;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::messages::{CallPanicked, GetProviderStatus, InjectFault, QueryProvider};
 
 /// Below this many calls left, every quota header is written to the shared store.
 const QUOTA_RECORD_EVERY_CALL_BELOW: u32 = 50;
@@ -76,11 +76,6 @@ impl Default for ProviderActorConfig {
     }
 }
 
-/// Ask for a provider actor's state, for health beats and metrics.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "ProviderStatus")]
-pub struct GetProviderStatus;
-
 /// A provider actor's state as this replica sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderStatus {
@@ -101,17 +96,6 @@ pub struct ProviderStatus {
     /// Supervised restarts so far.
     pub restarts: u32,
 }
-
-/// Makes the actor stop itself, so its supervisor restarts it. For supervision tests and for
-/// operators' fault drills; harmless otherwise (state shared with calls survives).
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct InjectFault;
-
-/// A provider call panicked: restart.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-struct CallPanicked;
 
 /// Answers [`QueryProvider`] for one provider; see the module docs.
 pub struct ProviderActor<P: ProviderHooks, G: ProviderGate> {
@@ -552,7 +536,7 @@ mod tests {
 
     use actix::{Addr, Supervisor};
     use chrono::TimeDelta;
-    use enrichd_core::messages::JobId;
+    use enrichd_core::job::JobId;
     use enrichd_core::ports::IntelProvider;
     use enrichd_core::{ProviderFields, Secret, Verdict};
     use enrichd_intel::{

@@ -17,14 +17,13 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use actix::{
-    Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Supervised,
-};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, ResponseFuture, Supervised};
 use enrichd_core::PtrOutcome;
-use enrichd_core::messages::ResolvePtr;
 use enrichd_core::ports::{PtrReport, PtrResolver};
 use futures::FutureExt;
 use tracing::{Instrument, error, info_span, warn};
+
+use crate::messages::{ResolvePtr, ResolverFaulted};
 
 /// Why a resolver could not be (re)built.
 pub type BuildError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -117,13 +116,6 @@ impl<R: PtrResolver> Supervised for PtrResolverPool<R> {
     }
 }
 
-/// A lookup on resolver `generation` panicked: restart to rebuild it.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-struct ResolverFaulted {
-    generation: u64,
-}
-
 impl<R: PtrResolver> Handler<ResolverFaulted> for PtrResolverPool<R> {
     type Result = ();
 
@@ -177,7 +169,7 @@ mod tests {
 
     use actix::{Addr, Supervisor};
     use enrichd_core::CanonicalIp;
-    use enrichd_core::messages::JobId;
+    use enrichd_core::job::JobId;
     use enrichd_dns::{DnsConfig, HickoryPtrResolver};
     use enrichd_testkit::dns::{Behaviour, DnsServer, Zone};
 

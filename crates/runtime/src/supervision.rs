@@ -190,7 +190,7 @@ mod tests {
 pub struct RestartPolicy {
     actor: &'static str,
     budget: RestartBudget,
-    report_to: actix::Recipient<enrichd_core::messages::ChildGaveUp>,
+    report_to: actix::Recipient<crate::messages::ChildGaveUp>,
 }
 
 impl RestartPolicy {
@@ -198,7 +198,7 @@ impl RestartPolicy {
     pub fn new(
         actor: &'static str,
         budget: RestartBudget,
-        report_to: actix::Recipient<enrichd_core::messages::ChildGaveUp>,
+        report_to: actix::Recipient<crate::messages::ChildGaveUp>,
     ) -> Self {
         Self {
             actor,
@@ -221,7 +221,7 @@ impl RestartPolicy {
             RestartDecision::GiveUp => {
                 // Losing this only happens when the Coordinator is gone, i.e. we are exiting.
                 self.report_to
-                    .do_send(enrichd_core::messages::ChildGaveUp { actor: self.actor });
+                    .do_send(crate::messages::ChildGaveUp { actor: self.actor });
             }
         }
     }

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Addr, Supervisor};
-use enrichd_core::messages::{JobId, ProviderAnswer, ProviderUnavailable, QueryProvider};
+use enrichd_core::job::{JobId, ProviderAnswer, ProviderUnavailable};
 use enrichd_core::ports::ProviderLimits;
 use enrichd_core::{CanonicalIp, ProviderId, ProviderOutcome};
 use enrichd_intel::{GreyNoise, ProviderConfig};
+use enrichd_runtime::messages::QueryProvider;
 use enrichd_runtime::provider_actor::{ProviderActor, ProviderActorConfig};
 use enrichd_store::Store;
 use enrichd_testkit::db::TestDb;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, Supervisor};
-use enrichd_core::messages::{JobId, QueryProvider};
+use enrichd_core::job::JobId;
 use enrichd_core::ports::{GateEvent, IntelProvider, ProviderGate, ProviderLimits, Reservation};
 use enrichd_core::{
     AddressPolicy, CanonicalIp, ProviderError, ProviderFields, ProviderId, ProviderOutcome,
@@ -21,9 +21,8 @@ use enrichd_intel::ProviderHooks;
 use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
 use enrichd_runtime::coordinator::Coordinator;
 use enrichd_runtime::job::JobDeps;
-use enrichd_runtime::provider_actor::{
-    GetProviderStatus, InjectFault, ProviderActor, ProviderActorConfig,
-};
+use enrichd_runtime::messages::{GetProviderStatus, InjectFault, QueryProvider};
+use enrichd_runtime::provider_actor::{ProviderActor, ProviderActorConfig};
 use enrichd_runtime::supervision::{RestartBudget, RestartPolicy};
 use enrichd_store::{ApplyContext, Store};
 use enrichd_testkit::db::TestDb;
@@ -221,7 +220,8 @@ fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
 
 #[actix::test]
 async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory() {
-    use enrichd_core::messages::{DeliveryTag, EnrichIp, Origin};
+    use enrichd_core::job::{DeliveryTag, Origin};
+    use enrichd_runtime::messages::EnrichIp;
     let db = TestDb::sqlite();
     let store = sqlite_store(&db).await;
     let deps = JobDeps {

@@ -145,7 +145,7 @@ where
     }
 }
 
-impl From<StoreError> for enrichd_core::messages::PersistError {
+impl From<StoreError> for enrichd_core::job::PersistError {
     fn from(err: StoreError) -> Self {
         let text = enrichd_core::error::chain(&err);
         match err.fate() {
@@ -240,10 +240,10 @@ mod tests {
         assert_eq!(err.to_string(), "database unreachable");
         let rejected = StoreError::malformed("outcome", "bogus");
         assert_eq!(rejected.fate(), StoreFate::Rejected);
-        let persist = enrichd_core::messages::PersistError::from(rejected);
+        let persist = enrichd_core::job::PersistError::from(rejected);
         assert!(matches!(
             persist,
-            enrichd_core::messages::PersistError::Rejected(_)
+            enrichd_core::job::PersistError::Rejected(_)
         ));
     }
 }

@@ -9,9 +9,9 @@ use actix::{Addr, Recipient};
 use enrichd_core::ProviderId;
 use enrichd_core::metric_names;
 use enrichd_metrics::{ProbeFuture, Probes};
-use enrichd_runtime::aggregator::{Aggregator, AggregatorStats, Ping};
+use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
 use enrichd_runtime::backfill::BackfillStats;
-use enrichd_runtime::provider_actor::GetProviderStatus;
+use enrichd_runtime::messages::{GetProviderStatus, Ping};
 use enrichd_store::{SchemaStatus, Store};
 
 /// Liveness: the actor system answers. Readiness: the database answers and its schema is the

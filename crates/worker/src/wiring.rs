@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter, Recipient, Supervisor};
 use enrichd_core::ProviderId;
-use enrichd_core::messages::{ChildGaveUp, QueryProvider};
 use enrichd_core::ports::ProviderLimits;
 use enrichd_dns::{DnsConfig, HickoryPtrResolver};
 use enrichd_intel::{
@@ -15,7 +14,8 @@ use enrichd_intel::{
 };
 use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
 use enrichd_runtime::job::{JobDeps, Patience};
-use enrichd_runtime::provider_actor::{GetProviderStatus, ProviderActor, ProviderActorConfig};
+use enrichd_runtime::messages::{ChildGaveUp, GetProviderStatus, QueryProvider, ResolvePtr};
+use enrichd_runtime::provider_actor::{ProviderActor, ProviderActorConfig};
 use enrichd_runtime::ptr_pool::PtrResolverPool;
 use enrichd_runtime::relay::{self, OutboxHandoff};
 use enrichd_runtime::supervision::{RestartBudget, RestartPolicy};
@@ -229,7 +229,7 @@ fn spawn<P: ProviderHooks>(
 fn start_ptr_pool(
     settings: &Settings,
     give_up: Option<&Recipient<ChildGaveUp>>,
-) -> Option<(Recipient<enrichd_core::messages::ResolvePtr>, Arbiter)> {
+) -> Option<(Recipient<ResolvePtr>, Arbiter)> {
     let config = DnsConfig {
         servers: settings.dns.servers.clone(),
         timeout: settings.dns.timeout,

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use enrichd_core::messages::{EnrichIp, JobId, Origin, ProviderUnavailable};
+use enrichd_core::job::{JobId, Origin, ProviderUnavailable};
 use enrichd_core::payload::IntelPayload;
 use enrichd_core::{CanonicalIp, ProviderId};
 use enrichd_runtime::job::{Patience, ProviderNotice};
+use enrichd_runtime::messages::EnrichIp;
 use futures::future::join_all;
 
 use crate::config::Settings;

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use actix::{Actor, Addr, AsyncContext, Context};
 use enrichd_runtime::backfill::{Backfill, BackfillConfig, BackfillStats};
 use enrichd_runtime::bus_listener::{BusConfig, BusDeps, BusListener, BusStats};
-use enrichd_runtime::coordinator::{AttachBus, Coordinator, Shutdown};
+use enrichd_runtime::coordinator::Coordinator;
 use enrichd_runtime::health::HealthSource;
+use enrichd_runtime::messages::{AttachBus, Shutdown};
 use enrichd_store::Store;
 use tokio::sync::{Notify, oneshot, watch};
 

@@ -1,15 +1,13 @@
-//! The typed messages the actors exchange (one struct per message).
-//!
-//! Every message owns its data and carries the `job_id` of the enrichment it belongs to,
-//! because tracing spans do not cross mailboxes. Replies are `Result`s whenever the sender
-//! acts on the outcome.
+//! The vocabulary of an enrichment job, shared by the actors and the adapters: its id, where
+//! a request came from, why a provider was not asked, a provider's answer with the slot it
+//! holds, and why a request could not be made durable. The actor messages themselves live in
+//! `enrichd_runtime::messages`; this crate stays free of actix.
 
 use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-use crate::ports::PtrReport;
-use crate::{CanonicalIp, ProviderId, ProviderReport};
+use crate::ProviderReport;
 
 /// One enrichment of one address; ties log lines and messages together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,36 +48,6 @@ pub enum Origin {
         /// Claim everything not leased elsewhere, not only what is due.
         refresh: bool,
     },
-}
-
-/// Enrich one address. Sent by `BusListener`, the backfill and `lookup` to `Aggregator`,
-/// which coalesces concurrent requests for one address into one job.
-///
-/// The reply comes once the address's state is durable (its work committed as leased by this
-/// live process, or as due, or already fresh), which is when a bus delivery may be acked.
-#[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "Result<(), PersistError>")]
-pub struct EnrichIp {
-    /// The job.
-    pub job_id: JobId,
-    /// The canonical address.
-    pub ip: CanonicalIp,
-    /// The attacker row the event named, when it named one.
-    pub attacker_uuid: Option<String>,
-    /// The event's `first_seen`, used when enrichd creates the attacker row.
-    pub first_seen: Option<DateTime<Utc>>,
-    /// Who asked; decides whether the event is recorded and what is claimed.
-    pub origin: Origin,
-}
-
-/// Resolve the PTR name of one global address. `Aggregator` → `PtrResolverPool`.
-#[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "PtrReport")]
-pub struct ResolvePtr {
-    /// The job.
-    pub job_id: JobId,
-    /// The address.
-    pub ip: CanonicalIp,
 }
 
 /// Why a provider actor did not call its provider. The work stays due and its per-IP
@@ -195,18 +163,6 @@ impl PartialEq for ProviderAnswer {
     }
 }
 
-/// Ask one provider about one address. `Aggregator` → `ProviderActor`.
-#[derive(Debug, Clone, actix::Message)]
-#[rtype(result = "Result<ProviderAnswer, ProviderUnavailable>")]
-pub struct QueryProvider {
-    /// The job.
-    pub job_id: JobId,
-    /// The provider being asked (lets one recipient list serve all providers).
-    pub provider: ProviderId,
-    /// The address.
-    pub ip: CanonicalIp,
-}
-
 /// Why a request could not be made durable, as the bus needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PersistError {
@@ -214,25 +170,9 @@ pub enum PersistError {
     /// never dead-letter.
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    /// The write itself is impossible; the address is recorded as an error with backoff.
+    /// The store refused the write for good: the bus dead-letters the delivery
+    /// (`store rejected`), and the answers of the pass, if any, are stored as `error`s with
+    /// backoff so they are not asked again at once.
     #[error("write rejected: {0}")]
     Rejected(String),
-}
-
-/// Stop consuming (cancel the consumer); deliveries in flight are still settled.
-#[derive(Debug, Clone, Copy, actix::Message)]
-#[rtype(result = "()")]
-pub struct StopIntake;
-
-/// Reply once no job is in flight.
-#[derive(Debug, Clone, Copy, actix::Message)]
-#[rtype(result = "()")]
-pub struct Drain;
-
-/// A supervised child spent its restart budget; the process must exit 1.
-#[derive(Debug, Clone, Copy, actix::Message)]
-#[rtype(result = "()")]
-pub struct ChildGaveUp {
-    /// The actor's role name.
-    pub actor: &'static str,
 }
