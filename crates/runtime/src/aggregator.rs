@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::job::{JobDeps, JobSummary, enrich};
 use crate::messages::{Drain, EnrichIp, JobDone, JobDurable, JoinJob, Ping, Room, StartRecorded};
-use crate::store_batcher::StoreBatcher;
+use crate::repository_writer::Writer;
 
 /// Counters shared with the health beat and metrics.
 #[derive(Debug, Default)]
@@ -79,8 +79,8 @@ struct JobState {
 /// Single-flight job runner (see the module docs).
 pub struct Aggregator {
     deps: JobDeps,
-    /// Where the jobs' claims and writes are batched.
-    writer: StoreBatcher,
+    /// Where the jobs' claims and writes go (`RepositoryWriter`).
+    writer: Writer,
     jobs: HashMap<CanonicalIp, JobState>,
     /// Addresses finished moments ago (see [`Recent`]).
     recent: HashMap<CanonicalIp, Recent>,
@@ -93,10 +93,10 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    /// An aggregator running passes with `deps`.
-    pub fn new(deps: JobDeps, stats: Arc<AggregatorStats>) -> Self {
+    /// An aggregator running passes with `deps`, writing through `writer`.
+    pub fn new(deps: JobDeps, writer: Writer, stats: Arc<AggregatorStats>) -> Self {
         Self {
-            writer: deps.start_batcher(),
+            writer,
             running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_JOBS)),
             deps,
             jobs: HashMap::new(),

@@ -1,5 +1,6 @@
 //! One enrichment pass for one address: claim what is due, ask PTR and providers in parallel,
-//! write the results in one transaction (shared with other addresses' by the `StoreBatcher`).
+//! write the results in one transaction (shared with other addresses' by the
+//! `RepositoryWriter`).
 //!
 //! The pass reports "durable" as soon as its claims are committed: from then on the address's
 //! work is either leased by this live process or recorded as due, so a bus delivery can be
@@ -35,7 +36,7 @@ use tracing::{debug, warn};
 
 use crate::messages::{QueryProvider, ResolvePtr};
 use crate::relay::OutboxHandoff;
-use crate::store_batcher::{ClaimSettings, StoreBatcher};
+use crate::repository_writer::{ClaimSettings, RepositoryWriter, Writer};
 
 /// A write with no lease to keep (nothing paid for in it) is tried for about 11 s while the
 /// store is unavailable.
@@ -117,15 +118,15 @@ pub struct ProviderNotice {
 }
 
 impl JobDeps {
-    /// Starts the batcher every job of these deps claims and writes through (on the current
-    /// runtime).
-    pub fn start_batcher(&self) -> StoreBatcher {
+    /// The repository writer every job of these deps claims and writes through, not started
+    /// yet (the caller gives it its restart budget).
+    pub fn repository_writer(&self) -> RepositoryWriter {
         let claim = ClaimSettings {
             providers: self.providers.iter().map(|(id, _)| *id).collect(),
             ptr: self.ptr.is_some(),
             lease: self.provider_lease.max(self.ptr_lease),
         };
-        StoreBatcher::start(&self.store, claim, self.ctx.clone())
+        RepositoryWriter::new(&self.store, claim, self.ctx.clone())
     }
 }
 
@@ -169,7 +170,7 @@ pub async fn enrich(
     mode: ClaimMode,
     event: Option<EventNote>,
     deps: &JobDeps,
-    writer: &StoreBatcher,
+    writer: &Writer,
     on_durable: impl FnOnce(Vec<String>),
 ) -> Result<JobSummary, StoreError> {
     let scope = StoredScope::from(deps.policy.scope(ip));
@@ -262,7 +263,7 @@ pub async fn enrich(
 /// that is unreachable or out of connections is waited for until shortly before the first of
 /// their leases lapses, rather than giving up and asking the providers again later; a write
 /// with nothing paid for in it waits about 11 s.
-async fn write_durably(item: ApplyItem, writer: &StoreBatcher) -> Result<ApplyOutcome, StoreError> {
+async fn write_durably(item: ApplyItem, writer: &Writer) -> Result<ApplyOutcome, StoreError> {
     let first_lapse = item
         .providers
         .iter()
@@ -300,7 +301,7 @@ struct Pass<'a> {
     ip: CanonicalIp,
     scope: StoredScope,
     deps: &'a JobDeps,
-    writer: &'a StoreBatcher,
+    writer: &'a Writer,
 }
 
 /// A provider's answer held until it is written, with the slot its call took.

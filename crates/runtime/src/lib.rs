@@ -10,8 +10,8 @@
 //! - [`backfill`]: the backlog loop (poll mode, and the safety net in bus mode).
 //! - [`relay`]: the outbox relay (confirmed publishing of results).
 //! - [`aggregator`]: `Aggregator`, single-flight jobs per address and the durable point.
-//! - [`store_batcher`]: `StoreBatcher`, the jobs' claims and writes gathered into shared
-//!   transactions.
+//! - [`repository_writer`]: `RepositoryWriter`, the actor that owns the writes: intake, claims
+//!   and results gathered into shared transactions, on an arbiter of its own.
 //! - [`supervision`]: restart budgets and panic containment shared by every supervised actor.
 //! - [`ptr_pool`]: `PtrResolverPool`, bounded concurrency over the DNS adapter.
 //! - [`provider_actor`]: `ProviderActor`, one per provider: concurrency cap, circuit breaker,
@@ -28,5 +28,5 @@ pub mod messages;
 pub mod provider_actor;
 pub mod ptr_pool;
 pub mod relay;
-pub mod store_batcher;
+pub mod repository_writer;
 pub mod supervision;

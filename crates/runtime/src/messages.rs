@@ -11,13 +11,14 @@ use chrono::{DateTime, Utc};
 use enrichd_core::job::{JobId, Origin, PersistError, ProviderAnswer, ProviderUnavailable};
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{CanonicalIp, ProviderId};
-use enrichd_store::EventNote;
+use enrichd_store::{ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Intake, StoreError};
 use tokio::sync::oneshot;
 
 use crate::aggregator::Joined;
 use crate::bus_listener::BusListener;
 use crate::job::JobSummary;
 use crate::provider_actor::ProviderStatus;
+use crate::repository_writer::LaneKind;
 
 // === the pipeline ===
 
@@ -162,6 +163,59 @@ pub struct InjectFault;
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub(crate) struct CallPanicked;
+
+/// Job / Aggregator → `RepositoryWriter`; reply the event's `Intake` (with its claims when it
+/// asked for them); `Unavailable` (or no answer): the delivery stays unacked and is retried.
+///
+/// Records a bus event in the next intake batch (see `Store::note_events`).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Intake, StoreError>")]
+pub struct RecordEvent {
+    /// The event.
+    pub note: EventNote,
+}
+
+/// Job → `RepositoryWriter`; reply the address's `Claims`; on failure the job ends and the
+/// work stays due (nothing was leased).
+///
+/// Claims the due (or, refreshing, all) work of an address in the next claim batch.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<Claims, StoreError>")]
+pub struct ClaimWork {
+    /// The address.
+    pub ip: CanonicalIp,
+    /// Due work only, or everything not leased elsewhere.
+    pub mode: ClaimMode,
+}
+
+/// Job → `RepositoryWriter`; reply what the write did (`ApplyOutcome`); `Unavailable`: retried
+/// until shortly before the pass's leases lapse, then the work is asked again later.
+///
+/// Writes a pass's results in the next write batch.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<ApplyOutcome, StoreError>")]
+pub struct PersistResults {
+    /// The address's results.
+    pub item: ApplyItem,
+}
+
+/// A write batch's task → `RepositoryWriter`; no reply; lost only if the writer is gone for
+/// good, and then nothing waits for its lane.
+///
+/// A batch of a lane ended; `broken`: it panicked, or its pool closed (restart).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub(crate) struct BatchDone {
+    pub(crate) lane: LaneKind,
+    pub(crate) generation: u64,
+    pub(crate) broken: bool,
+}
+
+/// Tests, drills → `RepositoryWriter`; no reply; its own pools close, its next batch fails
+/// and it restarts with new ones.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct BreakPools;
 
 // === lifecycle ===
 

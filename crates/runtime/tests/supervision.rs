@@ -1,5 +1,6 @@
 //! Supervision across actors: a faulting provider is restarted behind the same address while
-//! another keeps answering, and a spent restart budget makes the Coordinator exit 1.
+//! another keeps answering, a repository writer whose pools broke is restarted with new ones,
+//! and a spent restart budget makes the Coordinator exit 1.
 
 #![allow(
     clippy::unwrap_used,
@@ -205,7 +206,8 @@ fn coordinator(store: &Store, exit: oneshot::Sender<u8>) -> Addr<Coordinator> {
         ack_deadline: Duration::from_secs(30),
         patience: None,
     };
-    let aggregator = Aggregator::new(deps, Arc::new(AggregatorStats::default())).start();
+    let writer = deps.repository_writer().start();
+    let aggregator = Aggregator::new(deps, writer, Arc::new(AggregatorStats::default())).start();
     let (backfill_stop, _) = watch::channel(false);
     Coordinator::new(
         None,
@@ -242,7 +244,8 @@ async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory()
         patience: None,
     };
     let stats = Arc::new(AggregatorStats::default());
-    let aggregator = Aggregator::new(deps, Arc::clone(&stats)).start();
+    let writer = deps.repository_writer().start();
+    let aggregator = Aggregator::new(deps, writer, Arc::clone(&stats)).start();
     let event = || EnrichIp {
         job_id: JobId::new(),
         ip: CanonicalIp::parse("8.8.8.8").unwrap(),
@@ -284,4 +287,68 @@ async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory()
     named.attacker_uuid = Some("0b7c4a36-6f53-4c44-a9f1-2a3b5e1f0c11".into());
     aggregator.send(named).await.unwrap().unwrap();
     assert_eq!(hits(), before + 1);
+}
+
+#[actix::test]
+async fn a_broken_writer_pool_restarts_the_writer_and_its_budget_counts() {
+    use enrichd_runtime::messages::BreakPools;
+    use enrichd_store::ClaimMode;
+    let db = TestDb::postgres().await;
+    let store = Store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let (exit_tx, exit_rx) = oneshot::channel::<u8>();
+    let sqlite = TestDb::sqlite();
+    let coordinator = coordinator(&sqlite_store(&sqlite).await, exit_tx);
+    let deps = JobDeps {
+        store: store.clone(),
+        policy: AddressPolicy::default(),
+        ctx: ApplyContext::default(),
+        providers: Vec::new(),
+        ptr: None,
+        provider_lease: Duration::from_secs(30),
+        ptr_lease: Duration::from_secs(22),
+        outbox: None,
+        backfill_wake: None,
+        ack_deadline: Duration::from_secs(30),
+        patience: None,
+    };
+    let writer = deps
+        .repository_writer()
+        .with_restart_policy(RestartPolicy::new(
+            "RepositoryWriter",
+            RestartBudget::new(2, Duration::from_secs(60)),
+            coordinator.recipient(),
+        ))
+        .start();
+    let ip = |n: u8| CanonicalIp::parse(&format!("8.8.{n}.8")).unwrap();
+    assert!(writer.claim(ip(0), ClaimMode::Due).await.is_ok());
+
+    for round in 1..=2u32 {
+        writer.addr().send(BreakPools).await.unwrap();
+        // The next batch meets the closed pools: nothing is written, and the writer restarts.
+        let refused = writer.claim(ip(1), ClaimMode::Due).await.unwrap_err();
+        assert!(refused.is_unavailable(), "{refused}");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                writer.restarts() == round
+            })
+            .await,
+            "restart {round}"
+        );
+        // Behind the same address, with new pools.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                writer.claim(ip(2), ClaimMode::Due).await.is_ok()
+            })
+            .await,
+            "claims again after restart {round}"
+        );
+    }
+    // A third within the minute spends the budget of two: the Coordinator exits 1.
+    writer.addr().send(BreakPools).await.unwrap();
+    let _ = writer.claim(ip(3), ClaimMode::Due).await;
+    let code = tokio::time::timeout(Duration::from_secs(20), exit_rx)
+        .await
+        .expect("exit in time");
+    assert_eq!(code.unwrap(), 1);
 }

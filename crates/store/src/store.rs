@@ -501,6 +501,26 @@ impl Store {
         Ok(providers + ptr)
     }
 
+    /// Whether this handle's pool was closed. A closed pool never reopens: whoever owns it
+    /// opens another ([`Store::with_own_pool`]).
+    pub fn is_closed(&self) -> bool {
+        match self.sql.0 {
+            DbBackend::Postgres => self.write.get_postgres_connection_pool().is_closed(),
+            DbBackend::Sqlite => self.write.get_sqlite_connection_pool().is_closed(),
+            _ => false,
+        }
+    }
+
+    /// Closes the pool of a handle made by [`Store::with_own_pool`] on PostgreSQL, for fault
+    /// drills and supervision tests; every later statement on it fails as unavailable. A
+    /// handle sharing the process's pools is left alone.
+    pub fn close_own_pool(&self) {
+        if self.sql.is_pg() && self.keyed_sessions {
+            // Marks the pool closed at once; connections go as their holders let them go.
+            drop(self.write.get_postgres_connection_pool().close());
+        }
+    }
+
     /// Closes the pools.
     pub async fn close(self) -> Result<(), StoreError> {
         self.write.close().await?;

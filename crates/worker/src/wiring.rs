@@ -134,7 +134,16 @@ pub fn start_core(
         patience,
     };
     let stats = Arc::new(AggregatorStats::default());
-    let aggregator = Aggregator::new(deps.clone(), Arc::clone(&stats)).start();
+    let writer = deps.repository_writer();
+    let writer = match give_up {
+        Some(r) => writer.with_restart_policy(RestartPolicy::new(
+            "RepositoryWriter",
+            RestartBudget::default(),
+            r.clone(),
+        )),
+        None => writer,
+    };
+    let aggregator = Aggregator::new(deps.clone(), writer.start(), Arc::clone(&stats)).start();
     Core {
         deps,
         aggregator,
