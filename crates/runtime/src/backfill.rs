@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::Addr;
+use backon::BackoffBuilder;
 use enrichd_core::job::{JobId, Origin};
 use enrichd_store::{ApplyContext, Store};
 use futures::StreamExt;
@@ -20,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::aggregator::Aggregator;
 use crate::messages::{Drain, EnrichIp, Room};
+use crate::supervision::backoff;
 
 /// Least time between a short batch and the next one started by a wake-up.
 const MIN_WAKE_SPACING: Duration = Duration::from_secs(1);
@@ -71,17 +73,20 @@ pub struct Backfill {
 impl Backfill {
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let retry_policy = || backoff(Duration::from_millis(100), Duration::from_secs(5)).build();
+        let mut retries = retry_policy();
         let mut failures = 0u32;
         while !*stop.borrow() {
             let full = match self.one_batch().await {
                 Ok(n) => {
                     failures = 0;
+                    retries = retry_policy();
                     n >= self.config.batch as usize
                 }
                 Err(e) => {
                     failures += 1;
                     warn!(error = %e, attempt = failures, "Backlog query failed; retrying.");
-                    let wait = crate::supervision::jittered_backoff(failures);
+                    let wait = retries.next().unwrap_or(Duration::from_secs(5));
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => {}

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
+use backon::{BackoffBuilder, Retryable};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use enrichd_bus::decode::cut_oversized;
 use enrichd_bus::publish::{Outgoing, Publisher};
@@ -39,6 +40,7 @@ use crate::aggregator::Aggregator;
 use crate::health::HealthSource;
 use crate::messages::{CloseConnection, EnrichIp, Shutdown, StopIntake};
 use crate::relay::{OutboxHandoff, RelayEnd, run_relay};
+use crate::supervision::backoff;
 
 /// Longest wait for an ack, a cancel or a close. Each takes microseconds on a live
 /// connection; on one that died without lapin settling its promise it may never finish, and a
@@ -230,6 +232,9 @@ async fn session_loop(
     intake_stop: watch::Receiver<bool>,
     mut relay_stop: watch::Receiver<bool>,
 ) {
+    // From 800 ms to 30 s; a session that lasted a minute starts the delays afresh.
+    let reconnects = || backoff(Duration::from_millis(800), Duration::from_secs(30)).build();
+    let mut delays = reconnects();
     let mut attempt = 0u32;
     loop {
         if *relay_stop.borrow() {
@@ -243,10 +248,10 @@ async fn session_loop(
                 deps.backfill_wake.notify_one();
                 if started.elapsed() > Duration::from_secs(60) {
                     attempt = 0;
+                    delays = reconnects();
                 }
                 attempt += 1;
-                let wait =
-                    crate::supervision::jittered_backoff(attempt + 3).min(Duration::from_secs(30));
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
                 let reason = enrichd_core::error::chain(&reason);
                 warn!(error = %reason, attempt, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "Bus unavailable; running on the backlog and reconnecting.");
                 tokio::select! {
@@ -617,41 +622,56 @@ async fn settle(
         }
     };
     let first_seen = request.first_seen.as_deref().and_then(parse_first_seen);
-    let mut attempt = 0u32;
-    loop {
-        let answer = deps
-            .aggregator
-            .send(EnrichIp {
-                job_id: JobId::new(),
-                ip: request.ip,
-                attacker_uuid: request.attacker_uuid.clone(),
-                first_seen,
-                origin: Origin::Bus(DeliveryTag(delivery.delivery_tag)),
-            })
-            .await;
-        match answer {
-            Ok(Ok(())) => return Fate::Ack(delivery.acker),
-            Ok(Err(PersistError::Rejected(reason))) => {
-                let reason = DeadLetterReason::store_rejected(&reason);
-                return dead_letter(&delivery, deps, publisher, topology, &reason).await;
+    let ask = || {
+        deps.aggregator.send(EnrichIp {
+            job_id: JobId::new(),
+            ip: request.ip,
+            attacker_uuid: request.attacker_uuid.clone(),
+            first_seen,
+            origin: Origin::Bus(DeliveryTag(delivery.delivery_tag)),
+        })
+    };
+    let mut answer = ask().await;
+    if let Ok(Err(PersistError::Unavailable(reason))) = &answer {
+        warn!(ip = %request.ip, error = %reason, "Store unavailable; intake paused until it is back.");
+        // Asked again until the store is back (never nacked: the quorum queue's delivery
+        // limit would dead-letter a good event); shutting down meanwhile leaves it unacked,
+        // and the broker redelivers it.
+        let retried = (|| async {
+            match ask().await {
+                Ok(Err(PersistError::Unavailable(reason))) => Err(reason),
+                other => Ok(other),
             }
-            Ok(Err(PersistError::Unavailable(reason))) => {
-                attempt += 1;
-                if attempt == 1 {
-                    warn!(ip = %request.ip, error = %reason, "Store unavailable; intake paused until it is back.");
-                }
-                let wait =
-                    crate::supervision::jittered_backoff(attempt + 2).min(Duration::from_secs(10));
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    // Shutting down: leave it unacked; the broker redelivers it.
-                    _ = stop.changed() => if *stop.borrow() { return Fate::Unsettled },
-                }
-            }
-            Err(e) => {
-                error!(error = %e, "Aggregator unreachable; delivery left for redelivery.");
-                return Fate::Unsettled;
-            }
+        })
+        .retry(backoff(Duration::from_millis(400), Duration::from_secs(10)));
+        answer = tokio::select! {
+            retried = retried => match retried {
+                Ok(other) => other,
+                // The policy has no end; only a policy change could get here.
+                Err(_still_unavailable) => return Fate::Unsettled,
+            },
+            () = shutting_down(&mut stop) => return Fate::Unsettled,
+        };
+    }
+    match answer {
+        Ok(Ok(())) => Fate::Ack(delivery.acker),
+        Ok(Err(PersistError::Rejected(reason))) => {
+            let reason = DeadLetterReason::store_rejected(&reason);
+            dead_letter(&delivery, deps, publisher, topology, &reason).await
+        }
+        Ok(Err(PersistError::Unavailable(_))) => Fate::Unsettled,
+        Err(e) => {
+            error!(error = %e, "Aggregator unreachable; delivery left for redelivery.");
+            Fate::Unsettled
+        }
+    }
+}
+
+/// Resolves once `stop` turns true (never, if its sender is gone without it).
+async fn shutting_down(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Recipient;
+use backon::Retryable;
 use chrono::Utc;
 use enrichd_core::job::{CallSlot, JobId, ProviderAnswer, ProviderUnavailable};
 use enrichd_core::metric_names;
@@ -37,6 +38,7 @@ use tracing::{debug, warn};
 use crate::messages::{QueryProvider, ResolvePtr};
 use crate::relay::OutboxHandoff;
 use crate::repository_writer::{ClaimSettings, RepositoryWriter, Writer};
+use crate::supervision::backoff;
 
 /// A write with no lease to keep (nothing paid for in it) is tried for about 11 s while the
 /// store is unavailable.
@@ -270,29 +272,30 @@ async fn write_durably(item: ApplyItem, writer: &Writer) -> Result<ApplyOutcome,
         .map(|(lease, _)| lease.until)
         .chain(item.ptr.as_ref().map(|(lease, _)| lease.until))
         .min();
-    let give_up_at = match first_lapse {
-        Some(until) if !item.providers.is_empty() => {
-            let left = (until - Utc::now()).to_std().unwrap_or_default();
-            Instant::now() + left.saturating_sub(LEASE_MARGIN)
-        }
-        _ => Instant::now() + UNLEASED_WRITE_PATIENCE,
+    let patience = match first_lapse {
+        Some(until) if !item.providers.is_empty() => (until - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .saturating_sub(LEASE_MARGIN),
+        _ => UNLEASED_WRITE_PATIENCE,
     };
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match writer.apply(item.clone()).await {
-            Err(e) if e.is_unavailable() => {
-                let backoff = crate::supervision::jittered_backoff(attempt + 2);
-                if Instant::now() + backoff >= give_up_at {
-                    warn!(ip = %item.ip, attempt, error = %e, "Store unavailable past the lease; the answers are left to be asked again.");
-                    return Err(e);
-                }
-                debug!(ip = %item.ip, attempt, error = %e, "Store unavailable; retrying the write.");
-                tokio::time::sleep(backoff).await;
-            }
-            other => return other,
-        }
+    let ip = item.ip;
+    let written = (|| writer.apply(item.clone()))
+        .retry(
+            backoff(Duration::from_millis(400), Duration::from_secs(5))
+                .with_total_delay(Some(patience)),
+        )
+        .when(StoreError::is_unavailable)
+        .notify(|e, wait| {
+            debug!(%ip, error = %e, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "Store unavailable; retrying the write.");
+        })
+        .await;
+    if let Err(e) = &written
+        && e.is_unavailable()
+    {
+        warn!(%ip, error = %e, "Store unavailable past the lease; the answers are left to be asked again.");
     }
+    written
 }
 
 /// One pass's context while it asks.

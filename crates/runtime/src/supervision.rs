@@ -14,6 +14,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
 use tokio::time::Instant;
 
@@ -105,7 +106,7 @@ impl RestartBudget {
         self.recent.push_back(now);
         let attempt = u32::try_from(self.recent.len()).unwrap_or(u32::MAX);
         RestartDecision::Restart {
-            delay: jittered_backoff(attempt),
+            delay: restart_delay(attempt),
         }
     }
 
@@ -115,15 +116,25 @@ impl RestartBudget {
     }
 }
 
-/// 100 ms doubled per attempt, capped at 5 s, ±25 % jitter.
-pub fn jittered_backoff(attempt: u32) -> Duration {
-    let base = enrichd_core::outcome::doubling(
-        Duration::from_millis(100),
-        attempt,
-        Duration::from_secs(5),
-    );
-    let jitter = rand::random_range(0.75..=1.25);
-    base.mul_f64(jitter)
+/// The process's one backoff policy: from `first`, doubling to `cap`, each delay jittered
+/// (up to twice itself) so replicas that failed together do not retry together. Restarts,
+/// reconnects and retries all take theirs from here.
+pub fn backoff(first: Duration, cap: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(cap)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// The delay before restart number `attempt` (1-based): [`backoff`] from 100 ms to 5 s.
+pub fn restart_delay(attempt: u32) -> Duration {
+    let nth = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+    backoff(Duration::from_millis(100), Duration::from_secs(5))
+        .build()
+        .nth(nth)
+        .unwrap_or(Duration::from_secs(5))
 }
 
 #[cfg(test)]
@@ -177,11 +188,13 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         for attempt in 1..=20 {
-            let d = jittered_backoff(attempt);
-            assert!(d >= Duration::from_millis(75), "{attempt}: {d:?}");
-            assert!(d <= Duration::from_millis(6250), "{attempt}: {d:?}");
+            let d = restart_delay(attempt);
+            assert!(d >= Duration::from_millis(100), "{attempt}: {d:?}");
+            assert!(d <= Duration::from_secs(10), "{attempt}: {d:?}");
         }
-        assert!(jittered_backoff(10) > jittered_backoff(1));
+        // Doubling: the tenth is at its 5 s cap, the first at most 200 ms even jittered.
+        assert!(restart_delay(10) >= Duration::from_secs(5));
+        assert!(restart_delay(1) <= Duration::from_millis(200));
     }
 }
 
