@@ -19,7 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, error, info, warn};
 
-use crate::Registry;
+use crate::Metrics;
 
 /// Largest request head (request line and headers) the listener reads; a longer one gets `431`.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -73,7 +73,7 @@ impl Default for ServerOptions {
     }
 }
 
-/// Serve the [global registry](crate::global) and `probes` on `addr` with default
+/// Serve the [global metrics](crate::global) and `probes` on `addr` with default
 /// [`ServerOptions`].
 ///
 /// Returns the bound address (port 0 picks a free port) and the listener task; aborting the
@@ -85,22 +85,16 @@ pub async fn serve(
     addr: SocketAddr,
     probes: Arc<dyn Probes>,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    serve_with(
-        addr,
-        crate::global().clone(),
-        probes,
-        ServerOptions::default(),
-    )
-    .await
+    serve_with(addr, crate::global_arc(), probes, ServerOptions::default()).await
 }
 
-/// Serve `registry` and `probes` on `addr` with explicit limits. See [`serve`].
+/// Serve `metrics` and `probes` on `addr` with explicit limits. See [`serve`].
 ///
 /// # Errors
 /// The bind failed (address in use, no permission).
 pub async fn serve_with(
     addr: SocketAddr,
-    registry: Registry,
+    metrics: Arc<Metrics>,
     probes: Arc<dyn Probes>,
     options: ServerOptions,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
@@ -108,7 +102,7 @@ pub async fn serve_with(
     let bound = listener.local_addr()?;
     info!(addr = %bound, "Metrics listener started.");
     let state = Arc::new(State {
-        registry,
+        metrics,
         probes,
         options,
     });
@@ -116,7 +110,7 @@ pub async fn serve_with(
 }
 
 struct State {
-    registry: Registry,
+    metrics: Arc<Metrics>,
     probes: Arc<dyn Probes>,
     options: ServerOptions,
 }
@@ -315,7 +309,7 @@ async fn respond(request: &Request, state: &State) -> Response {
         "/metrics" => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: state.registry.render().into_bytes(),
+            body: state.metrics.render().into_bytes(),
             allow: false,
             head_only: false,
         },

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use enrichd_core::metric_names as names;
-use enrichd_metrics::{ProbeFuture, Probes, Registry, ServerOptions, serve, serve_with};
+use enrichd_metrics::{
+    Metrics, ProbeFuture, Probes, ProviderLabel, ServerOptions, serve, serve_with,
+};
 use enrichd_testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -106,18 +107,18 @@ async fn get(addr: SocketAddr, path: &str) -> Answer {
     .unwrap()
 }
 
-async fn start(probes: Arc<dyn Probes>, options: ServerOptions) -> (Registry, SocketAddr) {
-    let registry = Registry::new();
-    let (addr, _task) = serve_with(loopback(), registry.clone(), probes, options)
+async fn start(probes: Arc<dyn Probes>, options: ServerOptions) -> (Arc<Metrics>, SocketAddr) {
+    let metrics = Arc::new(Metrics::new());
+    let (addr, _task) = serve_with(loopback(), Arc::clone(&metrics), probes, options)
         .await
         .unwrap();
-    (registry, addr)
+    (metrics, addr)
 }
 
 #[tokio::test]
 async fn answers_each_path_over_tcp() {
-    let (registry, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
-    registry.counter(names::EVENTS_ACKED, &[]).add(5);
+    let (exported, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    exported.events_acked.inc_by(5);
     assert_ne!(addr.port(), 0);
 
     let metrics = get(addr, "/metrics").await;
@@ -126,7 +127,7 @@ async fn answers_each_path_over_tcp() {
         metrics.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    assert_eq!(metrics.body, registry.render());
+    assert_eq!(metrics.body, exported.render());
     assert!(metrics.body.contains("enrichd_events_acked_total 5\n"));
     assert_eq!(
         metrics.header("content-length"),
@@ -299,8 +300,8 @@ async fn connections_beyond_the_limit_are_closed_and_serving_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_scrapes_all_succeed() {
-    let (registry, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
-    registry.gauge(names::BACKLOG, &[]).set_u64(3);
+    let (metrics, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    metrics.backlog.set(3);
     let clients: Vec<_> = (0..48)
         .map(|_| tokio::spawn(async move { get(addr, "/metrics").await }))
         .collect();
@@ -314,7 +315,10 @@ async fn many_concurrent_scrapes_all_succeed() {
 #[tokio::test]
 async fn serve_binds_a_free_port_for_the_global_registry_and_abort_closes_it() {
     enrichd_metrics::global()
-        .counter("enrichd_metrics_test_served_total", &[])
+        .cache_hits
+        .get_or_create(&ProviderLabel {
+            provider: "test_served",
+        })
         .inc();
     let (addr, task) = serve(loopback(), FakeProbes::new(true, Ok(())))
         .await
@@ -324,7 +328,7 @@ async fn serve_binds_a_free_port_for_the_global_registry_and_abort_closes_it() {
     assert!(
         metrics
             .body
-            .contains("enrichd_metrics_test_served_total 1\n"),
+            .contains("enrichd_cache_hits_total{provider=\"test_served\"} 1\n"),
         "{}",
         metrics.body
     );
