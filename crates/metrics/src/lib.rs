@@ -17,7 +17,8 @@
 //!
 //! # Layout
 //! - `series`: [`Metrics`], its label sets and [`Unlabelled`].
-//! - `server`: [`serve`] / [`serve_with`], a hand-rolled HTTP/1.1 listener, and [`Probes`].
+//! - `server`: [`serve`] / [`serve_with`], hyper's HTTP/1.1 server with our limits, and
+//!   [`Probes`].
 
 mod series;
 mod server;

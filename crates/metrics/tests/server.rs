@@ -237,6 +237,49 @@ async fn garbage_request_gets_400_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn malformed_heads_get_400() {
+    let (_, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    for bad in [
+        &b"GET /metrics\r\n\r\n"[..],
+        b"GET  /metrics HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/2.0\r\n\r\n",
+        b"GET metrics HTTP/1.1\r\n\r\n",
+        b"G(T /metrics HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\n\r\n",
+        b"\x01\x02\x03\r\n\r\n",
+    ] {
+        let answer = exchange(addr, bad).await.unwrap();
+        assert_eq!(answer.status, 400, "{:?}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[tokio::test]
+async fn routes_origin_and_absolute_targets_without_the_query() {
+    let (_, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    let ready = exchange(addr, b"GET /readyz?verbose=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    // Absolute form (a proxy's request), after an empty line RFC 9112 lets a server ignore.
+    let ready = exchange(addr, b"\r\nGET http://host:9464/readyz HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    let root = exchange(addr, b"GET http://host HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(root.status, 404);
+    // Bare LF line ends, which RFC 9112 lets a server accept.
+    let health = exchange(addr, b"GET /healthz HTTP/1.1\nHost: a\n\n")
+        .await
+        .unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+}
+
+#[tokio::test]
 async fn oversized_request_head_gets_431() {
     let (_, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
     let mut raw = b"GET /metrics HTTP/1.1\r\nX-Padding: ".to_vec();
