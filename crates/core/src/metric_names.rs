@@ -1,6 +1,10 @@
 //! Prometheus series names, in one place so the exporter, the Grafana dashboard and the
 //! deployment test agree (a dashboard panel on a series that does not exist shows nothing and
 //! nobody notices).
+//!
+//! Names are as exported. `enrichd-metrics` registers each with its help text and type; a
+//! counter's without the `_total` suffix, which prometheus-client appends, and its tests check
+//! that every name here comes out exactly once.
 
 /// Deliveries received from the work queue.
 pub const EVENTS_CONSUMED: &str = "enrichd_events_consumed_total";

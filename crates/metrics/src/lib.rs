@@ -1,42 +1,44 @@
-//! Metrics for enrichd (SPEC §11): a process-global series registry, the Prometheus text
-//! exposition of it, and the small HTTP listener that serves `/metrics`, `/healthz` and
-//! `/readyz`.
+//! Metrics for enrichd (SPEC §11): every series as a typed handle on a prometheus-client
+//! registry, and the listener that serves them on `/metrics` next to `/healthz` and `/readyz`.
 //!
-//! Actors and adapters record through handles taken from [`global()`]; the worker binary starts
+//! Actors and adapters record through the fields of [`global()`]; the worker binary starts
 //! [`serve`] on `ENRICHD_METRICS_ADDR`. Series names come from
 //! [`enrichd_core::metric_names`], so the exporter, the dashboard and the deployment test agree.
 //!
-//! Handles are cheap: taking one locks the registry once, recording on it is one atomic
-//! operation. Keep the handle when a series is recorded often.
-//!
 //! ```
-//! use enrichd_core::metric_names;
-//! use enrichd_metrics::Registry;
+//! use enrichd_metrics::{LookupLabels, Metrics};
 //!
-//! let registry = Registry::new();
-//! let lookups = registry.counter(metric_names::LOOKUPS, &[("provider", "feodo"), ("outcome", "ok")]);
-//! lookups.inc();
-//! assert_eq!(registry.counter_value(metric_names::LOOKUPS, &[("outcome", "ok"), ("provider", "feodo")]), 1);
-//! assert!(registry.render().contains(r#"enrichd_lookups_total{outcome="ok",provider="feodo"} 1"#));
+//! let metrics = Metrics::new();
+//! let lookup = LookupLabels { outcome: "ok", provider: "feodo" };
+//! metrics.lookups.get_or_create(&lookup).inc();
+//! assert_eq!(metrics.lookups.get_or_create(&lookup).get(), 1);
+//! assert!(metrics.render().contains(r#"enrichd_lookups_total{outcome="ok",provider="feodo"} 1"#));
 //! ```
 //!
 //! # Layout
-//! - `registry`: [`Registry`], the [`Counter`], [`Gauge`] and [`Histogram`] handles.
-//! - `render`: Prometheus text format 0.0.4 and the help text of every enrichd series.
-//! - `server`: [`serve`] / [`serve_with`], a hand-rolled HTTP/1.1 listener, and [`Probes`].
+//! - `series`: [`Metrics`], its label sets and [`Unlabelled`].
+//! - `server`: [`serve`] / [`serve_with`], hyper's HTTP/1.1 server with our limits, and
+//!   [`Probes`].
 
-mod registry;
-mod render;
+mod series;
 mod server;
 
-pub use registry::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
+pub use series::{
+    LATENCY_BUCKETS, LookupLabels, Metrics, OutcomeLabel, ProviderLabel, ReasonLabel, SecondsGauge,
+    Unlabelled,
+};
 pub use server::{MAX_HEAD_BYTES, ProbeFuture, Probes, ServerOptions, serve, serve_with};
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
-static GLOBAL: LazyLock<Registry> = LazyLock::new(Registry::new);
+static GLOBAL: LazyLock<Arc<Metrics>> = LazyLock::new(|| Arc::new(Metrics::new()));
 
-/// The process-wide registry that [`serve`] exports.
-pub fn global() -> &'static Registry {
+/// The process-wide series that [`serve`] exports.
+pub fn global() -> &'static Metrics {
     &GLOBAL
+}
+
+/// The process-wide series, shared with a listener task.
+fn global_arc() -> Arc<Metrics> {
+    Arc::clone(&GLOBAL)
 }

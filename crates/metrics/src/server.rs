@@ -1,27 +1,39 @@
-//! The metrics and probe listener: a deliberately tiny HTTP/1.1 server on tokio.
+//! The metrics and probe listener: hyper's HTTP/1.1 server on a tokio listener of our own.
 //!
 //! One request per connection (`Connection: close`): Prometheus and the kubelet open a
-//! connection per scrape or probe anyway, and it keeps the parser to the request head. Every
-//! step is bounded: head size ([`MAX_HEAD_BYTES`]), time to send the head, time to take the
-//! response, time a probe may take, and connections served at once. Anything that is not a
-//! well-formed request head gets `400` and the listener carries on.
+//! connection per scrape or probe anyway. Every step is bounded: head size
+//! ([`MAX_HEAD_BYTES`]), time to send the head, time a probe may take, time to take the
+//! response, and connections served at once. hyper answers a malformed head with `400` and an
+//! oversized one with `431`; the two answers it does not give, `408` for a head that takes too
+//! long and `400` for one the client cut off, are written here, and the listener carries on.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::prometheus_text;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::timeout;
 use tracing::{debug, error, info, warn};
 
-use crate::Registry;
+use crate::Metrics;
 
 /// Largest request head (request line and headers) the listener reads; a longer one gets `431`.
+/// Also the smallest read buffer hyper accepts.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// Longest readiness reason sent back in a `503` body, in characters.
@@ -34,6 +46,8 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// Pause after a failed `accept` (out of file descriptors, say) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// A boxed future returned by [`Probes`] methods.
 pub type ProbeFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -53,7 +67,8 @@ pub trait Probes: Send + Sync {
 pub struct ServerOptions {
     /// Time a client has from connecting to finishing its request head; then `408`.
     pub read_timeout: Duration,
-    /// Time a client has to take the whole response; then the connection is dropped.
+    /// Time a client has to take the whole response; then the connection is dropped. Counted
+    /// together with the other two: a connection lives at most the sum of the three timeouts.
     pub write_timeout: Duration,
     /// Time a probe may take; a slower one counts as failed. Below the Kubernetes readiness
     /// probe's 3 s `timeoutSeconds`, so the kubelet sees our `503`, not its own timeout.
@@ -73,7 +88,7 @@ impl Default for ServerOptions {
     }
 }
 
-/// Serve the [global registry](crate::global) and `probes` on `addr` with default
+/// Serve the [global metrics](crate::global) and `probes` on `addr` with default
 /// [`ServerOptions`].
 ///
 /// Returns the bound address (port 0 picks a free port) and the listener task; aborting the
@@ -85,22 +100,16 @@ pub async fn serve(
     addr: SocketAddr,
     probes: Arc<dyn Probes>,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    serve_with(
-        addr,
-        crate::global().clone(),
-        probes,
-        ServerOptions::default(),
-    )
-    .await
+    serve_with(addr, crate::global_arc(), probes, ServerOptions::default()).await
 }
 
-/// Serve `registry` and `probes` on `addr` with explicit limits. See [`serve`].
+/// Serve `metrics` and `probes` on `addr` with explicit limits. See [`serve`].
 ///
 /// # Errors
 /// The bind failed (address in use, no permission).
 pub async fn serve_with(
     addr: SocketAddr,
-    registry: Registry,
+    metrics: Arc<Metrics>,
     probes: Arc<dyn Probes>,
     options: ServerOptions,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
@@ -108,7 +117,7 @@ pub async fn serve_with(
     let bound = listener.local_addr()?;
     info!(addr = %bound, "Metrics listener started.");
     let state = Arc::new(State {
-        registry,
+        metrics,
         probes,
         options,
     });
@@ -116,7 +125,7 @@ pub async fn serve_with(
 }
 
 struct State {
-    registry: Registry,
+    metrics: Arc<Metrics>,
     probes: Arc<dyn Probes>,
     options: ServerOptions,
 }
@@ -150,34 +159,67 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 }
 
 async fn connection(mut stream: TcpStream, state: Arc<State>) {
-    let deadline = Instant::now() + state.options.read_timeout;
-    let response = match read_head(&mut stream, deadline).await {
-        Ok(head) => match parse_head(&head) {
-            Ok(request) => respond(&request, &state).await,
-            Err(()) => Response::text(400, "bad request\n"),
-        },
-        Err(HeadError::Closed) => return,
-        Err(HeadError::Io(e)) => {
-            debug!(error = %e, "Metrics connection failed while reading.");
+    let options = &state.options;
+    // Whether hyper got as far as handing us a request, and so wrote (or is writing) an answer.
+    let asked = AtomicBool::new(false);
+    let service = service_fn(|request: Request<Incoming>| {
+        asked.store(true, Ordering::Relaxed);
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(respond(&request, &state).await) }
+    });
+    // hyper borrows the stream, so it is still ours for the answers hyper does not give.
+    let serving = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(&mut stream), service);
+    let lifetime = options.read_timeout + options.probe_timeout + options.write_timeout;
+    let refusal = match timeout(lifetime, serving).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) if !asked.load(Ordering::Relaxed) && e.is_timeout() => {
+            Some((StatusCode::REQUEST_TIMEOUT, "request timeout\n"))
+        }
+        // The client left halfway through the head.
+        Ok(Err(e)) if !asked.load(Ordering::Relaxed) && e.is_incomplete_message() => {
+            Some((StatusCode::BAD_REQUEST, "bad request\n"))
+        }
+        Ok(Err(e)) => {
+            // hyper has answered a malformed head (400, 431) itself, or the client went away.
+            debug!(error = %e, "Metrics connection ended with an error.");
+            None
+        }
+        Err(_) => {
+            debug!("Metrics connection outlived its timeouts; dropped.");
             return;
         }
-        Err(HeadError::TimedOut) => Response::text(408, "request timeout\n"),
-        Err(HeadError::TooLarge) => Response::text(431, "request head too large\n"),
-        Err(HeadError::Incomplete) => Response::text(400, "bad request\n"),
     };
-    if response.status >= 400 {
+    if let Some((status, body)) = refusal {
         debug!(
-            status = response.status,
+            status = status.as_u16(),
             "Metrics listener refused a request."
         );
+        let head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {TEXT}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or_default(),
+            body.len(),
+        );
+        if !matches!(
+            timeout(options.write_timeout, stream.write_all(head.as_bytes())).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
     }
-    let bytes = response.into_bytes();
-    let written = timeout(state.options.write_timeout, async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    })
-    .await;
-    if !matches!(written, Ok(Ok(()))) {
+    linger(&mut stream).await;
+}
+
+/// Close our side, then read (and drop) what the client still sends for a while: closing with
+/// unread bytes makes the kernel reset the connection, and the client may lose the answer.
+async fn linger(stream: &mut TcpStream) {
+    if stream.shutdown().await.is_err() {
         return;
     }
     let mut sink = [0u8; 4096];
@@ -193,149 +235,62 @@ async fn connection(mut stream: TcpStream, state: Arc<State>) {
     .await;
 }
 
-enum HeadError {
-    /// The client left before sending anything: a TCP health check, nothing to answer.
-    Closed,
-    /// The client left halfway through the head.
-    Incomplete,
-    TimedOut,
-    TooLarge,
-    Io(io::Error),
-}
-
-/// Read up to the blank line ending the head; the bytes after it (a body) are not needed.
-async fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, HeadError> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = match timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return Err(HeadError::TimedOut),
-            Ok(Err(e)) => return Err(HeadError::Io(e)),
-            Ok(Ok(0)) if head.is_empty() => return Err(HeadError::Closed),
-            Ok(Ok(0)) => return Err(HeadError::Incomplete),
-            Ok(Ok(n)) => n,
-        };
-        // Look again only where the new bytes could complete a terminator.
-        let from = head.len().saturating_sub(3);
-        head.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head_end(&head[from..]) {
-            head.truncate(from + end);
-            if head.len() > MAX_HEAD_BYTES {
-                return Err(HeadError::TooLarge);
-            }
-            return Ok(head);
-        }
-        if head.len() > MAX_HEAD_BYTES {
-            return Err(HeadError::TooLarge);
-        }
-    }
-}
-
-/// Index just past the first blank line (`\r\n\r\n`, or bare `\n\n` which RFC 9112 lets a
-/// server accept).
-fn head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(2).enumerate().find_map(|(i, w)| match w {
-        b"\n\n" => Some(i + 2),
-        b"\n\r" if bytes.get(i + 2) == Some(&b'\n') => Some(i + 3),
-        _ => None,
-    })
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Request {
-    method: String,
-    /// Path without the query string.
-    path: String,
-}
-
-/// Validate the whole head, keep what routing needs. `Err` means `400`.
-fn parse_head(head: &[u8]) -> Result<Request, ()> {
-    let mut lines = head
-        .split(|b| *b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        // RFC 9112 §2.2: ignore empty lines before the request line.
-        .skip_while(|line| line.is_empty());
-    let request_line = std::str::from_utf8(lines.next().ok_or(())?).map_err(|_| ())?;
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(());
-    };
-    if method.is_empty() || !method.bytes().all(is_tchar) {
-        return Err(());
-    }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(());
-    }
-    if target.is_empty() || !target.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(());
-    }
-    let path = if target.starts_with('/') || target == "*" {
-        target
-    } else if let Some(rest) = target
-        .strip_prefix("http://")
-        .or_else(|| target.strip_prefix("https://"))
-    {
-        // Absolute form (a proxy's request): the path starts after the authority.
-        rest.find('/').map_or("/", |i| &rest[i..])
-    } else {
-        return Err(());
-    };
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    for line in lines {
-        if line.is_empty() {
-            break;
-        }
-        let colon = line.iter().position(|b| *b == b':').ok_or(())?;
-        let name = &line[..colon];
-        // An empty name, or whitespace before the colon or at the start (obs-fold): reject.
-        if name.is_empty() || !name.iter().copied().all(is_tchar) {
-            return Err(());
-        }
-    }
-    Ok(Request {
-        method: method.to_owned(),
-        path: path.to_owned(),
-    })
-}
-
-/// RFC 9110 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-async fn respond(request: &Request, state: &State) -> Response {
-    let head_only = match request.method.as_str() {
-        "GET" => false,
-        "HEAD" => true,
-        _ => return Response::text(405, "method not allowed\n").allow_get(),
-    };
-    let response = match request.path.as_str() {
-        "/metrics" => Response {
-            status: 200,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: state.registry.render().into_bytes(),
-            allow: false,
-            head_only: false,
-        },
-        "/healthz" => match timeout(state.options.probe_timeout, state.probes.healthy()).await {
-            Ok(true) => Response::text(200, "ok\n"),
-            Ok(false) => Response::text(503, "unhealthy\n"),
-            Err(_) => Response::text(503, "unhealthy: probe timed out\n"),
-        },
-        "/readyz" => match timeout(state.options.probe_timeout, state.probes.ready()).await {
-            Ok(Ok(())) => Response::text(200, "ready\n"),
-            Ok(Err(reason)) => Response::text(503, format!("not ready: {}\n", one_line(&reason))),
-            Err(_) => Response::text(503, "not ready: probe timed out\n"),
-        },
-        _ => Response::text(404, "not found\n"),
-    };
-    if head_only {
-        response.without_body()
-    } else {
+async fn respond(request: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+    // hyper sends the headers of a HEAD answer without its body.
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
     }
+    let probe_timeout = state.options.probe_timeout;
+    match request.uri().path() {
+        "/metrics" => answer(
+            StatusCode::OK,
+            prometheus_text::CONTENT_TYPE,
+            state.metrics.render(),
+        ),
+        "/healthz" => match timeout(probe_timeout, state.probes.healthy()).await {
+            Ok(true) => text(StatusCode::OK, "ok\n"),
+            Ok(false) => text(StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n"),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unhealthy: probe timed out\n",
+            ),
+        },
+        "/readyz" => match timeout(probe_timeout, state.probes.ready()).await {
+            Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+            Ok(Err(reason)) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", one_line(&reason)),
+            ),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: probe timed out\n",
+            ),
+        },
+        // hyper takes an authority-form target (`GET host:80`, meant for CONNECT) as a URI
+        // without a path; it names no resource here.
+        path if !path.starts_with('/') && path != "*" => {
+            text(StatusCode::BAD_REQUEST, "bad request\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    answer(status, TEXT, body.into())
+}
+
+fn answer(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Control characters (a newline in a database error) become spaces; long reasons are cut.
@@ -347,111 +302,9 @@ fn one_line(reason: &str) -> String {
         .collect()
 }
 
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-    /// Send `Allow: GET, HEAD` (with `405`).
-    allow: bool,
-    head_only: bool,
-}
-
-impl Response {
-    fn text(status: u16, body: impl Into<String>) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into().into_bytes(),
-            allow: false,
-            head_only: false,
-        }
-    }
-
-    fn allow_get(mut self) -> Self {
-        self.allow = true;
-        self
-    }
-
-    /// For `HEAD`: the headers still give the length the body would have.
-    fn without_body(mut self) -> Self {
-        self.head_only = true;
-        self
-    }
-
-    fn head(&self, content_length: usize) -> String {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            408 => "Request Timeout",
-            431 => "Request Header Fields Too Large",
-            503 => "Service Unavailable",
-            _ => "Unknown",
-        };
-        let allow = if self.allow {
-            "Allow: GET, HEAD\r\n"
-        } else {
-            ""
-        };
-        format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {content_length}\r\n\
-             Cache-Control: no-store\r\n{allow}Connection: close\r\n\r\n",
-            self.status, self.content_type
-        )
-    }
-
-    fn into_bytes(self) -> Vec<u8> {
-        let mut bytes = self.head(self.body.len()).into_bytes();
-        if !self.head_only {
-            bytes.extend_from_slice(&self.body);
-        }
-        bytes
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(head: &str) -> Result<Request, ()> {
-        parse_head(head.as_bytes())
-    }
-
-    #[test]
-    fn finds_the_end_of_the_head_with_crlf_or_bare_lf() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nbody"), Some(21));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
-    }
-
-    #[test]
-    fn parses_origin_and_absolute_targets_without_the_query() {
-        let r = parse("GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/metrics"));
-        let r = parse("\r\nGET http://host:9464/readyz HTTP/1.0\r\n\r\n").unwrap();
-        assert_eq!(r.path, "/readyz");
-        assert_eq!(parse("GET http://host HTTP/1.1\r\n\r\n").unwrap().path, "/");
-    }
-
-    #[test]
-    fn rejects_malformed_heads() {
-        for bad in [
-            "",
-            "GET /metrics\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/2.0\r\n\r\n",
-            "GET metrics HTTP/1.1\r\n\r\n",
-            "G(T /metrics HTTP/1.1\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nHost : a\r\n\r\n",
-            "GET /metrics HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
-            "\u{1}\u{2}\u{3}",
-        ] {
-            assert!(parse(bad).is_err(), "{bad:?}");
-        }
-        assert!(parse_head(b"GET /\xff HTTP/1.1\r\n\r\n").is_err());
-    }
 
     #[test]
     fn readiness_reason_is_one_short_line() {

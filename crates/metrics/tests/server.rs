@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use enrichd_core::metric_names as names;
-use enrichd_metrics::{ProbeFuture, Probes, Registry, ServerOptions, serve, serve_with};
+use enrichd_metrics::{
+    Metrics, ProbeFuture, Probes, ProviderLabel, ServerOptions, serve, serve_with,
+};
 use enrichd_testkit::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -106,18 +107,18 @@ async fn get(addr: SocketAddr, path: &str) -> Answer {
     .unwrap()
 }
 
-async fn start(probes: Arc<dyn Probes>, options: ServerOptions) -> (Registry, SocketAddr) {
-    let registry = Registry::new();
-    let (addr, _task) = serve_with(loopback(), registry.clone(), probes, options)
+async fn start(probes: Arc<dyn Probes>, options: ServerOptions) -> (Arc<Metrics>, SocketAddr) {
+    let metrics = Arc::new(Metrics::new());
+    let (addr, _task) = serve_with(loopback(), Arc::clone(&metrics), probes, options)
         .await
         .unwrap();
-    (registry, addr)
+    (metrics, addr)
 }
 
 #[tokio::test]
 async fn answers_each_path_over_tcp() {
-    let (registry, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
-    registry.counter(names::EVENTS_ACKED, &[]).add(5);
+    let (exported, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    exported.events_acked.inc_by(5);
     assert_ne!(addr.port(), 0);
 
     let metrics = get(addr, "/metrics").await;
@@ -126,7 +127,7 @@ async fn answers_each_path_over_tcp() {
         metrics.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    assert_eq!(metrics.body, registry.render());
+    assert_eq!(metrics.body, exported.render());
     assert!(metrics.body.contains("enrichd_events_acked_total 5\n"));
     assert_eq!(
         metrics.header("content-length"),
@@ -236,6 +237,49 @@ async fn garbage_request_gets_400_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn malformed_heads_get_400() {
+    let (_, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    for bad in [
+        &b"GET /metrics\r\n\r\n"[..],
+        b"GET  /metrics HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/2.0\r\n\r\n",
+        b"GET metrics HTTP/1.1\r\n\r\n",
+        b"G(T /metrics HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\n\r\n",
+        b"\x01\x02\x03\r\n\r\n",
+    ] {
+        let answer = exchange(addr, bad).await.unwrap();
+        assert_eq!(answer.status, 400, "{:?}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[tokio::test]
+async fn routes_origin_and_absolute_targets_without_the_query() {
+    let (_, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    let ready = exchange(addr, b"GET /readyz?verbose=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    // Absolute form (a proxy's request), after an empty line RFC 9112 lets a server ignore.
+    let ready = exchange(addr, b"\r\nGET http://host:9464/readyz HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    let root = exchange(addr, b"GET http://host HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(root.status, 404);
+    // Bare LF line ends, which RFC 9112 lets a server accept.
+    let health = exchange(addr, b"GET /healthz HTTP/1.1\nHost: a\n\n")
+        .await
+        .unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+}
+
+#[tokio::test]
 async fn oversized_request_head_gets_431() {
     let (_, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
     let mut raw = b"GET /metrics HTTP/1.1\r\nX-Padding: ".to_vec();
@@ -299,8 +343,8 @@ async fn connections_beyond_the_limit_are_closed_and_serving_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_scrapes_all_succeed() {
-    let (registry, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
-    registry.gauge(names::BACKLOG, &[]).set_u64(3);
+    let (metrics, addr) = start(FakeProbes::new(true, Ok(())), ServerOptions::default()).await;
+    metrics.backlog.set(3);
     let clients: Vec<_> = (0..48)
         .map(|_| tokio::spawn(async move { get(addr, "/metrics").await }))
         .collect();
@@ -314,7 +358,10 @@ async fn many_concurrent_scrapes_all_succeed() {
 #[tokio::test]
 async fn serve_binds_a_free_port_for_the_global_registry_and_abort_closes_it() {
     enrichd_metrics::global()
-        .counter("enrichd_metrics_test_served_total", &[])
+        .cache_hits
+        .get_or_create(&ProviderLabel {
+            provider: "test_served",
+        })
         .inc();
     let (addr, task) = serve(loopback(), FakeProbes::new(true, Ok(())))
         .await
@@ -324,7 +371,7 @@ async fn serve_binds_a_free_port_for_the_global_registry_and_abort_closes_it() {
     assert!(
         metrics
             .body
-            .contains("enrichd_metrics_test_served_total 1\n"),
+            .contains("enrichd_cache_hits_total{provider=\"test_served\"} 1\n"),
         "{}",
         metrics.body
     );

@@ -379,10 +379,8 @@ impl Handler<EnrichIp> for Aggregator {
         if matches!(origin, Origin::Bus(_)) && self.already_handled(ip, attacker_uuid.as_deref()) {
             // The profiler repeats every attacker on every tick: answer from memory.
             enrichd_metrics::global()
-                .counter(
-                    enrichd_core::metric_names::CACHE_HITS,
-                    &[("provider", "event")],
-                )
+                .cache_hits
+                .get_or_create(&enrichd_metrics::ProviderLabel { provider: "event" })
                 .inc();
             return Box::pin(async { Ok(()) });
         }

@@ -23,7 +23,6 @@ use enrichd_bus::publish::{Outgoing, Publisher};
 use enrichd_bus::{BusError, DeadLetterReason, Poison, Topology, connect, decode};
 use enrichd_core::Secret;
 use enrichd_core::job::{DeliveryTag, JobId, Origin, PersistError};
-use enrichd_core::metric_names;
 use enrichd_core::payload::{Envelope, TOPIC_HEALTH};
 use enrichd_store::Store;
 use futures::StreamExt;
@@ -421,7 +420,7 @@ async fn session(
             next = work.next(), if intake_open => match next {
                 Some(Ok(mut delivery)) => {
                     deps.stats.consumed.fetch_add(1, Ordering::Relaxed);
-                    enrichd_metrics::global().counter(metric_names::EVENTS_CONSUMED, &[]).inc();
+                    enrichd_metrics::global().events_consumed.inc();
                     acks.delivered(delivery.delivery_tag);
                     // At once, before anything waits: held whole, a flood of large poison
                     // costs its full size per delivery until each is dead-lettered.
@@ -578,9 +577,7 @@ async fn send_acks(
         }
     }
     deps.stats.acked.fetch_add(sent, Ordering::Relaxed);
-    enrichd_metrics::global()
-        .counter(metric_names::EVENTS_ACKED, &[])
-        .add(sent);
+    enrichd_metrics::global().events_acked.inc_by(sent);
     outcome
 }
 
@@ -703,10 +700,10 @@ async fn dead_letter(
             }
             deps.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             enrichd_metrics::global()
-                .counter(
-                    metric_names::EVENTS_DEAD_LETTERED,
-                    &[("reason", reason.as_label())],
-                )
+                .events_dead_lettered
+                .get_or_create(&enrichd_metrics::ReasonLabel {
+                    reason: reason.as_label().to_owned(),
+                })
                 .inc();
             Fate::Settled
         }

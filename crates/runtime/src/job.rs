@@ -21,9 +21,9 @@ use actix::Recipient;
 use backon::Retryable;
 use chrono::Utc;
 use enrichd_core::job::{CallSlot, JobId, ProviderAnswer, ProviderUnavailable};
-use enrichd_core::metric_names;
 use enrichd_core::ports::PtrReport;
 use enrichd_core::{AddressPolicy, CanonicalIp, ProviderId, ProviderReport};
+use enrichd_metrics::{LookupLabels, OutcomeLabel, ProviderLabel};
 use enrichd_store::{
     ApplyContext, ApplyItem, ApplyOutcome, ClaimMode, Claims, EventNote, Lease, Store, StoreError,
     StoredScope,
@@ -400,10 +400,10 @@ impl Pass<'_> {
         }
         if let Some((_, report)) = &asked.ptr {
             enrichd_metrics::global()
-                .counter(
-                    metric_names::PTR_LOOKUPS,
-                    &[("outcome", report.outcome.as_str())],
-                )
+                .ptr_lookups
+                .get_or_create(&OutcomeLabel {
+                    outcome: report.outcome.as_str(),
+                })
                 .inc();
         }
         asked
@@ -550,30 +550,35 @@ async fn defer_parked(
 
 /// A provider answered (in any outcome): count it and how long the call took.
 fn record_lookup(id: ProviderId, report: &ProviderReport, elapsed: Duration) {
-    let registry = enrichd_metrics::global();
-    let labels = [
-        ("provider", id.as_str()),
-        ("outcome", report.outcome.as_str()),
-    ];
-    registry.counter(metric_names::LOOKUPS, &labels).inc();
-    registry
-        .histogram(metric_names::PROVIDER_LATENCY, &[("provider", id.as_str())])
-        .observe(elapsed);
+    let metrics = enrichd_metrics::global();
+    let labels = LookupLabels {
+        outcome: report.outcome.as_str(),
+        provider: id.as_str(),
+    };
+    metrics.lookups.get_or_create(&labels).inc();
+    metrics
+        .provider_latency
+        .get_or_create(&ProviderLabel {
+            provider: id.as_str(),
+        })
+        .observe(elapsed.as_secs_f64());
 }
 
 /// Work that was configured but not claimed was fresh (or leased elsewhere): no lookup spent.
 fn record_cache_hits(providers: &[ProviderId], ptr_enabled: bool, claims: &Claims) {
-    let registry = enrichd_metrics::global();
+    let cache_hits = &enrichd_metrics::global().cache_hits;
     for id in providers {
         if !claims.providers.iter().any(|(claimed, _)| claimed == id) {
-            registry
-                .counter(metric_names::CACHE_HITS, &[("provider", id.as_str())])
+            cache_hits
+                .get_or_create(&ProviderLabel {
+                    provider: id.as_str(),
+                })
                 .inc();
         }
     }
     if ptr_enabled && claims.ptr.is_none() {
-        registry
-            .counter(metric_names::CACHE_HITS, &[("provider", "ptr")])
+        cache_hits
+            .get_or_create(&ProviderLabel { provider: "ptr" })
             .inc();
     }
 }

@@ -254,10 +254,10 @@ async fn a_repeated_event_for_an_address_just_finished_is_answered_from_memory()
         origin: Origin::Bus(DeliveryTag(1)),
     };
     let hits = || {
-        enrichd_metrics::global().counter_value(
-            enrichd_core::metric_names::CACHE_HITS,
-            &[("provider", "event")],
-        )
+        enrichd_metrics::global()
+            .cache_hits
+            .get_or_create(&enrichd_metrics::ProviderLabel { provider: "event" })
+            .get()
     };
     aggregator.send(event()).await.unwrap().unwrap();
     let finished = eventually(Duration::from_secs(10), || {

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use actix::{Addr, Recipient};
 use enrichd_core::ProviderId;
-use enrichd_core::metric_names;
-use enrichd_metrics::{ProbeFuture, Probes};
+use enrichd_metrics::{ProbeFuture, Probes, ProviderLabel};
 use enrichd_runtime::aggregator::{Aggregator, AggregatorStats};
 use enrichd_runtime::backfill::BackfillStats;
 use enrichd_runtime::messages::{GetProviderStatus, Ping};
@@ -53,20 +52,18 @@ pub struct GaugeSources {
 
 /// Refreshes the gauges every 5 s, for ever (the task dies with the process).
 pub async fn refresh_gauges(sources: GaugeSources) {
-    let registry = enrichd_metrics::global();
+    let metrics = enrichd_metrics::global();
     loop {
-        registry
-            .gauge(metric_names::IN_FLIGHT, &[])
-            .set_u64(sources.aggregator.in_flight.load(Ordering::Relaxed) as u64);
-        registry
-            .gauge(metric_names::BACKLOG, &[])
-            .set_u64(sources.backfill.last_batch.load(Ordering::Relaxed));
+        metrics.in_flight.set(saturating_i64(
+            sources.aggregator.in_flight.load(Ordering::Relaxed),
+        ));
+        metrics.backlog.set(saturating_i64(
+            sources.backfill.last_batch.load(Ordering::Relaxed),
+        ));
         if let Ok(stats) = sources.store.outbox_stats().await {
-            registry
-                .gauge(metric_names::OUTBOX_DEPTH, &[])
-                .set_u64(stats.depth);
-            registry
-                .gauge(metric_names::OUTBOX_OLDEST_AGE, &[])
+            metrics.outbox_depth.set(saturating_i64(stats.depth));
+            metrics
+                .outbox_oldest_age
                 .set(stats.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
         }
         for (id, recipient) in &sources.providers {
@@ -77,21 +74,27 @@ pub async fn refresh_gauges(sources: GaugeSources) {
             else {
                 continue;
             };
-            let labels = [("provider", id.as_str())];
-            let breaker = match status.breaker.as_str() {
-                "closed" => 0.0,
-                "half_open" => 1.0,
-                _ => 2.0,
+            let labels = ProviderLabel {
+                provider: id.as_str(),
             };
-            registry
-                .gauge(metric_names::BREAKER_STATE, &labels)
-                .set(breaker);
+            let breaker = match status.breaker.as_str() {
+                "closed" => 0,
+                "half_open" => 1,
+                _ => 2,
+            };
+            metrics.breaker_state.get_or_create(&labels).set(breaker);
             if let Some(remaining) = status.quota_remaining {
-                registry
-                    .gauge(metric_names::QUOTA_REMAINING, &labels)
-                    .set_u64(u64::from(remaining));
+                metrics
+                    .quota_remaining
+                    .get_or_create(&labels)
+                    .set(i64::from(remaining));
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+/// Counts beyond `i64::MAX` do not happen; if one did, the gauge would show the maximum.
+fn saturating_i64(count: impl TryInto<i64>) -> i64 {
+    count.try_into().unwrap_or(i64::MAX)
 }
