@@ -382,6 +382,9 @@ impl Sql {
 }
 
 #[cfg(test)]
+mod pinned;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
