@@ -10,13 +10,12 @@ use enrichd_core::payload::IntelPayload;
 use enrichd_core::text::column_text;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
+use crate::attackers::{insert_attackers, map_rows, mapped_attackers_of};
+use crate::claim::{ClaimMode, ClaimSettings, Claims, Lease, claim_locked};
 use crate::error::retry_busy;
-use crate::sql::{Joined, Params, ROWS_PER_STATEMENT};
+use crate::ip_state::{distinct_rounds, read_provider_states, read_ptr};
+use crate::sql::{Joined, Params};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::work::{
-    ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
-    read_provider_states, read_ptr,
-};
 use crate::{Store, StoreError};
 
 /// Mapping rounds per backlog call.
@@ -573,98 +572,6 @@ async fn claim_with_intake(
         if note.claim {
             intake.claims = Some(claimed.remove(key).unwrap_or_default());
         }
-    }
-    Ok(())
-}
-
-/// Records `uuid → canonical(stored ip)`, or "not an IP" with the reason, once, for each
-/// row; a few hundred rows per statement.
-async fn map_rows<C: ConnectionTrait>(
-    store: &Store,
-    db: &C,
-    rows: &[(String, String)],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let (statement, values) = map_statement(store, chunk, now);
-        db.execute_raw(store.sql.stmt(statement, values)).await?;
-    }
-    Ok(())
-}
-
-/// The statement of [`map_rows`] for one chunk, and its parameters.
-fn map_statement(
-    store: &Store,
-    chunk: &[(String, String)],
-    now: DateTime<Utc>,
-) -> (String, Vec<Value>) {
-    let mut p = Params::default();
-    let now_p = p.push(store.sql.ts(now));
-    let values: Vec<String> = chunk
-        .iter()
-        .map(|(uuid, stored_ip)| {
-            let (ip, reason) = match CanonicalIp::parse(stored_ip) {
-                Ok(ip) => (Some(ip.to_string()), None),
-                Err(e) => (None, Some(column_text(&e.to_string(), 128))),
-            };
-            format!(
-                "({}, {}, {}, {now_p})",
-                p.push(uuid.clone()),
-                p.push(ip),
-                p.push(reason)
-            )
-        })
-        .collect();
-    (
-        format!(
-            "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
-             VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
-            values.join(", ")
-        ),
-        p.0,
-    )
-}
-
-/// Inserts attacker rows (uuid, canonical IP, first seen) into enrichd's own `attackers`
-/// table, every NOT NULL column written, with the stored PTR name if there is one, and maps
-/// them: added to `joined`, which the caller runs.
-async fn insert_attackers<C: ConnectionTrait>(
-    store: &Store,
-    db: &C,
-    joined: &mut Joined,
-    rows: &[(String, String, DateTime<Utc>)],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let sql = store.sql;
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
-        let values: Vec<String> = chunk
-            .iter()
-            .map(|(uuid, ip, first)| {
-                let ip = p.push(ip.clone());
-                format!(
-                    "({}, {ip}, {}, {now_p}, {now_p}, \
-                     (SELECT ptr_name FROM enrichd_ip_state WHERE ip = {ip}))",
-                    p.push(uuid.clone()),
-                    p.push(sql.ts(*first))
-                )
-            })
-            .collect();
-        let insert = format!(
-            "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
-             VALUES {} ON CONFLICT (uuid) DO NOTHING",
-            values.join(", ")
-        );
-        let mapped: Vec<(String, String)> = chunk
-            .iter()
-            .map(|(uuid, ip, _)| (uuid.clone(), ip.clone()))
-            .collect();
-        // The map has no foreign key to `attackers`, so the two need not see each other: one
-        // round trip for both on PostgreSQL.
-        let (map, map_values) = map_statement(store, &mapped, now);
-        joined.add(sql, db, insert, p.0).await?;
-        joined.add(sql, db, map, map_values).await?;
     }
     Ok(())
 }

@@ -1,14 +1,17 @@
 //! The outbox: one row per attacker holding the newest unpublished `attacker.intel.enriched`
-//! envelope. The relay claims rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL), publishes with
-//! confirms and deletes exactly the version it published.
+//! envelope. Writes enqueue rows (a newer payload bumps the version of an unpublished one);
+//! the relay claims rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL), publishes with confirms
+//! and deletes exactly the version it published.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use sea_orm::ConnectionTrait;
+use chrono::{DateTime, Utc};
+use enrichd_core::payload::{Envelope, IntelPayload, TOPIC_INTEL_ENRICHED};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
 use crate::error::retry_busy;
-use crate::sql::{Params, ROWS_PER_STATEMENT};
+use crate::sql::{self, Joined, Params};
 use crate::{Store, StoreError};
 
 /// One claimed outbox row.
@@ -115,7 +118,7 @@ impl Store {
         // attacker order too.
         sorted.sort();
         let mut deleted_total = 0;
-        for chunk in sorted.chunks(ROWS_PER_STATEMENT) {
+        for chunk in sorted.chunks(sql::ROWS_PER_STATEMENT) {
             let mut p = Params::default();
             let pairs: Vec<String> = chunk
                 .iter()
@@ -181,4 +184,116 @@ impl Store {
             oldest_age: oldest.map(|o| (now - o).to_std().unwrap_or(Duration::ZERO)),
         })
     }
+}
+
+/// Puts each payload in the outbox for its attacker: a new row at version 1, or a newer
+/// payload replacing an unpublished one with the version bumped. A claim in progress is kept,
+/// so the relay deleting the old version releases the new one (see `delete_outbox`).
+///
+/// With `claim_until` (a relay runs in this process), a row no live claim holds is claimed
+/// until then as it is written, and comes back with its address's index to be handed to that
+/// relay: it is published without waiting for a claim transaction, and if this process dies
+/// first the claim lapses and any relay takes the row.
+pub(crate) async fn enqueue_rows(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    joined: &mut Joined,
+    rows: &[(String, IntelPayload, String, usize)],
+    now: DateTime<Utc>,
+    claim_until: Option<DateTime<Utc>>,
+) -> Result<Vec<(usize, OutboxRow)>, StoreError> {
+    let sql = store.sql;
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "epoch milliseconds fit an f64 exactly until year 287396"
+    )]
+    let ts = now.timestamp_micros() as f64 / 1e6;
+    let mut handed_off = Vec::new();
+    for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
+        let (digests, digest_values) = digest_statement(chunk);
+        joined.add(sql, txn, digests, digest_values).await?;
+        let mut p = Params::default();
+        let now_p = p.push(sql.ts(now));
+        let claim_p = claim_until.map(|until| p.push(sql.ts(until)));
+        let mut values = Vec::with_capacity(chunk.len());
+        let mut texts: HashMap<&str, (usize, String)> = HashMap::with_capacity(chunk.len());
+        for (attacker_uuid, payload, _, index) in chunk {
+            let envelope = Envelope::new(TOPIC_INTEL_ENRICHED, "intel.enriched", ts, payload);
+            let text = serde_json::to_string(&envelope)
+                .map_err(|e| StoreError::malformed("enrichd_outbox.payload", e.to_string()))?;
+            let uuid_p = p.push(attacker_uuid.clone());
+            values.push(match &claim_p {
+                Some(claim_p) => {
+                    let text_p = p.push(text.clone());
+                    texts.insert(attacker_uuid.as_str(), (*index, text));
+                    format!("({uuid_p}, 1, {text_p}, {now_p}, {now_p}, {claim_p})")
+                }
+                None => format!("({uuid_p}, 1, {}, {now_p}, {now_p})", p.push(text)),
+            });
+        }
+        let values = values.join(", ");
+        let replace = "ON CONFLICT (attacker_uuid) DO UPDATE SET \
+                       version = enrichd_outbox.version + 1, payload = excluded.payload, \
+                       updated_at = excluded.updated_at";
+        if let Some(claim_p) = &claim_p {
+            let statement = format!(
+                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                 updated_at, claimed_until) VALUES {values} {replace}, \
+                 claimed_until = CASE WHEN enrichd_outbox.claimed_until IS NULL \
+                 OR enrichd_outbox.claimed_until < {now_p} \
+                 THEN excluded.claimed_until ELSE enrichd_outbox.claimed_until END \
+                 RETURNING attacker_uuid, version, claimed_until = {claim_p} AS ours"
+            );
+            let claimed = joined.query_all(sql, txn, statement, p.0).await?;
+            for row in claimed {
+                let ours: bool = row.try_get("", "ours")?;
+                if !ours {
+                    continue;
+                }
+                let uuid: String = row.try_get("", "attacker_uuid")?;
+                if let Some((index, payload)) = texts.remove(uuid.as_str()) {
+                    handed_off.push((
+                        index,
+                        OutboxRow {
+                            attacker_uuid: uuid,
+                            version: row.try_get("", "version")?,
+                            payload,
+                        },
+                    ));
+                }
+            }
+        } else {
+            let statement = format!(
+                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
+                 updated_at) VALUES {values} {replace}"
+            );
+            joined.add(sql, txn, statement, p.0).await?;
+        }
+    }
+    Ok(handed_off)
+}
+
+/// Records each outbox row's payload digest on its attacker's map row, so an unchanged
+/// payload is not queued again.
+fn digest_statement(chunk: &[(String, IntelPayload, String, usize)]) -> (String, Vec<Value>) {
+    let mut p = Params::default();
+    let arms: Vec<String> = chunk
+        .iter()
+        .map(|(uuid, _, digest, _)| {
+            format!(
+                "WHEN {} THEN {}",
+                p.push(uuid.clone()),
+                p.push(digest.clone())
+            )
+        })
+        .collect();
+    let uuids = p.list(chunk.iter().map(|(uuid, _, _, _)| uuid.clone()));
+    (
+        format!(
+            "UPDATE enrichd_attacker_map SET payload_digest = CASE attacker_uuid {} END \
+             WHERE attacker_uuid IN ({uuids})",
+            arms.join(" ")
+        ),
+        p.0,
+    )
 }

@@ -1,0 +1,574 @@
+//! Leases: claiming work on the database clock inside the claiming statement, deferring and
+//! giving it back. Every claim locks the addresses' `enrichd_ip_state` rows in key order
+//! first (`ip_state`), so claims and writes of overlapping batches never deadlock.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use enrichd_core::{CanonicalIp, ProviderId};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
+
+use crate::error::retry_busy;
+use crate::ip_state::{ensure_ip_rows, lock_ip_rows};
+use crate::sql::{self, Joined, Params};
+use crate::transition::newer_than;
+use crate::{Store, StoreError};
+
+/// A lease on one piece of work, claimed on the database clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// When it was claimed (database clock); becomes the result's `queried_at`, the fence.
+    pub claimed_at: DateTime<Utc>,
+    /// When it lapses (database clock).
+    pub until: DateTime<Utc>,
+}
+
+/// Whether to claim only due work or everything (`enrichd lookup --refresh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimMode {
+    /// Only work that is due (never answered, or its due time has passed).
+    Due,
+    /// Everything not leased by another live owner.
+    Refresh,
+}
+
+/// The work this process now holds for one IP.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Claims {
+    /// The PTR lease, when PTR work was asked for, due and free.
+    pub ptr: Option<Lease>,
+    /// Provider leases, in ascending provider order.
+    pub providers: Vec<(ProviderId, Lease)>,
+}
+
+/// What every claim of a process asks for: the same providers, PTR switch and lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimSettings {
+    /// Providers to claim, in contract order.
+    pub providers: Vec<ProviderId>,
+    /// Whether PTR work is claimed.
+    pub ptr: bool,
+    /// How long a lease lasts.
+    pub lease: Duration,
+}
+
+impl Lease {
+    /// A lease claimed at `now` (database clock) for `lease_for`.
+    pub(crate) fn starting(now: DateTime<Utc>, lease_for: Duration) -> Self {
+        let until =
+            now + chrono::Duration::from_std(lease_for).unwrap_or(chrono::Duration::seconds(60));
+        Self {
+            claimed_at: sql::micros(now),
+            until: sql::micros(until),
+        }
+    }
+}
+
+impl Claims {
+    /// Whether nothing was claimed.
+    pub fn is_empty(&self) -> bool {
+        self.ptr.is_none() && self.providers.is_empty()
+    }
+}
+
+// === impl Store: leases ===
+
+impl Store {
+    /// Claims the due (or, with [`ClaimMode::Refresh`], all) work for `ip` that no other live
+    /// owner holds: PTR when `ptr` is set, and each of `providers`. A lease lasts `lease_for`
+    /// on the database clock.
+    pub async fn claim_work(
+        &self,
+        ip: CanonicalIp,
+        providers: &[ProviderId],
+        ptr: bool,
+        lease_for: Duration,
+        mode: ClaimMode,
+    ) -> Result<Claims, StoreError> {
+        let mut claims = self
+            .claim_batch(&[ip], providers, ptr, lease_for, mode)
+            .await?;
+        Ok(claims.pop().unwrap_or_default())
+    }
+
+    /// [`Store::claim_work`] for many addresses in one transaction: a handful of statements
+    /// whatever the batch size, so claiming costs a fraction of a commit per address. The
+    /// claims come back in the order of `ips`; an address named twice gets the same claims.
+    pub async fn claim_batch(
+        &self,
+        ips: &[CanonicalIp],
+        providers: &[ProviderId],
+        ptr: bool,
+        lease_for: Duration,
+        mode: ClaimMode,
+    ) -> Result<Vec<Claims>, StoreError> {
+        let mut keys: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut wanted: Vec<ProviderId> = providers.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut by_ip: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+        // The provider insert writes a row per address and provider.
+        let chunk = (sql::ROWS_PER_STATEMENT / wanted.len().max(1)).max(1);
+        for keys in keys.chunks(chunk) {
+            let wanted = &wanted;
+            let claimed =
+                retry_busy(move || self.claim_once(keys, wanted, ptr, lease_for, mode)).await?;
+            by_ip.extend(claimed);
+        }
+        Ok(ips
+            .iter()
+            .map(|ip| by_ip.get(&ip.to_string()).cloned().unwrap_or_default())
+            .collect())
+    }
+
+    /// One claim transaction over `keys` (sorted, unique).
+    async fn claim_once(
+        &self,
+        keys: &[String],
+        wanted: &[ProviderId],
+        ptr: bool,
+        lease_for: Duration,
+        mode: ClaimMode,
+    ) -> Result<HashMap<String, Claims>, StoreError> {
+        let (txn, now) = self.begin_write_at().await?;
+        let lease = Lease::starting(now, lease_for);
+        let created = ensure_ip_rows(self, &txn, keys, now, ptr.then_some(lease.until)).await?;
+        // A row this transaction created is its own until commit (another writer of that
+        // address waits on the insert), so only the rows that existed are locked: a claim of
+        // new addresses, as in every first backfill, saves the round trip.
+        let existing: Vec<String> = keys
+            .iter()
+            .filter(|k| !created.contains(*k))
+            .cloned()
+            .collect();
+        if !existing.is_empty() {
+            lock_ip_rows(self, &txn, &existing, "ip").await?;
+        }
+        let claims = claim_locked(
+            self,
+            &txn,
+            &mut Joined::default(),
+            keys,
+            &created,
+            wanted,
+            ptr,
+            lease,
+            now,
+            mode,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(claims)
+    }
+
+    /// Shortens this process's lease on (`ip`, `provider`) to end at `until`: the provider had
+    /// no slot for it before then. The item is then left alone by every replica's backlog until
+    /// `until` (no spinning on it) and taken again right after, instead of when a full lease
+    /// would have lapsed. Due time and backoff are untouched.
+    pub async fn defer_work(
+        &self,
+        ip: CanonicalIp,
+        provider: ProviderId,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql;
+        let txn = self.begin_write().await?;
+        txn.execute_raw(sql.stmt(
+            "UPDATE enrichd_provider_state SET lease_until = $4 \
+             WHERE ip = $1 AND provider = $2 AND lease_owner = $3",
+            vec![
+                ip.to_string().into(),
+                provider.as_str().into(),
+                self.owner.to_string().into(),
+                sql.ts(sql::micros(until)),
+            ],
+        ))
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Gives back this process's leases on `ip` for `providers` (and PTR when `ptr`), for
+    /// work it will not do after all (a provider parked or breaker-open): another replica or
+    /// the backfill may take it at once. Due times and backoff are untouched.
+    pub async fn release_work(
+        &self,
+        ip: CanonicalIp,
+        providers: &[ProviderId],
+        ptr: bool,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql;
+        let ip_text = ip.to_string();
+        let txn = self.begin_write().await?;
+        if ptr {
+            txn.execute_raw(sql.stmt(
+                "UPDATE enrichd_ip_state SET ptr_lease_owner = NULL, ptr_lease_until = NULL \
+                 WHERE ip = $1 AND ptr_lease_owner = $2",
+                vec![ip_text.clone().into(), self.owner.to_string().into()],
+            ))
+            .await?;
+        }
+        let mut sorted = providers.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        for provider in sorted {
+            txn.execute_raw(sql.stmt(
+                "UPDATE enrichd_provider_state SET lease_owner = NULL, lease_until = NULL \
+                 WHERE ip = $1 AND provider = $2 AND lease_owner = $3",
+                vec![
+                    ip_text.clone().into(),
+                    provider.as_str().into(),
+                    self.owner.to_string().into(),
+                ],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+}
+
+/// The placeholders of a claim (this process, the lease's end, the database clock) and the
+/// rule every claim shares: a lease may be taken when it is free, has lapsed, or is ours.
+struct LeaseTerms {
+    owner: String,
+    until: String,
+    now: String,
+}
+
+impl LeaseTerms {
+    fn push(p: &mut Params, store: &Store, lease: Lease, now: DateTime<Utc>) -> Self {
+        Self {
+            owner: p.push(store.owner.to_string()),
+            until: p.push(store.sql.ts(lease.until)),
+            now: p.push(store.sql.ts(now)),
+        }
+    }
+
+    /// The `SET` assignments taking the lease `<prefix>_owner`/`<prefix>_until`.
+    fn take(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}_owner = {}, {prefix}_until = {}",
+            self.owner, self.until
+        )
+    }
+
+    /// The condition under which that lease may be taken.
+    fn takeable(&self, prefix: &str) -> String {
+        format!(
+            "({prefix}_until IS NULL OR {prefix}_until < {now} OR {prefix}_owner = {owner})",
+            now = self.now,
+            owner = self.owner
+        )
+    }
+
+    /// ` AND <due>` in [`ClaimMode::Due`] (`due` gets the clock's placeholder); nothing when
+    /// refreshing.
+    fn only_due(&self, mode: ClaimMode, due: impl FnOnce(&str) -> String) -> String {
+        match mode {
+            ClaimMode::Due => format!(" AND ({})", due(&self.now)),
+            ClaimMode::Refresh => String::new(),
+        }
+    }
+}
+
+/// Claims the work of `keys` (sorted, unique) whose `enrichd_ip_state` rows exist and are
+/// locked by `txn`; `created` are those this transaction created already holding the PTR
+/// lease. The claim's first statement carries `joined`, whose parts must write neither
+/// `enrichd_ip_state` nor `enrichd_provider_state`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by its two callers"
+)]
+pub(crate) async fn claim_locked(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    joined: &mut Joined,
+    keys: &[String],
+    created: &HashSet<String>,
+    wanted: &[ProviderId],
+    ptr: bool,
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<HashMap<String, Claims>, StoreError> {
+    let (ptr_leases, provider_leases) = if ptr && !wanted.is_empty() && store.sql.is_pg() {
+        claim_both(store, txn, joined, keys, created, wanted, lease, now, mode).await?
+    } else {
+        let ptr_leases = if ptr {
+            claim_ptr(store, txn, joined, keys, created, lease, now, mode).await?
+        } else {
+            Vec::new()
+        };
+        let provider_leases = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            claim_providers(store, txn, joined, keys, wanted, lease, now, mode).await?
+        };
+        (ptr_leases, provider_leases)
+    };
+    let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
+    for (ip, lease) in ptr_leases {
+        claims.entry(ip).or_default().ptr = Some(lease);
+    }
+    for (ip, provider, lease) in provider_leases {
+        claims
+            .entry(ip)
+            .or_default()
+            .providers
+            .push((provider, lease));
+    }
+    for c in claims.values_mut() {
+        c.providers.sort_by_key(|(p, _)| *p);
+    }
+    Ok(claims)
+}
+
+/// Leases the PTR of `keys`: the rows in `created` were created holding the lease by
+/// [`ensure_ip_rows`], and the due rows among the others are leased by one update, each fence
+/// coming back with the claim (`RETURNING`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by `claim_locked`"
+)]
+async fn claim_ptr(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    joined: &mut Joined,
+    keys: &[String],
+    created: &HashSet<String>,
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<Vec<(String, Lease)>, StoreError> {
+    // A row created just now has never been asked: it is due and has no fence.
+    let mut leases: Vec<(String, Lease)> = created.iter().map(|ip| (ip.clone(), lease)).collect();
+    let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
+    if known.is_empty() {
+        return Ok(leases);
+    }
+    let sql = store.sql;
+    let (statement, values) = ptr_claim_statement(store, &known, lease, now, mode);
+    let rows = joined.query_all(sql, txn, statement, values).await?;
+    for row in &rows {
+        let ip: String = row.try_get("", "ip")?;
+        let fence = sql.get_ts(row, "ptr_queried_at")?;
+        leases.push((ip, newer_than(lease, fence)));
+    }
+    Ok(leases)
+}
+
+/// The update leasing the due PTR work of `known` (rows that existed before the claim),
+/// returning each leased row's address and fence.
+fn ptr_claim_statement(
+    store: &Store,
+    known: &[&String],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> (String, Vec<Value>) {
+    let mut p = Params::default();
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
+    let list = p.list(known.iter().map(|k| (*k).clone()));
+    let due = terms.only_due(mode, |now| {
+        format!("ptr_outcome IS NULL OR ptr_expires_at <= {now}")
+    });
+    (
+        format!(
+            "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
+             RETURNING ip, ptr_queried_at",
+            terms.take("ptr_lease"),
+            terms.takeable("ptr_lease")
+        ),
+        p.0,
+    )
+}
+
+/// [`claim_ptr`] and [`claim_providers`] on PostgreSQL with their first statements as one:
+/// the PTR update and the provider rows' insert touch different tables and read nothing the
+/// other writes, so they go as data-modifying CTEs of one statement (with whatever `joined`
+/// holds) and their rows come back together, a round trip fewer for every claim.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by `claim_locked`"
+)]
+async fn claim_both(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    joined: &mut Joined,
+    keys: &[String],
+    created: &HashSet<String>,
+    wanted: &[ProviderId],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<(Vec<(String, Lease)>, Vec<(String, ProviderId, Lease)>), StoreError> {
+    let sql = store.sql;
+    // A row created just now has never been asked: it is due and has no fence.
+    let mut ptr_leases: Vec<(String, Lease)> =
+        created.iter().map(|ip| (ip.clone(), lease)).collect();
+    let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
+    let mut parts = Vec::with_capacity(2);
+    if !known.is_empty() {
+        parts.push(ptr_claim_statement(store, &known, lease, now, mode));
+    }
+    parts.push(provider_insert_statement(store, keys, wanted, lease, now));
+    let rows = joined
+        .query_parts(sql, txn, parts, |names| {
+            let inserted = names.last().map_or("", String::as_str);
+            match names {
+                [ptr, _] => format!(
+                    "SELECT ip, NULL::varchar AS provider, ptr_queried_at AS fence FROM {ptr} \
+                     UNION ALL SELECT ip, provider, NULL::timestamp FROM {inserted}"
+                ),
+                _ => format!("SELECT ip, provider, NULL::timestamp AS fence FROM {inserted}"),
+            }
+        })
+        .await?;
+    let mut inserted: Vec<(String, ProviderId)> = Vec::new();
+    for row in &rows {
+        let provider: Option<String> = row.try_get("", "provider")?;
+        if provider.is_some() {
+            inserted.push(provider_row(row)?);
+        } else {
+            let ip: String = row.try_get("", "ip")?;
+            let fence = sql.get_ts(row, "fence")?;
+            ptr_leases.push((ip, newer_than(lease, fence)));
+        }
+    }
+    let provider_leases =
+        claim_existing_providers(store, txn, keys, wanted, &inserted, lease, now, mode).await?;
+    Ok((ptr_leases, provider_leases))
+}
+
+/// Creates the missing provider rows of `keys` already leased, then leases the due ones among
+/// the rows that existed: one statement for each, whatever the number of addresses. The fence
+/// of each lease comes back with the claim (`RETURNING`). A new address's rows are written
+/// once, not inserted and then rewritten by the lease, which halved the provider-state updates
+/// of a backfill of new addresses.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by `claim_locked`"
+)]
+async fn claim_providers(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    joined: &mut Joined,
+    keys: &[String],
+    wanted: &[ProviderId],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
+    let (statement, values) = provider_insert_statement(store, keys, wanted, lease, now);
+    let created = joined.query_all(store.sql, txn, statement, values).await?;
+    let created: Vec<(String, ProviderId)> =
+        created.iter().map(provider_row).collect::<Result<_, _>>()?;
+    claim_existing_providers(store, txn, keys, wanted, &created, lease, now, mode).await
+}
+
+/// The insert creating the missing provider rows of `keys` already leased, returning each
+/// row it created.
+fn provider_insert_statement(
+    store: &Store,
+    keys: &[String],
+    wanted: &[ProviderId],
+    lease: Lease,
+    now: DateTime<Utc>,
+) -> (String, Vec<Value>) {
+    let mut p = Params::default();
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
+    let ip_params: Vec<String> = keys.iter().map(|k| p.push(k.clone())).collect();
+    let provider_params: Vec<String> = wanted.iter().map(|w| p.push(w.as_str())).collect();
+    let rows: Vec<String> = ip_params
+        .iter()
+        .flat_map(|ip| {
+            let LeaseTerms { owner, until, now } = &terms;
+            provider_params
+                .iter()
+                .map(move |provider| format!("({ip}, {provider}, 0, {now}, {owner}, {until})"))
+        })
+        .collect();
+    (
+        format!(
+            "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
+             lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
+             RETURNING ip, provider",
+            rows.join(", ")
+        ),
+        p.0,
+    )
+}
+
+/// The provider leases of a claim whose insert created the rows in `created`: those, and the
+/// due ones among the rows that existed, leased by one update.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the claim's parts, passed as they are by its two callers"
+)]
+async fn claim_existing_providers(
+    store: &Store,
+    txn: &DatabaseTransaction,
+    keys: &[String],
+    wanted: &[ProviderId],
+    created: &[(String, ProviderId)],
+    lease: Lease,
+    now: DateTime<Utc>,
+    mode: ClaimMode,
+) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
+    let sql = store.sql;
+    // A new row has never been asked: no fence to stay above.
+    let mut leases: Vec<(String, ProviderId, Lease)> = created
+        .iter()
+        .map(|(ip, provider)| (ip.clone(), *provider, lease))
+        .collect();
+    if leases.len() == keys.len() * wanted.len() {
+        return Ok(leases);
+    }
+    let fresh: HashSet<(&str, ProviderId)> =
+        created.iter().map(|(ip, p)| (ip.as_str(), *p)).collect();
+    let existing = keys
+        .iter()
+        .filter(|k| wanted.iter().any(|w| !fresh.contains(&(k.as_str(), *w))));
+
+    let mut p = Params::default();
+    let terms = LeaseTerms::push(&mut p, store, lease, now);
+    let ips = p.list(existing.cloned());
+    let providers = p.list(wanted.iter().map(|w| w.as_str()));
+    let due = terms.only_due(mode, |now| {
+        format!("outcome IS NULL OR next_attempt_at <= {now}")
+    });
+    let claimed = txn
+        .query_all_raw(sql.stmt(
+            format!(
+                "UPDATE enrichd_provider_state SET {} WHERE ip IN ({ips}) \
+                 AND provider IN ({providers}) AND {}{due} RETURNING ip, provider, queried_at",
+                terms.take("lease"),
+                terms.takeable("lease")
+            ),
+            p.0,
+        ))
+        .await?;
+    for row in &claimed {
+        let (ip, provider) = provider_row(row)?;
+        // An address with both new and old rows re-leases its new ones here: they are ours
+        // already and counted once.
+        if fresh.contains(&(ip.as_str(), provider)) {
+            continue;
+        }
+        let fence = sql.get_ts(row, "queried_at")?;
+        leases.push((ip, provider, newer_than(lease, fence)));
+    }
+    Ok(leases)
+}
+
+fn provider_row(row: &QueryResult) -> Result<(String, ProviderId), StoreError> {
+    let ip: String = row.try_get("", "ip")?;
+    let label: String = row.try_get("", "provider")?;
+    let provider = ProviderId::from_id(&label)
+        .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
+    Ok((ip, provider))
+}
