@@ -2,14 +2,14 @@
 //!
 //! A reservation locks the provider's row in a transaction and decides on the database clock,
 //! so any number of replicas together never take more slots than the rate allows. The
-//! decision itself is a pure function, unit-tested below. Unmetered providers (no rate, no
-//! daily quota) skip the lock: see [`GateCache`].
+//! decisions themselves are pure functions of the row (`rules`, table-tested there).
+//! Unmetered providers (no rate, no daily quota) skip the lock: see `GateCache`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveTime, Utc};
+use chrono::{DateTime, Utc};
 use enrichd_core::ProviderId;
 use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
@@ -18,22 +18,10 @@ use crate::error::retry_busy;
 use crate::slots::{self, Block, Slot, Unused};
 use crate::{Store, StoreError};
 
-/// A slot further ahead than this is not held for: the caller is told `Busy`.
-pub const SLOT_HORIZON: Duration = Duration::from_secs(2);
-/// The longest park a provider can impose.
-const MAX_PARK: chrono::Duration = chrono::Duration::hours(24);
+mod rules;
 
-/// The stored limits row of one provider.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct LimitsRow {
-    pub(crate) next_slot_at: Option<DateTime<Utc>>,
-    pub(crate) quota_day: Option<String>,
-    pub(crate) quota_used: i64,
-    pub(crate) quota_remaining: Option<i64>,
-    pub(crate) quota_reset_at: Option<DateTime<Utc>>,
-    pub(crate) parked_until: Option<DateTime<Utc>>,
-    pub(crate) rejected_key_fingerprint: Option<String>,
-}
+pub use rules::SLOT_HORIZON;
+use rules::{LimitsRow, clears_rejection, decide, decide_unmetered, give_back, observe, status};
 
 /// How long an unmetered provider's limits row is reused before it is read again. A park or
 /// key rejection recorded by another replica reaches this one within this time; one recorded
@@ -102,36 +90,6 @@ impl GateCache {
     }
 }
 
-/// Whether `limits` carries a key other than the rejected one, which lifts the rejection.
-fn clears_rejection(row: &LimitsRow, limits: &ProviderLimits) -> bool {
-    row.rejected_key_fingerprint.is_some()
-        && row.rejected_key_fingerprint.as_deref() != limits.key_fingerprint.as_deref()
-}
-
-/// The reservation of an unmetered provider: parks, key rejection and header quota only.
-fn decide_unmetered(row: &LimitsRow, limits: &ProviderLimits, now: DateTime<Utc>) -> Reservation {
-    if let Some(until) = row.parked_until.filter(|u| *u > now) {
-        return Reservation::Parked { until };
-    }
-    if row.rejected_key_fingerprint.is_some()
-        && row.rejected_key_fingerprint.as_deref() == limits.key_fingerprint.as_deref()
-    {
-        return Reservation::KeyRejected;
-    }
-    let reset_passed = row.quota_reset_at.is_some_and(|reset| now >= reset);
-    match row.quota_remaining {
-        Some(left) if left <= 0 && !reset_passed => Reservation::QuotaExhausted {
-            reset_at: quota_reset(row, now),
-        },
-        left => Reservation::Granted {
-            wait: Duration::ZERO,
-            quota_remaining: left
-                .filter(|_| !reset_passed)
-                .map(|l| u32::try_from(l).unwrap_or(0)),
-        },
-    }
-}
-
 /// Rate and quota state of one provider, for health beats and `enrichd check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderStatus {
@@ -143,131 +101,6 @@ pub struct ProviderStatus {
     pub quota_remaining: Option<u32>,
     /// When the quota resets, when a quota applies.
     pub quota_reset_at: Option<DateTime<Utc>>,
-}
-
-fn next_utc_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
-    now.date_naive()
-        .checked_add_days(Days::new(1))
-        .map_or(now + chrono::Duration::days(1), |d| {
-            d.and_time(NaiveTime::MIN).and_utc()
-        })
-}
-
-/// Starts a new quota period when the provider's reset time (or, without one, the UTC day)
-/// has passed.
-fn roll_quota(row: &mut LimitsRow, now: DateTime<Utc>) {
-    let today = now.date_naive().to_string();
-    let rolled = match row.quota_reset_at {
-        Some(reset) => now >= reset,
-        None => row.quota_day.as_deref() != Some(today.as_str()),
-    };
-    if rolled {
-        row.quota_used = 0;
-        row.quota_remaining = None;
-        row.quota_reset_at = None;
-        row.quota_day = Some(today);
-    }
-}
-
-/// Calls left: the lower of what our own daily quota leaves and the newest header (less what
-/// was reserved since); `None` when neither applies.
-fn quota_left(row: &LimitsRow, limits: &ProviderLimits) -> Option<i64> {
-    let ours = (limits.daily_quota > 0).then(|| i64::from(limits.daily_quota) - row.quota_used);
-    match (ours, row.quota_remaining) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn quota_reset(row: &LimitsRow, now: DateTime<Utc>) -> DateTime<Utc> {
-    row.quota_reset_at.unwrap_or_else(|| next_utc_midnight(now))
-}
-
-/// Decides one reservation at `now` and updates `row` accordingly.
-pub(crate) fn decide(
-    row: &mut LimitsRow,
-    limits: &ProviderLimits,
-    now: DateTime<Utc>,
-) -> Reservation {
-    if let Some(until) = row.parked_until.filter(|u| *u > now) {
-        return Reservation::Parked { until };
-    }
-    if let Some(rejected) = row.rejected_key_fingerprint.as_deref() {
-        if limits.key_fingerprint.as_deref() == Some(rejected) {
-            return Reservation::KeyRejected;
-        }
-        // A different key is configured: the rejection was about the old one.
-        row.rejected_key_fingerprint = None;
-    }
-    roll_quota(row, now);
-    let left = quota_left(row, limits);
-    if left.is_some_and(|l| l <= 0) {
-        return Reservation::QuotaExhausted {
-            reset_at: quota_reset(row, now),
-        };
-    }
-    let mut wait = Duration::ZERO;
-    if limits.rate_per_sec.is_finite() && limits.rate_per_sec > 0.0 {
-        let slot = row.next_slot_at.map_or(now, |s| s.max(now));
-        let ahead = (slot - now).to_std().unwrap_or(Duration::ZERO);
-        if ahead > SLOT_HORIZON {
-            let horizon = chrono::Duration::from_std(SLOT_HORIZON).unwrap_or_default();
-            return Reservation::Busy {
-                retry_at: slot - horizon,
-            };
-        }
-        let interval = Duration::from_secs_f64((1.0 / limits.rate_per_sec).min(86_400.0));
-        let interval = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::days(1));
-        row.next_slot_at = Some(crate::sql::micros(slot + interval));
-        wait = ahead;
-    }
-    row.quota_used += 1;
-    row.quota_remaining = row.quota_remaining.map(|r| r - 1);
-    Reservation::Granted {
-        wait,
-        quota_remaining: left.map(|l| u32::try_from(l - 1).unwrap_or(0)),
-    }
-}
-
-/// Returns slots reserved and not used to `row`: their quota units (while the quota period
-/// they were taken in lasts), and the rate cursor when nobody reserved after them.
-fn give_back(row: &mut LimitsRow, unused: &[Unused], now: DateTime<Utc>) {
-    roll_quota(row, now);
-    for block in unused.iter().filter(|u| u.count > 0) {
-        if block.quota_day.is_some() && block.quota_day == row.quota_day {
-            row.quota_used = (row.quota_used - i64::from(block.count)).max(0);
-            row.quota_remaining = row.quota_remaining.map(|r| r + i64::from(block.count));
-        }
-        if let Some(first) = block.first_ahead
-            && block.cursor_after.is_some()
-            && row.next_slot_at == block.cursor_after
-        {
-            row.next_slot_at = Some(crate::sql::micros(first.max(now)));
-        }
-    }
-}
-
-/// Applies a provider's statement about its limits to `row`.
-pub(crate) fn observe(row: &mut LimitsRow, event: &GateEvent, now: DateTime<Utc>) {
-    match event {
-        GateEvent::QuotaObserved {
-            remaining,
-            reset_at,
-        } => {
-            roll_quota(row, now);
-            row.quota_remaining = Some(i64::from(*remaining));
-            if let Some(reset) = reset_at.filter(|r| *r > now) {
-                row.quota_reset_at = Some(crate::sql::micros(reset));
-            }
-        }
-        GateEvent::Park { until } => {
-            let until = crate::sql::micros((*until).min(now + MAX_PARK));
-            row.parked_until = Some(row.parked_until.filter(|p| *p > until).unwrap_or(until));
-        }
-        GateEvent::KeyRejected { key_fingerprint } => {
-            row.rejected_key_fingerprint = Some(key_fingerprint.clone());
-        }
-    }
 }
 
 impl Store {
@@ -522,16 +355,8 @@ impl Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<ProviderStatus, StoreError> {
-        let (now, mut row) = self.limits_at(provider).await?;
-        roll_quota(&mut row, now);
-        let left = quota_left(&row, limits);
-        Ok(ProviderStatus {
-            parked_until: row.parked_until.filter(|p| *p > now),
-            key_rejected: row.rejected_key_fingerprint.is_some()
-                && row.rejected_key_fingerprint == limits.key_fingerprint,
-            quota_remaining: left.map(|l| u32::try_from(l.max(0)).unwrap_or(0)),
-            quota_reset_at: left.map(|_| quota_reset(&row, now)),
-        })
+        let (now, row) = self.limits_at(provider).await?;
+        Ok(status(row, limits, now))
     }
 
     /// Providers parked at `now`.
@@ -570,7 +395,7 @@ impl ProviderGate for Store {
         self.reserve_metered(provider, limits).await
     }
 
-    /// From a read at most [`UNMETERED_RECHECK`] old: every call that waited for its slot
+    /// From a read at most `UNMETERED_RECHECK` (250 ms) old: every call that waited for its slot
     /// asks, and a read each made the check the busiest statement at a high rate. A park
     /// recorded here is seen at once (recording forgets the cached row).
     async fn parked_until(
@@ -597,201 +422,5 @@ impl ProviderGate for Store {
         }
         let event = &event;
         retry_busy(move || self.record_once(provider, event)).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn unmetered_reservations_honour_parks_rejections_and_header_quota() {
-        let now = now();
-        let limits = limits(0.0, 0);
-        let granted = Reservation::Granted {
-            wait: Duration::ZERO,
-            quota_remaining: None,
-        };
-        assert_eq!(
-            decide_unmetered(&LimitsRow::default(), &limits, now),
-            granted
-        );
-        let parked = LimitsRow {
-            parked_until: Some(now + chrono::Duration::seconds(5)),
-            ..Default::default()
-        };
-        assert!(matches!(
-            decide_unmetered(&parked, &limits, now),
-            Reservation::Parked { .. }
-        ));
-        let lapsed = LimitsRow {
-            parked_until: Some(now - chrono::Duration::seconds(5)),
-            ..Default::default()
-        };
-        assert_eq!(decide_unmetered(&lapsed, &limits, now), granted);
-        let spent = LimitsRow {
-            quota_remaining: Some(0),
-            quota_reset_at: Some(now + chrono::Duration::hours(1)),
-            ..Default::default()
-        };
-        assert!(matches!(
-            decide_unmetered(&spent, &limits, now),
-            Reservation::QuotaExhausted { .. }
-        ));
-        let reset = LimitsRow {
-            quota_reset_at: Some(now - chrono::Duration::seconds(1)),
-            ..spent
-        };
-        assert_eq!(decide_unmetered(&reset, &limits, now), granted);
-        let keyed = ProviderLimits {
-            key_fingerprint: Some("abc".into()),
-            ..limits.clone()
-        };
-        let rejected = LimitsRow {
-            rejected_key_fingerprint: Some("abc".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            decide_unmetered(&rejected, &keyed, now),
-            Reservation::KeyRejected
-        );
-        let other = ProviderLimits {
-            key_fingerprint: Some("new".into()),
-            ..limits
-        };
-        assert_eq!(decide_unmetered(&rejected, &other, now), granted);
-    }
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
-    }
-
-    fn limits(rate: f64, quota: u32) -> ProviderLimits {
-        ProviderLimits {
-            rate_per_sec: rate,
-            daily_quota: quota,
-            key_fingerprint: Some("aaaa".into()),
-        }
-    }
-
-    #[test]
-    fn slots_are_spaced_by_the_rate_and_busy_beyond_the_horizon() {
-        let mut row = LimitsRow::default();
-        let l = limits(2.0, 0);
-        let waits: Vec<Reservation> = (0..6).map(|_| decide(&mut row, &l, now())).collect();
-        let ms = |r: &Reservation| match r {
-            Reservation::Granted { wait, .. } => Some(wait.as_millis()),
-            _ => None,
-        };
-        assert_eq!(
-            waits.iter().map(ms).collect::<Vec<_>>(),
-            [Some(0), Some(500), Some(1000), Some(1500), Some(2000), None]
-        );
-        assert_eq!(
-            waits[5],
-            Reservation::Busy {
-                retry_at: now() + chrono::Duration::milliseconds(500)
-            }
-        );
-    }
-
-    #[test]
-    fn quota_exhausts_and_resets_at_utc_midnight() {
-        let mut row = LimitsRow::default();
-        let l = limits(0.0, 2);
-        assert!(matches!(
-            decide(&mut row, &l, now()),
-            Reservation::Granted {
-                quota_remaining: Some(1),
-                ..
-            }
-        ));
-        assert!(matches!(
-            decide(&mut row, &l, now()),
-            Reservation::Granted {
-                quota_remaining: Some(0),
-                ..
-            }
-        ));
-        let midnight = Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap();
-        assert_eq!(
-            decide(&mut row, &l, now()),
-            Reservation::QuotaExhausted { reset_at: midnight }
-        );
-        assert!(matches!(
-            decide(&mut row, &l, midnight),
-            Reservation::Granted { .. }
-        ));
-    }
-
-    #[test]
-    fn the_lower_of_reserved_and_header_quota_applies() {
-        let mut row = LimitsRow::default();
-        let l = limits(0.0, 1000);
-        let reset = now() + chrono::Duration::hours(5);
-        observe(
-            &mut row,
-            &GateEvent::QuotaObserved {
-                remaining: 1,
-                reset_at: Some(reset),
-            },
-            now(),
-        );
-        assert!(matches!(
-            decide(&mut row, &l, now()),
-            Reservation::Granted {
-                quota_remaining: Some(0),
-                ..
-            }
-        ));
-        assert_eq!(
-            decide(&mut row, &l, now()),
-            Reservation::QuotaExhausted { reset_at: reset }
-        );
-        assert!(matches!(
-            decide(&mut row, &l, reset),
-            Reservation::Granted { .. }
-        ));
-    }
-
-    #[test]
-    fn parks_hold_until_their_end_and_key_rejection_until_the_key_changes() {
-        let mut row = LimitsRow::default();
-        let l = limits(0.0, 0);
-        let until = now() + chrono::Duration::minutes(10);
-        observe(&mut row, &GateEvent::Park { until }, now());
-        assert_eq!(decide(&mut row, &l, now()), Reservation::Parked { until });
-        assert!(matches!(
-            decide(&mut row, &l, until),
-            Reservation::Granted { .. }
-        ));
-        observe(
-            &mut row,
-            &GateEvent::Park {
-                until: now() + chrono::Duration::days(9),
-            },
-            now(),
-        );
-        assert_eq!(row.parked_until, Some(now() + chrono::Duration::hours(24)));
-
-        let mut row = LimitsRow::default();
-        observe(
-            &mut row,
-            &GateEvent::KeyRejected {
-                key_fingerprint: "aaaa".into(),
-            },
-            now(),
-        );
-        assert_eq!(decide(&mut row, &l, now()), Reservation::KeyRejected);
-        let new_key = ProviderLimits {
-            key_fingerprint: Some("bbbb".into()),
-            ..l
-        };
-        assert!(matches!(
-            decide(&mut row, &new_key, now()),
-            Reservation::Granted { .. }
-        ));
-        assert_eq!(row.rejected_key_fingerprint, None);
     }
 }

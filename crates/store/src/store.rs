@@ -203,7 +203,7 @@ impl Store {
     /// the same owner (its leases are this process's) and the same caches. Its sessions plan
     /// for keyed writes only (index scans), so it is for [`Store::note_events`],
     /// [`Store::claim_batch`] and [`Store::apply_batch`], which then save a round trip per
-    /// transaction (see [`Store::begin_keyed_write`]).
+    /// transaction (see `Store::begin_keyed_write`).
     ///
     /// Why: a connection's socket belongs to the runtime that opened it, and only that
     /// runtime's thread notices it became readable. A component that runs on a thread of its
