@@ -18,12 +18,12 @@ use crate::attackers::{
 use crate::claim::Lease;
 use crate::error::retry_busy;
 use crate::ip_state::{
-    distinct_rounds, ensure_ip_rows, lock_ip_rows, provider_state_row, read_provider_states_of,
-    read_ptr,
+    StateRow, distinct_rounds, ensure_ip_rows, lock_ip_rows, provider_state_row,
+    read_provider_states_of, read_ptr,
 };
 use crate::sql::{self, Joined, Params};
 use crate::state::{ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::transition::{LAST_ERROR_CHARS, next_provider_state, next_ptr_state};
+use crate::transition::{LAST_ERROR_CHARS, PtrChange, next_provider_state, next_ptr_state};
 use crate::{OutboxRow, Store, StoreError};
 
 /// What [`Store::apply`] wrote.
@@ -82,6 +82,34 @@ struct IpWrite {
     key: String,
     scope: StoredScope,
     ptr: Option<PtrState>,
+}
+
+/// An `enrichd_ip_state` row as a write finds it under its lock.
+#[derive(Debug, Clone)]
+struct LockedIp {
+    ptr: PtrState,
+    /// The stored scope label, as stored (an unknown label is a change like any other).
+    scope: Option<String>,
+}
+
+/// The locked rows of a write's addresses, by address, and the transaction's clock.
+struct Locked {
+    now: DateTime<Utc>,
+    ips: HashMap<String, LockedIp>,
+}
+
+/// A provider result a write stores: the next state of the address at `address` (its index
+/// in the batch), under the lease it was asked with.
+struct ProviderWrite {
+    address: usize,
+    state: ProviderState,
+    lease: Lease,
+}
+
+/// What a write reads once it holds its addresses' locks, by address.
+struct WriteReads {
+    states: HashMap<String, Vec<ProviderState>>,
+    attackers: HashMap<String, Vec<MappedAttacker>>,
 }
 
 impl Store {
@@ -216,7 +244,7 @@ impl Store {
         txn: &DatabaseTransaction,
         clock: Option<DateTime<Utc>>,
         keys: &[String],
-    ) -> Result<(DateTime<Utc>, HashMap<String, (PtrState, Option<String>)>), StoreError> {
+    ) -> Result<Locked, StoreError> {
         // The IPs' rows first, in key order: every writer for these IPs queues here.
         let columns = self
             .clock_item(clock)
@@ -239,13 +267,14 @@ impl Store {
             ensure_ip_rows(self, txn, &missing, now, None).await?;
             locked.extend(lock_ip_rows(self, txn, &missing, "*").await?);
         }
-        let mut stored: HashMap<String, (PtrState, Option<String>)> = HashMap::new();
+        let mut ips: HashMap<String, LockedIp> = HashMap::new();
         for row in locked {
             let ip: String = row.try_get("", "ip")?;
             let scope: Option<String> = row.try_get("", "scope")?;
-            stored.insert(ip, (read_ptr(self, &row)?, scope));
+            let ptr = read_ptr(self, &row)?;
+            ips.insert(ip, LockedIp { ptr, scope });
         }
-        Ok((now, stored))
+        Ok(Locked { now, ips })
     }
 
     async fn apply_once(
@@ -258,14 +287,20 @@ impl Store {
         let (txn, clock) = self.begin_keyed_write().await?;
         let mut outcomes = vec![ApplyOutcome::default(); items.len()];
 
-        let (now, stored) = self.lock_for_write(&txn, clock, &keys).await?;
-        let (mut states, attackers) = read_for_write(self, &txn, &keys, now, write_rows).await?;
+        let Locked { now, ips: stored } = self.lock_for_write(&txn, clock, &keys).await?;
+        let WriteReads {
+            mut states,
+            attackers,
+        } = read_for_write(self, &txn, &keys, now, write_rows).await?;
 
         let mut ip_writes: Vec<IpWrite> = Vec::new();
-        let mut provider_writes: Vec<(usize, ProviderState, Lease)> = Vec::new();
-        let mut ptrs: Vec<(PtrState, PtrState)> = Vec::with_capacity(items.len());
+        let mut provider_writes: Vec<ProviderWrite> = Vec::new();
+        let mut ptrs: Vec<PtrChange> = Vec::with_capacity(items.len());
         for (index, (item, key)) in items.iter().zip(&keys).enumerate() {
-            let (old_ptr, stored_scope) = stored
+            let LockedIp {
+                ptr: old_ptr,
+                scope: stored_scope,
+            } = stored
                 .get(key)
                 .cloned()
                 .ok_or_else(|| StoreError::malformed("enrichd_ip_state", "row vanished"))?;
@@ -297,9 +332,16 @@ impl Store {
                     continue;
                 }
                 let next = next_provider_state(old, lease, report, ctx.ttl, now);
-                provider_writes.push((index, next, *lease));
+                provider_writes.push(ProviderWrite {
+                    address: index,
+                    state: next,
+                    lease: *lease,
+                });
             }
-            ptrs.push((old_ptr, new_ptr));
+            ptrs.push(PtrChange {
+                old: old_ptr,
+                new: new_ptr,
+            });
         }
 
         // No statement reads these writes before commit, and none of the attacker rows'
@@ -308,11 +350,11 @@ impl Store {
         let mut joined = Joined::default();
         write_ip_states(self, &txn, &mut joined, &ip_writes, now).await?;
         write_provider_states(self, &txn, &mut joined, &keys, &provider_writes, now).await?;
-        for (index, next, _) in provider_writes {
-            outcomes[index].applied.push(next.provider);
-            let list = states.entry(keys[index].clone()).or_default();
-            list.retain(|s| s.provider != next.provider);
-            list.push(next);
+        for ProviderWrite { address, state, .. } in provider_writes {
+            outcomes[address].applied.push(state.provider);
+            let list = states.entry(keys[address].clone()).or_default();
+            list.retain(|s| s.provider != state.provider);
+            list.push(state);
         }
         for outcome in &mut outcomes {
             outcome.applied.sort_unstable();
@@ -355,18 +397,16 @@ async fn write_ip_states(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
-    let with_ptr: Vec<(&IpWrite, &PtrState)> = writes
-        .iter()
-        .filter_map(|w| w.ptr.as_ref().map(|ptr| (w, ptr)))
-        .collect();
+    let with_ptr: Vec<&IpWrite> = writes.iter().filter(|w| w.ptr.is_some()).collect();
     for chunk in with_ptr.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let owner = p.push(store.owner.to_string());
         let now_p = p.push(sql.ts(now));
         let rows: Vec<String> = chunk
             .iter()
-            .map(|(w, ptr)| {
-                format!(
+            .filter_map(|w| {
+                let ptr = w.ptr.as_ref()?;
+                Some(format!(
                     "({}, {}, {}, {}, {}, {}, {}, {}, {}, {now_p})",
                     p.push(w.key.clone()),
                     p.push(w.scope.as_str()),
@@ -377,7 +417,7 @@ async fn write_ip_states(
                     p.push(i64::from(ptr.attempts)),
                     p.push(sql.ts_opt(ptr.queried_at)),
                     p.push(ptr.forward_confirmed),
-                )
+                ))
             })
             .collect();
         let end_lease = end_our_lease("enrichd_ip_state", "ptr_lease", &owner);
@@ -422,8 +462,7 @@ async fn write_ip_states(
     Ok(())
 }
 
-/// Writes each `(address index, next state, lease)` and ends our lease on each row: added to
-/// `joined`.
+/// Writes each of `writes` and ends our lease on each row: added to `joined`.
 ///
 /// Each write is fenced on `queried_at` in SQL too, but the caller has already left out every
 /// result whose lease is not newer than the stored `queried_at`, on rows it read under the
@@ -436,7 +475,7 @@ async fn write_provider_states(
     txn: &DatabaseTransaction,
     joined: &mut Joined,
     keys: &[String],
-    writes: &[(usize, ProviderState, Lease)],
+    writes: &[ProviderWrite],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
@@ -446,26 +485,32 @@ async fn write_provider_states(
         let now_p = p.push(sql.ts(now));
         let rows: Vec<String> = chunk
             .iter()
-            .map(|(index, next, lease)| {
-                let fields = next
-                    .fields
-                    .as_ref()
-                    .and_then(|f| serde_json::to_value(f).ok());
-                let expires = p.push(sql.ts_opt(next.next_attempt_at));
-                format!(
-                    "({}, {}, {}, {}, {}, {}, {}, {}, {expires}, {expires}, {}, {}, {now_p})",
-                    p.push(keys[*index].clone()),
-                    p.push(next.provider.as_str()),
-                    p.push(next.outcome.map(|o| o.as_str().to_owned())),
-                    p.push(next.verdict.map(|v| v.as_str().to_owned())),
-                    p.push_json(sql, fields.as_ref()),
-                    p.push_json(sql, next.raw.as_deref()),
-                    p.push(sql.ts_opt(next.answered_at)),
-                    p.push(sql.ts(lease.claimed_at)),
-                    p.push(i64::from(next.attempts)),
-                    p.push(next.last_error.clone()),
-                )
-            })
+            .map(
+                |ProviderWrite {
+                     address,
+                     state: next,
+                     lease,
+                 }| {
+                    let fields = next
+                        .fields
+                        .as_ref()
+                        .and_then(|f| serde_json::to_value(f).ok());
+                    let expires = p.push(sql.ts_opt(next.next_attempt_at));
+                    format!(
+                        "({}, {}, {}, {}, {}, {}, {}, {}, {expires}, {expires}, {}, {}, {now_p})",
+                        p.push(keys[*address].clone()),
+                        p.push(next.provider.as_str()),
+                        p.push(next.outcome.map(|o| o.as_str().to_owned())),
+                        p.push(next.verdict.map(|v| v.as_str().to_owned())),
+                        p.push_json(sql, fields.as_ref()),
+                        p.push_json(sql, next.raw.as_deref()),
+                        p.push(sql.ts_opt(next.answered_at)),
+                        p.push(sql.ts(lease.claimed_at)),
+                        p.push(i64::from(next.attempts)),
+                        p.push(next.last_error.clone()),
+                    )
+                },
+            )
             .collect();
         let end_lease = end_our_lease("enrichd_provider_state", "lease", &owner);
         let statement = format!(
@@ -501,13 +546,7 @@ async fn read_for_write(
     keys: &[String],
     now: DateTime<Utc>,
     attackers: bool,
-) -> Result<
-    (
-        HashMap<String, Vec<ProviderState>>,
-        HashMap<String, Vec<MappedAttacker>>,
-    ),
-    StoreError,
-> {
+) -> Result<WriteReads, StoreError> {
     let sql = store.sql;
     if !sql.is_pg() || !attackers {
         let states = read_provider_states_of(store, txn, keys).await?;
@@ -516,7 +555,10 @@ async fn read_for_write(
         } else {
             HashMap::new()
         };
-        return Ok((states, mapped));
+        return Ok(WriteReads {
+            states,
+            attackers: mapped,
+        });
     }
     let mut states: HashMap<String, Vec<ProviderState>> = HashMap::with_capacity(keys.len());
     let mut mapped: HashMap<String, Vec<MappedAttacker>> = HashMap::with_capacity(keys.len());
@@ -557,12 +599,15 @@ async fn read_for_write(
                     });
                 }
                 None => {
-                    if let Some((ip, state)) = provider_state_row(sql, row)? {
+                    if let Some(StateRow { ip, state }) = provider_state_row(sql, row)? {
                         states.entry(ip).or_default().push(state);
                     }
                 }
             }
         }
     }
-    Ok((states, mapped))
+    Ok(WriteReads {
+        states,
+        attackers: mapped,
+    })
 }

@@ -6,29 +6,63 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use enrichd_core::CanonicalIp;
-use enrichd_core::payload::IntelPayload;
 use enrichd_core::text::column_text;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::apply::{ApplyItem, ApplyOutcome};
-use crate::outbox::enqueue_rows;
-use crate::sql::{self, Joined, Params};
-use crate::state::{self, ApplyContext, IntelColumns, ProviderState, PtrState};
+use crate::outbox::{HandedOff, OutboxEntry, enqueue_rows};
+use crate::sql::{self, Bound, Joined, Params};
+use crate::state::{self, ApplyContext, IntelColumns, ProviderState};
+use crate::transition::PtrChange;
 use crate::{Store, StoreError};
 
 /// Rows a batch writes once every address's state is known.
 #[derive(Default)]
 struct RowWrites<'a> {
-    /// `attacker_intel` rows: attacker uuid and the index of its address's columns.
-    intel: Vec<(String, usize)>,
+    /// `attacker_intel` rows.
+    intel: Vec<IntelRow>,
     /// Merged columns, one per address in batch order.
     columns: Vec<IntelColumns<'a>>,
-    /// `attackers.ptr_record` values to set: attacker uuid and name.
-    ptr_names: Vec<(String, String)>,
-    /// Addresses whose stored name a negative answer cleared, with that name.
-    ptr_cleared: Vec<(String, String)>,
-    /// Outbox rows: attacker uuid, payload, its digest and the index of its address.
-    outbox: Vec<(String, IntelPayload, String, usize)>,
+    /// `attackers.ptr_record` values to set.
+    ptr_names: Vec<PtrRecord>,
+    /// Addresses whose stored name a negative answer cleared.
+    ptr_cleared: Vec<ClearedPtr>,
+    /// Outbox rows.
+    outbox: Vec<OutboxEntry>,
+}
+
+/// An attacker's `attacker_intel` row, to be written from its address's merged columns.
+struct IntelRow {
+    attacker_uuid: String,
+    /// The address's index in the batch, which is also its index into the merged columns.
+    address: usize,
+}
+
+/// An `attackers.ptr_record` value to keep in step with the stored name.
+struct PtrRecord {
+    attacker_uuid: String,
+    name: String,
+}
+
+/// An address whose stored PTR name a negative answer cleared, with that name.
+struct ClearedPtr {
+    ip: String,
+    old_name: String,
+}
+
+/// An attacker row for enrichd's own `attackers` table, created by intake.
+pub(crate) struct NewAttacker {
+    /// The row's uuid (hyphenated).
+    pub(crate) uuid: String,
+    /// The canonical address it is created for.
+    pub(crate) ip: String,
+    pub(crate) first_seen: DateTime<Utc>,
+}
+
+/// An attacker row to map: its uuid and the `ip` text stored in it, canonical or not.
+pub(crate) struct AttackerAddress {
+    pub(crate) uuid: String,
+    pub(crate) stored_ip: String,
 }
 
 /// A batch's addresses with the state the write settled on, in key order.
@@ -36,7 +70,7 @@ pub(crate) struct Settled<'a> {
     pub(crate) items: &'a [&'a ApplyItem],
     pub(crate) keys: &'a [String],
     /// Old and new PTR state of each address.
-    pub(crate) ptrs: &'a [(PtrState, PtrState)],
+    pub(crate) ptrs: &'a [PtrChange],
     /// Provider states of each address after the write.
     pub(crate) states: &'a HashMap<String, Vec<ProviderState>>,
     /// Every attacker of each address, as read under the addresses' locks.
@@ -68,15 +102,22 @@ pub(crate) async fn write_attacker_rows(
             rows.columns.push(IntelColumns::empty(key, now, now));
             continue;
         }
-        let (old_ptr, new_ptr) = &ptrs[index];
+        let PtrChange {
+            old: old_ptr,
+            new: new_ptr,
+        } = &ptrs[index];
         let known = states.get(key).map_or(&[][..], Vec::as_slice);
         let merged = state::merge(key, item.scope, known, new_ptr, ctx, now);
         let of_ip = attackers.get(key).map_or(&[][..], Vec::as_slice);
         match (old_ptr.name.as_deref(), new_ptr.name.as_deref()) {
-            (_, Some(name)) => rows
-                .ptr_names
-                .extend(of_ip.iter().map(|a| (a.uuid.clone(), name.to_owned()))),
-            (Some(old), None) => rows.ptr_cleared.push((key.clone(), old.to_owned())),
+            (_, Some(name)) => rows.ptr_names.extend(of_ip.iter().map(|a| PtrRecord {
+                attacker_uuid: a.uuid.clone(),
+                name: name.to_owned(),
+            })),
+            (Some(old), None) => rows.ptr_cleared.push(ClearedPtr {
+                ip: key.clone(),
+                old_name: old.to_owned(),
+            }),
             (None, None) => {}
         }
         if ctx.outbox_enabled && item.scope.is_global() {
@@ -87,31 +128,38 @@ pub(crate) async fn write_attacker_rows(
                 if attacker.digest.as_deref() == Some(digest.as_str()) {
                     continue;
                 }
-                rows.outbox
-                    .push((attacker.uuid.clone(), payload, digest, index));
+                rows.outbox.push(OutboxEntry {
+                    attacker_uuid: attacker.uuid.clone(),
+                    payload,
+                    digest,
+                    address: index,
+                });
                 outcomes[index].events += 1;
             }
         }
         outcomes[index].intel_rows = of_ip.len();
-        rows.intel
-            .extend(of_ip.iter().map(|a| (a.uuid.clone(), index)));
+        rows.intel.extend(of_ip.iter().map(|a| IntelRow {
+            attacker_uuid: a.uuid.clone(),
+            address: index,
+        }));
         rows.columns.push(merged.columns);
     }
-    for (key, old) in &rows.ptr_cleared {
-        clear_ptr_record(store, txn, key, old).await?;
+    for cleared in &rows.ptr_cleared {
+        clear_ptr_record(store, txn, cleared).await?;
     }
     // The rest write distinct rows (`attacker_intel`, `attackers`, the map's digests, the
     // outbox) and nothing reads them before commit: they join the caller's `joined`.
     upsert_intel_rows(store, txn, joined, &rows.intel, &rows.columns).await?;
     set_ptr_records(store, txn, joined, &rows.ptr_names).await?;
     // Attacker order, the order the relay deletes in (no lock cycle between the two).
-    rows.outbox.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.outbox
+        .sort_by(|a, b| a.attacker_uuid.cmp(&b.attacker_uuid));
     let claim_until = ctx.relay_claim.map(|claim| {
         now + chrono::Duration::from_std(claim).unwrap_or(chrono::Duration::seconds(30))
     });
     let handed_off = enqueue_rows(store, txn, joined, &rows.outbox, now, claim_until).await?;
-    for (index, row) in handed_off {
-        outcomes[index].handed_off.push(row);
+    for HandedOff { address, row } in handed_off {
+        outcomes[address].handed_off.push(row);
     }
     Ok(())
 }
@@ -208,13 +256,13 @@ fn mapped_select(list: &str) -> String {
     )
 }
 
-/// Every `attacker_intel` row in `intel` (attacker uuid, index into `columns`) upserted,
-/// a few hundred rows per statement.
+/// Every `attacker_intel` row in `intel` upserted from its address's `columns`, a few hundred
+/// rows per statement.
 async fn upsert_intel_rows(
     store: &Store,
     txn: &DatabaseTransaction,
     joined: &mut Joined,
-    intel: &[(String, usize)],
+    intel: &[IntelRow],
     columns: &[IntelColumns<'_>],
 ) -> Result<(), StoreError> {
     const COLUMNS: [&str; 23] = [
@@ -252,11 +300,11 @@ async fn upsert_intel_rows(
         let version = p.push(1_i32);
         let rows: Vec<String> = chunk
             .iter()
-            .filter_map(|(attacker_uuid, index)| {
-                let c = columns.get(*index)?;
+            .filter_map(|row| {
+                let c = columns.get(row.address)?;
                 let placeholders = [
                     p.push(uuid::Uuid::new_v4().simple().to_string()),
-                    p.push(attacker_uuid.clone()),
+                    p.push(row.attacker_uuid.clone()),
                     p.push(c.attacker_ip.clone()),
                     p.push(c.greynoise_classification.clone()),
                     p.push(c.greynoise_name.clone()),
@@ -299,29 +347,29 @@ async fn upsert_intel_rows(
     Ok(())
 }
 
-/// Keeps `attackers.ptr_record` in step with the stored name: each (attacker uuid, name) is
-/// written where it differs, which also restores a name something else nulled.
+/// Keeps `attackers.ptr_record` in step with the stored name: each of `names` is written where
+/// it differs, which also restores a name something else nulled.
 async fn set_ptr_records(
     store: &Store,
     txn: &DatabaseTransaction,
     joined: &mut Joined,
-    names: &[(String, String)],
+    names: &[PtrRecord],
 ) -> Result<(), StoreError> {
     let sql = store.sql;
     for chunk in names.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let arms: Vec<String> = chunk
             .iter()
-            .map(|(uuid, name)| {
+            .map(|record| {
                 format!(
                     "WHEN {} THEN {}",
-                    p.push(uuid.clone()),
-                    p.push(name.clone())
+                    p.push(record.attacker_uuid.clone()),
+                    p.push(record.name.clone())
                 )
             })
             .collect();
         let name_of = format!("CASE uuid {} END", arms.join(" "));
-        let uuids = p.list(chunk.iter().map(|(uuid, _)| uuid.clone()));
+        let uuids = p.list(chunk.iter().map(|record| record.attacker_uuid.clone()));
         let statement = format!(
             "UPDATE attackers SET ptr_record = {name_of} WHERE uuid IN ({uuids}) \
              AND (ptr_record IS NULL OR ptr_record <> {name_of})"
@@ -331,18 +379,17 @@ async fn set_ptr_records(
     Ok(())
 }
 
-/// A negative PTR answer cleared the stored name `old` of `ip`: remove it from the IP's
+/// A negative PTR answer cleared an address's stored name: remove it from the address's
 /// attacker rows (only where it is still that name).
 async fn clear_ptr_record(
     store: &Store,
     txn: &DatabaseTransaction,
-    ip: &str,
-    old: &str,
+    cleared: &ClearedPtr,
 ) -> Result<(), StoreError> {
     txn.execute_raw(store.sql.stmt(
         "UPDATE attackers SET ptr_record = NULL WHERE uuid IN \
          (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip = $1) AND ptr_record = $2",
-        vec![ip.into(), old.into()],
+        vec![cleared.ip.clone().into(), cleared.old_name.clone().into()],
     ))
     .await?;
     Ok(())
@@ -353,57 +400,52 @@ async fn clear_ptr_record(
 pub(crate) async fn map_rows<C: ConnectionTrait>(
     store: &Store,
     db: &C,
-    rows: &[(String, String)],
+    rows: &[AttackerAddress],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
-        let (statement, values) = map_statement(store, chunk, now);
-        db.execute_raw(store.sql.stmt(statement, values)).await?;
+        let Bound { text, values } = map_statement(store, chunk, now);
+        db.execute_raw(store.sql.stmt(text, values)).await?;
     }
     Ok(())
 }
 
-/// The statement of [`map_rows`] for one chunk, and its parameters.
-fn map_statement(
-    store: &Store,
-    chunk: &[(String, String)],
-    now: DateTime<Utc>,
-) -> (String, Vec<Value>) {
+/// The statement of [`map_rows`] for one chunk.
+fn map_statement(store: &Store, chunk: &[AttackerAddress], now: DateTime<Utc>) -> Bound {
     let mut p = Params::default();
     let now_p = p.push(store.sql.ts(now));
     let values: Vec<String> = chunk
         .iter()
-        .map(|(uuid, stored_ip)| {
-            let (ip, reason) = match CanonicalIp::parse(stored_ip) {
+        .map(|row| {
+            let (ip, reason) = match CanonicalIp::parse(&row.stored_ip) {
                 Ok(ip) => (Some(ip.to_string()), None),
                 Err(e) => (None, Some(column_text(&e.to_string(), 128))),
             };
             format!(
                 "({}, {}, {}, {now_p})",
-                p.push(uuid.clone()),
+                p.push(row.uuid.clone()),
                 p.push(ip),
                 p.push(reason)
             )
         })
         .collect();
-    (
-        format!(
+    Bound {
+        text: format!(
             "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
              VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
             values.join(", ")
         ),
-        p.0,
-    )
+        values: p.0,
+    }
 }
 
-/// Inserts attacker rows (uuid, canonical IP, first seen) into enrichd's own `attackers`
-/// table, every NOT NULL column written, with the stored PTR name if there is one, and maps
+/// Inserts attacker rows into enrichd's own `attackers` table, every NOT NULL column written, with the stored PTR name if there is one, and maps
 /// them: added to `joined`, which the caller runs.
 pub(crate) async fn insert_attackers<C: ConnectionTrait>(
     store: &Store,
     db: &C,
     joined: &mut Joined,
-    rows: &[(String, String, DateTime<Utc>)],
+    rows: &[NewAttacker],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let sql = store.sql;
@@ -412,13 +454,13 @@ pub(crate) async fn insert_attackers<C: ConnectionTrait>(
         let now_p = p.push(sql.ts(now));
         let values: Vec<String> = chunk
             .iter()
-            .map(|(uuid, ip, first)| {
-                let ip = p.push(ip.clone());
+            .map(|row| {
+                let ip = p.push(row.ip.clone());
                 format!(
                     "({}, {ip}, {}, {now_p}, {now_p}, \
                      (SELECT ptr_name FROM enrichd_ip_state WHERE ip = {ip}))",
-                    p.push(uuid.clone()),
-                    p.push(sql.ts(*first))
+                    p.push(row.uuid.clone()),
+                    p.push(sql.ts(row.first_seen))
                 )
             })
             .collect();
@@ -427,15 +469,18 @@ pub(crate) async fn insert_attackers<C: ConnectionTrait>(
              VALUES {} ON CONFLICT (uuid) DO NOTHING",
             values.join(", ")
         );
-        let mapped: Vec<(String, String)> = chunk
+        let mapped: Vec<AttackerAddress> = chunk
             .iter()
-            .map(|(uuid, ip, _)| (uuid.clone(), ip.clone()))
+            .map(|row| AttackerAddress {
+                uuid: row.uuid.clone(),
+                stored_ip: row.ip.clone(),
+            })
             .collect();
         // The map has no foreign key to `attackers`, so the two need not see each other: one
         // round trip for both on PostgreSQL.
-        let (map, map_values) = map_statement(store, &mapped, now);
+        let map = map_statement(store, &mapped, now);
         joined.add(sql, db, insert, p.0).await?;
-        joined.add(sql, db, map, map_values).await?;
+        joined.add(sql, db, map.text, map.values).await?;
     }
     Ok(())
 }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use enrichd_core::{CanonicalIp, ProviderId};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
 use crate::error::retry_busy;
 use crate::ip_state::{ensure_ip_rows, lock_ip_rows};
-use crate::sql::{self, Joined, Params};
+use crate::sql::{self, Bound, Joined, Params};
 use crate::transition::newer_than;
 use crate::{Store, StoreError};
 
@@ -275,6 +275,32 @@ impl LeaseTerms {
     }
 }
 
+/// A PTR lease a claim took: the address, and the lease with its fence.
+struct PtrLease {
+    ip: String,
+    lease: Lease,
+}
+
+/// A provider lease a claim took.
+struct ProviderLease {
+    ip: String,
+    provider: ProviderId,
+    lease: Lease,
+}
+
+/// An `enrichd_provider_state` row's key, as a claim's statements return it.
+struct ProviderKey {
+    ip: String,
+    provider: ProviderId,
+}
+
+/// Every lease one claim took.
+#[derive(Default)]
+struct Leases {
+    ptr: Vec<PtrLease>,
+    providers: Vec<ProviderLease>,
+}
+
 /// Claims the work of `keys` (sorted, unique) whose `enrichd_ip_state` rows exist and are
 /// locked by `txn`; `created` are those this transaction created already holding the PTR
 /// lease. The claim's first statement carries `joined`, whose parts must write neither
@@ -295,26 +321,31 @@ pub(crate) async fn claim_locked(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<HashMap<String, Claims>, StoreError> {
-    let (ptr_leases, provider_leases) = if ptr && !wanted.is_empty() && store.sql.is_pg() {
+    let leases = if ptr && !wanted.is_empty() && store.sql.is_pg() {
         claim_both(store, txn, joined, keys, created, wanted, lease, now, mode).await?
     } else {
-        let ptr_leases = if ptr {
+        let ptr = if ptr {
             claim_ptr(store, txn, joined, keys, created, lease, now, mode).await?
         } else {
             Vec::new()
         };
-        let provider_leases = if wanted.is_empty() {
+        let providers = if wanted.is_empty() {
             Vec::new()
         } else {
             claim_providers(store, txn, joined, keys, wanted, lease, now, mode).await?
         };
-        (ptr_leases, provider_leases)
+        Leases { ptr, providers }
     };
     let mut claims: HashMap<String, Claims> = HashMap::with_capacity(keys.len());
-    for (ip, lease) in ptr_leases {
+    for PtrLease { ip, lease } in leases.ptr {
         claims.entry(ip).or_default().ptr = Some(lease);
     }
-    for (ip, provider, lease) in provider_leases {
+    for ProviderLease {
+        ip,
+        provider,
+        lease,
+    } in leases.providers
+    {
         claims
             .entry(ip)
             .or_default()
@@ -343,22 +374,36 @@ async fn claim_ptr(
     lease: Lease,
     now: DateTime<Utc>,
     mode: ClaimMode,
-) -> Result<Vec<(String, Lease)>, StoreError> {
-    // A row created just now has never been asked: it is due and has no fence.
-    let mut leases: Vec<(String, Lease)> = created.iter().map(|ip| (ip.clone(), lease)).collect();
+) -> Result<Vec<PtrLease>, StoreError> {
+    let mut leases = created_ptr_leases(created, lease);
     let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
     if known.is_empty() {
         return Ok(leases);
     }
     let sql = store.sql;
-    let (statement, values) = ptr_claim_statement(store, &known, lease, now, mode);
-    let rows = joined.query_all(sql, txn, statement, values).await?;
+    let Bound { text, values } = ptr_claim_statement(store, &known, lease, now, mode);
+    let rows = joined.query_all(sql, txn, text, values).await?;
     for row in &rows {
         let ip: String = row.try_get("", "ip")?;
         let fence = sql.get_ts(row, "ptr_queried_at")?;
-        leases.push((ip, newer_than(lease, fence)));
+        leases.push(PtrLease {
+            ip,
+            lease: newer_than(lease, fence),
+        });
     }
     Ok(leases)
+}
+
+/// The PTR leases of the rows in `created`: created just now, never asked, so due and with
+/// no fence.
+fn created_ptr_leases(created: &HashSet<String>, lease: Lease) -> Vec<PtrLease> {
+    created
+        .iter()
+        .map(|ip| PtrLease {
+            ip: ip.clone(),
+            lease,
+        })
+        .collect()
 }
 
 /// The update leasing the due PTR work of `known` (rows that existed before the claim),
@@ -369,22 +414,22 @@ fn ptr_claim_statement(
     lease: Lease,
     now: DateTime<Utc>,
     mode: ClaimMode,
-) -> (String, Vec<Value>) {
+) -> Bound {
     let mut p = Params::default();
     let terms = LeaseTerms::push(&mut p, store, lease, now);
     let list = p.list(known.iter().map(|k| (*k).clone()));
     let due = terms.only_due(mode, |now| {
         format!("ptr_outcome IS NULL OR ptr_expires_at <= {now}")
     });
-    (
-        format!(
+    Bound {
+        text: format!(
             "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
              RETURNING ip, ptr_queried_at",
             terms.take("ptr_lease"),
             terms.takeable("ptr_lease")
         ),
-        p.0,
-    )
+        values: p.0,
+    }
 }
 
 /// [`claim_ptr`] and [`claim_providers`] on PostgreSQL with their first statements as one:
@@ -405,11 +450,9 @@ async fn claim_both(
     lease: Lease,
     now: DateTime<Utc>,
     mode: ClaimMode,
-) -> Result<(Vec<(String, Lease)>, Vec<(String, ProviderId, Lease)>), StoreError> {
+) -> Result<Leases, StoreError> {
     let sql = store.sql;
-    // A row created just now has never been asked: it is due and has no fence.
-    let mut ptr_leases: Vec<(String, Lease)> =
-        created.iter().map(|ip| (ip.clone(), lease)).collect();
+    let mut ptr_leases = created_ptr_leases(created, lease);
     let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
     let mut parts = Vec::with_capacity(2);
     if !known.is_empty() {
@@ -428,7 +471,7 @@ async fn claim_both(
             }
         })
         .await?;
-    let mut inserted: Vec<(String, ProviderId)> = Vec::new();
+    let mut inserted: Vec<ProviderKey> = Vec::new();
     for row in &rows {
         let provider: Option<String> = row.try_get("", "provider")?;
         if provider.is_some() {
@@ -436,12 +479,18 @@ async fn claim_both(
         } else {
             let ip: String = row.try_get("", "ip")?;
             let fence = sql.get_ts(row, "fence")?;
-            ptr_leases.push((ip, newer_than(lease, fence)));
+            ptr_leases.push(PtrLease {
+                ip,
+                lease: newer_than(lease, fence),
+            });
         }
     }
     let provider_leases =
         claim_existing_providers(store, txn, keys, wanted, &inserted, lease, now, mode).await?;
-    Ok((ptr_leases, provider_leases))
+    Ok(Leases {
+        ptr: ptr_leases,
+        providers: provider_leases,
+    })
 }
 
 /// Creates the missing provider rows of `keys` already leased, then leases the due ones among
@@ -462,11 +511,10 @@ async fn claim_providers(
     lease: Lease,
     now: DateTime<Utc>,
     mode: ClaimMode,
-) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
-    let (statement, values) = provider_insert_statement(store, keys, wanted, lease, now);
-    let created = joined.query_all(store.sql, txn, statement, values).await?;
-    let created: Vec<(String, ProviderId)> =
-        created.iter().map(provider_row).collect::<Result<_, _>>()?;
+) -> Result<Vec<ProviderLease>, StoreError> {
+    let Bound { text, values } = provider_insert_statement(store, keys, wanted, lease, now);
+    let created = joined.query_all(store.sql, txn, text, values).await?;
+    let created: Vec<ProviderKey> = created.iter().map(provider_row).collect::<Result<_, _>>()?;
     claim_existing_providers(store, txn, keys, wanted, &created, lease, now, mode).await
 }
 
@@ -478,7 +526,7 @@ fn provider_insert_statement(
     wanted: &[ProviderId],
     lease: Lease,
     now: DateTime<Utc>,
-) -> (String, Vec<Value>) {
+) -> Bound {
     let mut p = Params::default();
     let terms = LeaseTerms::push(&mut p, store, lease, now);
     let ip_params: Vec<String> = keys.iter().map(|k| p.push(k.clone())).collect();
@@ -492,15 +540,15 @@ fn provider_insert_statement(
                 .map(move |provider| format!("({ip}, {provider}, 0, {now}, {owner}, {until})"))
         })
         .collect();
-    (
-        format!(
+    Bound {
+        text: format!(
             "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
              lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
              RETURNING ip, provider",
             rows.join(", ")
         ),
-        p.0,
-    )
+        values: p.0,
+    }
 }
 
 /// The provider leases of a claim whose insert created the rows in `created`: those, and the
@@ -514,22 +562,29 @@ async fn claim_existing_providers(
     txn: &DatabaseTransaction,
     keys: &[String],
     wanted: &[ProviderId],
-    created: &[(String, ProviderId)],
+    created: &[ProviderKey],
     lease: Lease,
     now: DateTime<Utc>,
     mode: ClaimMode,
-) -> Result<Vec<(String, ProviderId, Lease)>, StoreError> {
+) -> Result<Vec<ProviderLease>, StoreError> {
     let sql = store.sql;
     // A new row has never been asked: no fence to stay above.
-    let mut leases: Vec<(String, ProviderId, Lease)> = created
+    let mut leases: Vec<ProviderLease> = created
         .iter()
-        .map(|(ip, provider)| (ip.clone(), *provider, lease))
+        .map(|key| ProviderLease {
+            ip: key.ip.clone(),
+            provider: key.provider,
+            lease,
+        })
         .collect();
     if leases.len() == keys.len() * wanted.len() {
         return Ok(leases);
     }
-    let fresh: HashSet<(&str, ProviderId)> =
-        created.iter().map(|(ip, p)| (ip.as_str(), *p)).collect();
+    // Borrowed lookup keys (address, provider) of the rows created, not rows of their own.
+    let fresh: HashSet<(&str, ProviderId)> = created
+        .iter()
+        .map(|key| (key.ip.as_str(), key.provider))
+        .collect();
     let existing = keys
         .iter()
         .filter(|k| wanted.iter().any(|w| !fresh.contains(&(k.as_str(), *w))));
@@ -553,22 +608,27 @@ async fn claim_existing_providers(
         ))
         .await?;
     for row in &claimed {
-        let (ip, provider) = provider_row(row)?;
+        let ProviderKey { ip, provider } = provider_row(row)?;
         // An address with both new and old rows re-leases its new ones here: they are ours
         // already and counted once.
         if fresh.contains(&(ip.as_str(), provider)) {
             continue;
         }
         let fence = sql.get_ts(row, "queried_at")?;
-        leases.push((ip, provider, newer_than(lease, fence)));
+        leases.push(ProviderLease {
+            ip,
+            provider,
+            lease: newer_than(lease, fence),
+        });
     }
     Ok(leases)
 }
 
-fn provider_row(row: &QueryResult) -> Result<(String, ProviderId), StoreError> {
+/// The key of a row a claim statement returned (`ip`, `provider`).
+fn provider_row(row: &QueryResult) -> Result<ProviderKey, StoreError> {
     let ip: String = row.try_get("", "ip")?;
     let label: String = row.try_get("", "provider")?;
     let provider = ProviderId::from_id(&label)
         .ok_or_else(|| StoreError::malformed("enrichd_provider_state.provider", label))?;
-    Ok((ip, provider))
+    Ok(ProviderKey { ip, provider })
 }

@@ -49,16 +49,28 @@ struct CachedLimits {
     row: LimitsRow,
 }
 
+/// A provider's limits row and the database clock it was read (or locked) at.
+struct LimitsAt {
+    now: DateTime<Utc>,
+    row: LimitsRow,
+}
+
+/// What one reservation transaction took: the answer, and the slots after it to hand out.
+struct Reserved {
+    first: Reservation,
+    block: Option<Block>,
+}
+
 impl GateCache {
-    fn get(&self, provider: ProviderId) -> Option<(DateTime<Utc>, LimitsRow)> {
+    /// The cached row of `provider`, with the database clock moved on by the cache entry's
+    /// age; `None` once it is [`UNMETERED_RECHECK`] old.
+    fn get(&self, provider: ProviderId) -> Option<LimitsAt> {
         let cache = self.rows.lock().ok()?;
         let entry = cache.get(&provider)?;
         let age = entry.fetched.elapsed();
-        (age < UNMETERED_RECHECK).then(|| {
-            (
-                entry.db_now + chrono::Duration::from_std(age).unwrap_or_default(),
-                entry.row.clone(),
-            )
+        (age < UNMETERED_RECHECK).then(|| LimitsAt {
+            now: entry.db_now + chrono::Duration::from_std(age).unwrap_or_default(),
+            row: entry.row.clone(),
         })
     }
 
@@ -114,7 +126,7 @@ impl Store {
         txn: &DatabaseTransaction,
         provider: ProviderId,
         now: DateTime<Utc>,
-    ) -> Result<(DateTime<Utc>, LimitsRow), StoreError> {
+    ) -> Result<LimitsAt, StoreError> {
         let sql = self.sql;
         txn.execute_raw(sql.stmt(
             "INSERT INTO enrichd_provider_limits (provider, quota_used, updated_at) \
@@ -138,15 +150,15 @@ impl Store {
             .get_ts(&row, "locked_at")?
             .map_or(now, crate::sql::micros)
             .max(now);
-        Ok((locked_at, self.limits_from(&row)?))
+        Ok(LimitsAt {
+            now: locked_at,
+            row: self.limits_from(&row)?,
+        })
     }
 
     /// The database clock and `provider`'s limits row (the default when it has none), in one
     /// statement.
-    async fn limits_at(
-        &self,
-        provider: ProviderId,
-    ) -> Result<(DateTime<Utc>, LimitsRow), StoreError> {
+    async fn limits_at(&self, provider: ProviderId) -> Result<LimitsAt, StoreError> {
         let sql = self.sql;
         let row = self
             .read
@@ -163,7 +175,10 @@ impl Store {
         let now = sql
             .get_ts(&row, "db_now")?
             .ok_or_else(|| StoreError::malformed("now", "null"))?;
-        Ok((now, self.limits_from(&row)?))
+        Ok(LimitsAt {
+            now,
+            row: self.limits_from(&row)?,
+        })
     }
 
     fn limits_from(&self, row: &QueryResult) -> Result<LimitsRow, StoreError> {
@@ -226,7 +241,7 @@ impl Store {
         let unused = self.slot_blocks.end(provider);
         let want = slots::block_size(limits.rate_per_sec);
         let unused = &unused;
-        let (first, block) =
+        let Reserved { first, block } =
             retry_busy(move || self.reserve_block_once(provider, limits, want, unused)).await?;
         if let Some(block) = block {
             self.slot_blocks.start(provider, block);
@@ -242,9 +257,9 @@ impl Store {
         limits: &ProviderLimits,
         want: u32,
         unused: &[Unused],
-    ) -> Result<(Reservation, Option<Block>), StoreError> {
+    ) -> Result<Reserved, StoreError> {
         let (txn, begun) = self.begin_write_at().await?;
-        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+        let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
         let before = row.clone();
         give_back(&mut row, unused, now);
         let first = decide(&mut row, limits, now);
@@ -271,7 +286,7 @@ impl Store {
         txn.commit().await?;
         let block = (!rest.is_empty())
             .then(|| Block::new(rest, now, row.next_slot_at, row.quota_day.clone()));
-        Ok((first, block))
+        Ok(Reserved { first, block })
     }
 
     async fn reserve_once(
@@ -280,7 +295,7 @@ impl Store {
         limits: &ProviderLimits,
     ) -> Result<Reservation, StoreError> {
         let (txn, begun) = self.begin_write_at().await?;
-        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+        let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
         let before = row.clone();
         let decision = decide(&mut row, limits, now);
         if row != before {
@@ -299,8 +314,8 @@ impl Store {
         let cached = || {
             self.gate_cache
                 .get(provider)
-                .filter(|(_, row)| !clears_rejection(row, limits))
-                .map(|(now, row)| decide_unmetered(&row, limits, now))
+                .filter(|cached| !clears_rejection(&cached.row, limits))
+                .map(|cached| decide_unmetered(&cached.row, limits, cached.now))
         };
         if let Some(decision) = cached() {
             return Ok(decision);
@@ -310,7 +325,7 @@ impl Store {
         if let Some(decision) = cached() {
             return Ok(decision);
         }
-        let (now, row) = self.limits_at(provider).await?;
+        let LimitsAt { now, row } = self.limits_at(provider).await?;
         if clears_rejection(&row, limits) {
             // A new key replaces a rejected one: record that once, under the lock.
             self.gate_cache.forget(provider);
@@ -328,7 +343,7 @@ impl Store {
             let unused = &unused;
             retry_busy(move || async move {
                 let (txn, begun) = self.begin_write_at().await?;
-                let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+                let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
                 give_back(&mut row, unused, now);
                 self.store_limits(&txn, provider, &row, now).await?;
                 txn.commit().await?;
@@ -342,7 +357,7 @@ impl Store {
 
     async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
         let (txn, begun) = self.begin_write_at().await?;
-        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+        let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
         observe(&mut row, event, now);
         self.store_limits(&txn, provider, &row, now).await?;
         txn.commit().await?;
@@ -355,7 +370,7 @@ impl Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<ProviderStatus, StoreError> {
-        let (now, row) = self.limits_at(provider).await?;
+        let LimitsAt { now, row } = self.limits_at(provider).await?;
         Ok(status(row, limits, now))
     }
 
@@ -402,12 +417,12 @@ impl ProviderGate for Store {
         &self,
         provider: ProviderId,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let (now, row) = if let Some(cached) = self.gate_cache.get(provider) {
+        let LimitsAt { now, row } = if let Some(cached) = self.gate_cache.get(provider) {
             cached
         } else {
-            let (now, row) = self.limits_at(provider).await?;
-            self.gate_cache.put(provider, now, row.clone());
-            (now, row)
+            let read = self.limits_at(provider).await?;
+            self.gate_cache.put(provider, read.now, read.row.clone());
+            read
         };
         Ok(row.parked_until.filter(|until| *until > now))
     }

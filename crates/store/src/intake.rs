@@ -10,7 +10,9 @@ use enrichd_core::payload::IntelPayload;
 use enrichd_core::text::column_text;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
-use crate::attackers::{insert_attackers, map_rows, mapped_attackers_of};
+use crate::attackers::{
+    AttackerAddress, NewAttacker, insert_attackers, map_rows, mapped_attackers_of,
+};
 use crate::claim::{ClaimMode, ClaimSettings, Claims, Lease, claim_locked};
 use crate::error::retry_busy;
 use crate::ip_state::{distinct_rounds, read_provider_states, read_ptr};
@@ -147,7 +149,7 @@ impl Store {
 
         let mut by_ip = mapped_attackers_of(self, &txn, &keys, now).await?;
         let mut intakes = Vec::with_capacity(notes.len());
-        let mut created: Vec<(String, String, DateTime<Utc>)> = Vec::new();
+        let mut created: Vec<NewAttacker> = Vec::new();
         let mut touched: Vec<String> = Vec::new();
         for (key, first) in keys.iter().zip(&firsts) {
             let mut attackers: Vec<String> = by_ip
@@ -159,7 +161,11 @@ impl Store {
             let mut made = None;
             if attackers.is_empty() && owned {
                 let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-                created.push((uuid.clone(), key.clone(), *first));
+                created.push(NewAttacker {
+                    uuid: uuid.clone(),
+                    ip: key.clone(),
+                    first_seen: *first,
+                });
                 attackers.push(uuid.clone());
                 made = Some(uuid);
             } else if owned {
@@ -269,13 +275,19 @@ impl Store {
         owned: bool,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let named: Vec<(String, usize)> = notes
+        /// An attacker row an event names: the uuid as given, and the event's index.
+        struct Named {
+            uuid: String,
+            note: usize,
+        }
+        let named: Vec<Named> = notes
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| {
-                n.attacker_uuid
-                    .as_deref()
-                    .map(|u| (column_text(u.trim(), 36), i))
+            .filter_map(|(note, n)| {
+                n.attacker_uuid.as_deref().map(|u| Named {
+                    uuid: column_text(u.trim(), 36),
+                    note,
+                })
             })
             .collect();
         if named.is_empty() {
@@ -283,7 +295,7 @@ impl Store {
         }
         let sql = self.sql;
         let mut p = Params::default();
-        let list = p.list(named.iter().map(|(u, _)| u.clone()));
+        let list = p.list(named.iter().map(|n| n.uuid.clone()));
         let rows = txn
             .query_all_raw(sql.stmt(
                 format!("SELECT uuid, ip FROM attackers WHERE uuid IN ({list})"),
@@ -298,15 +310,18 @@ impl Store {
         }
         let mut created = Vec::new();
         let mut found = Vec::new();
-        for (uuid_text, index) in &named {
-            if let Some(stored_ip) = stored.get(uuid_text) {
-                found.push((uuid_text.clone(), stored_ip.clone()));
-            } else if owned && let Ok(parsed) = uuid::Uuid::parse_str(uuid_text) {
-                created.push((
-                    parsed.hyphenated().to_string(),
-                    keys[*index].clone(),
-                    firsts[*index],
-                ));
+        for Named { uuid, note } in &named {
+            if let Some(stored_ip) = stored.get(uuid) {
+                found.push(AttackerAddress {
+                    uuid: uuid.clone(),
+                    stored_ip: stored_ip.clone(),
+                });
+            } else if owned && let Ok(parsed) = uuid::Uuid::parse_str(uuid) {
+                created.push(NewAttacker {
+                    uuid: parsed.hyphenated().to_string(),
+                    ip: keys[*note].clone(),
+                    first_seen: firsts[*note],
+                });
             }
         }
         map_rows(self, txn, &found, now).await?;
@@ -331,7 +346,10 @@ impl Store {
             .await?;
         let mut found = Vec::with_capacity(rows.len());
         for row in &rows {
-            found.push((row.try_get("", "uuid")?, row.try_get("", "ip")?));
+            found.push(AttackerAddress {
+                uuid: row.try_get("", "uuid")?,
+                stored_ip: row.try_get("", "ip")?,
+            });
         }
         map_rows(self, &txn, &found, now).await?;
         txn.commit().await?;

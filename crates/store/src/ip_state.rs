@@ -154,7 +154,7 @@ pub(crate) async fn read_provider_states_of<C: ConnectionTrait>(
             ))
             .await?;
         for row in &rows {
-            if let Some((ip, state)) = provider_state_row(sql, row)? {
+            if let Some(StateRow { ip, state }) = provider_state_row(sql, row)? {
                 states.entry(ip).or_default().push(state);
             }
         }
@@ -162,12 +162,18 @@ pub(crate) async fn read_provider_states_of<C: ConnectionTrait>(
     Ok(states)
 }
 
+/// An `enrichd_provider_state` row read back: its address and the state it holds.
+pub(crate) struct StateRow {
+    pub(crate) ip: String,
+    pub(crate) state: ProviderState,
+}
+
 /// An `enrichd_provider_state` row's address and state; `None` for a provider this binary
 /// does not know.
 pub(crate) fn provider_state_row(
     sql: Sql,
     row: &QueryResult,
-) -> Result<Option<(String, ProviderState)>, StoreError> {
+) -> Result<Option<StateRow>, StoreError> {
     let ip: String = row.try_get("", "ip")?;
     let provider: String = row.try_get("", "provider")?;
     let Some(provider) = ProviderId::from_id(&provider) else {
@@ -193,7 +199,7 @@ pub(crate) fn provider_state_row(
         attempts: count(sql.get_i64(row, "attempts")?),
         last_error: row.try_get("", "last_error")?,
     };
-    Ok(Some((ip, state)))
+    Ok(Some(StateRow { ip, state }))
 }
 
 #[cfg(test)]

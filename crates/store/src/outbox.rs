@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use enrichd_core::payload::{Envelope, IntelPayload, TOPIC_INTEL_ENRICHED};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::error::retry_busy;
-use crate::sql::{self, Joined, Params};
+use crate::sql::{self, Bound, Joined, Params};
 use crate::{Store, StoreError};
 
 /// One claimed outbox row.
@@ -186,6 +186,31 @@ impl Store {
     }
 }
 
+/// A payload a write puts in the outbox for one attacker.
+pub(crate) struct OutboxEntry {
+    pub(crate) attacker_uuid: String,
+    pub(crate) payload: IntelPayload,
+    /// The payload's digest, recorded on the attacker's map row so an unchanged payload is
+    /// not queued again.
+    pub(crate) digest: String,
+    /// The index in the write's batch of the address the attacker was written for.
+    pub(crate) address: usize,
+}
+
+/// An outbox row a write claimed for this process's relay, and the address it was written
+/// for (its index in the batch).
+pub(crate) struct HandedOff {
+    pub(crate) address: usize,
+    pub(crate) row: OutboxRow,
+}
+
+/// A row enqueued for this process's relay, until the statement says whether the claim on it
+/// is ours.
+struct Unconfirmed {
+    address: usize,
+    envelope: String,
+}
+
 /// Puts each payload in the outbox for its attacker: a new row at version 1, or a newer
 /// payload replacing an unpublished one with the version bumped. A claim in progress is kept,
 /// so the relay deleting the old version releases the new one (see `delete_outbox`).
@@ -198,10 +223,10 @@ pub(crate) async fn enqueue_rows(
     store: &Store,
     txn: &DatabaseTransaction,
     joined: &mut Joined,
-    rows: &[(String, IntelPayload, String, usize)],
+    rows: &[OutboxEntry],
     now: DateTime<Utc>,
     claim_until: Option<DateTime<Utc>>,
-) -> Result<Vec<(usize, OutboxRow)>, StoreError> {
+) -> Result<Vec<HandedOff>, StoreError> {
     let sql = store.sql;
     #[expect(
         clippy::cast_precision_loss,
@@ -210,22 +235,27 @@ pub(crate) async fn enqueue_rows(
     let ts = now.timestamp_micros() as f64 / 1e6;
     let mut handed_off = Vec::new();
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
-        let (digests, digest_values) = digest_statement(chunk);
-        joined.add(sql, txn, digests, digest_values).await?;
+        let digests = digest_statement(chunk);
+        joined.add(sql, txn, digests.text, digests.values).await?;
         let mut p = Params::default();
         let now_p = p.push(sql.ts(now));
         let claim_p = claim_until.map(|until| p.push(sql.ts(until)));
         let mut values = Vec::with_capacity(chunk.len());
-        let mut texts: HashMap<&str, (usize, String)> = HashMap::with_capacity(chunk.len());
-        for (attacker_uuid, payload, _, index) in chunk {
-            let envelope = Envelope::new(TOPIC_INTEL_ENRICHED, "intel.enriched", ts, payload);
+        let mut texts: HashMap<&str, Unconfirmed> = HashMap::with_capacity(chunk.len());
+        for entry in chunk {
+            let envelope =
+                Envelope::new(TOPIC_INTEL_ENRICHED, "intel.enriched", ts, &entry.payload);
             let text = serde_json::to_string(&envelope)
                 .map_err(|e| StoreError::malformed("enrichd_outbox.payload", e.to_string()))?;
-            let uuid_p = p.push(attacker_uuid.clone());
+            let uuid_p = p.push(entry.attacker_uuid.clone());
             values.push(match &claim_p {
                 Some(claim_p) => {
                     let text_p = p.push(text.clone());
-                    texts.insert(attacker_uuid.as_str(), (*index, text));
+                    let unconfirmed = Unconfirmed {
+                        address: entry.address,
+                        envelope: text,
+                    };
+                    texts.insert(entry.attacker_uuid.as_str(), unconfirmed);
                     format!("({uuid_p}, 1, {text_p}, {now_p}, {now_p}, {claim_p})")
                 }
                 None => format!("({uuid_p}, 1, {}, {now_p}, {now_p})", p.push(text)),
@@ -251,15 +281,13 @@ pub(crate) async fn enqueue_rows(
                     continue;
                 }
                 let uuid: String = row.try_get("", "attacker_uuid")?;
-                if let Some((index, payload)) = texts.remove(uuid.as_str()) {
-                    handed_off.push((
-                        index,
-                        OutboxRow {
-                            attacker_uuid: uuid,
-                            version: row.try_get("", "version")?,
-                            payload,
-                        },
-                    ));
+                if let Some(Unconfirmed { address, envelope }) = texts.remove(uuid.as_str()) {
+                    let row = OutboxRow {
+                        attacker_uuid: uuid,
+                        version: row.try_get("", "version")?,
+                        payload: envelope,
+                    };
+                    handed_off.push(HandedOff { address, row });
                 }
             }
         } else {
@@ -275,25 +303,25 @@ pub(crate) async fn enqueue_rows(
 
 /// Records each outbox row's payload digest on its attacker's map row, so an unchanged
 /// payload is not queued again.
-fn digest_statement(chunk: &[(String, IntelPayload, String, usize)]) -> (String, Vec<Value>) {
+fn digest_statement(chunk: &[OutboxEntry]) -> Bound {
     let mut p = Params::default();
     let arms: Vec<String> = chunk
         .iter()
-        .map(|(uuid, _, digest, _)| {
+        .map(|entry| {
             format!(
                 "WHEN {} THEN {}",
-                p.push(uuid.clone()),
-                p.push(digest.clone())
+                p.push(entry.attacker_uuid.clone()),
+                p.push(entry.digest.clone())
             )
         })
         .collect();
-    let uuids = p.list(chunk.iter().map(|(uuid, _, _, _)| uuid.clone()));
-    (
-        format!(
+    let uuids = p.list(chunk.iter().map(|entry| entry.attacker_uuid.clone()));
+    Bound {
+        text: format!(
             "UPDATE enrichd_attacker_map SET payload_digest = CASE attacker_uuid {} END \
              WHERE attacker_uuid IN ({uuids})",
             arms.join(" ")
         ),
-        p.0,
-    )
+        values: p.0,
+    }
 }

@@ -48,6 +48,13 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// A statement's text with its placeholders (`$1…`), and the values bound to them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Bound {
+    pub(crate) text: String,
+    pub(crate) values: Vec<Value>,
+}
+
 /// Parameters of one statement under construction: each value pushed hands back its
 /// placeholder, so multi-row statements never count positions by hand.
 #[derive(Debug, Default)]
@@ -146,8 +153,8 @@ const JOINED_PARAMS: usize = 30_000;
 /// only one of the changes.
 #[derive(Debug, Default)]
 pub(crate) struct Joined {
-    /// Texts with their own placeholders (`$1…`), and their values.
-    parts: Vec<(String, Vec<Value>)>,
+    /// Statements with their own placeholders (`$1…`).
+    parts: Vec<Bound>,
     params: usize,
 }
 
@@ -169,7 +176,10 @@ impl Joined {
             self.finish(sql, db).await?;
         }
         self.params += values.len();
-        self.parts.push((statement, values));
+        self.parts.push(Bound {
+            text: statement,
+            values,
+        });
         Ok(())
     }
 
@@ -181,7 +191,7 @@ impl Joined {
         statement: String,
         values: Vec<Value>,
     ) -> Result<Vec<QueryResult>, StoreError> {
-        let (text, values) = self.join(statement, values);
+        let Bound { text, values } = self.join(statement, values);
         Ok(db.query_all_raw(sql.stmt(text, values)).await?)
     }
 
@@ -193,10 +203,10 @@ impl Joined {
         &mut self,
         sql: Sql,
         db: &C,
-        parts: Vec<(String, Vec<Value>)>,
+        parts: Vec<Bound>,
         main: impl FnOnce(&[String]) -> String,
     ) -> Result<Vec<QueryResult>, StoreError> {
-        let added: usize = parts.iter().map(|(_, values)| values.len()).sum();
+        let added: usize = parts.iter().map(|part| part.values.len()).sum();
         if self.params + added > JOINED_PARAMS {
             self.finish(sql, db).await?;
         }
@@ -215,36 +225,39 @@ impl Joined {
         sql: Sql,
         db: &C,
     ) -> Result<(), StoreError> {
-        let Some((last, last_values)) = self.parts.pop() else {
+        let Some(last) = self.parts.pop() else {
             return Ok(());
         };
-        let (text, values) = self.join(last, last_values);
+        let Bound { text, values } = self.join(last.text, last.values);
         db.execute_raw(sql.stmt(text, values)).await?;
         Ok(())
     }
 
     /// The gathered parts as CTEs of `main` (placeholders renumbered), and every value in
     /// order; empties `self`.
-    fn join(&mut self, main: String, main_values: Vec<Value>) -> (String, Vec<Value>) {
+    fn join(&mut self, main: String, main_values: Vec<Value>) -> Bound {
         if self.parts.is_empty() {
-            return (main, main_values);
+            return Bound {
+                text: main,
+                values: main_values,
+            };
         }
         let mut values = Vec::with_capacity(self.params + main_values.len());
         let mut text = String::from("WITH ");
-        for (n, (part, part_values)) in std::mem::take(&mut self.parts).into_iter().enumerate() {
+        for (n, part) in std::mem::take(&mut self.parts).into_iter().enumerate() {
             if n > 0 {
                 text.push_str(", ");
             }
             let _ = write!(text, "joined_{n} AS (");
-            text.push_str(&shift_placeholders(&part, values.len()));
+            text.push_str(&shift_placeholders(&part.text, values.len()));
             text.push(')');
-            values.extend(part_values);
+            values.extend(part.values);
         }
         text.push(' ');
         text.push_str(&shift_placeholders(&main, values.len()));
         values.extend(main_values);
         self.params = 0;
-        (text, values)
+        Bound { text, values }
     }
 }
 
@@ -421,15 +434,16 @@ mod tests {
     #[test]
     fn joined_parts_become_ctes_of_the_last_with_their_values_in_order() {
         let mut joined = Joined::default();
-        joined
-            .parts
-            .push(("UPDATE a SET x = $1".to_owned(), vec![1_i32.into()]));
-        joined.parts.push((
-            "UPDATE b SET y = $2 WHERE k = $1".to_owned(),
-            vec![2_i32.into(), 3_i32.into()],
-        ));
+        joined.parts.push(Bound {
+            text: "UPDATE a SET x = $1".to_owned(),
+            values: vec![1_i32.into()],
+        });
+        joined.parts.push(Bound {
+            text: "UPDATE b SET y = $2 WHERE k = $1".to_owned(),
+            values: vec![2_i32.into(), 3_i32.into()],
+        });
         joined.params = 3;
-        let (text, values) = joined.join(
+        let Bound { text, values } = joined.join(
             "INSERT INTO c VALUES ($1) RETURNING k".to_owned(),
             vec![4_i32.into()],
         );
@@ -444,7 +458,10 @@ mod tests {
             "each part's values follow the ones before it"
         );
         assert!(joined.parts.is_empty() && joined.params == 0);
-        let (alone, alone_values) = joined.join("DELETE FROM d".to_owned(), Vec::new());
+        let Bound {
+            text: alone,
+            values: alone_values,
+        } = joined.join("DELETE FROM d".to_owned(), Vec::new());
         assert_eq!(
             alone, "DELETE FROM d",
             "nothing gathered: the statement as it is"

@@ -16,6 +16,13 @@ pub(crate) const LAST_ERROR_CHARS: usize = 512;
 /// Column limit of `attackers.ptr_record` / `enrichd_ip_state.ptr_name`.
 const PTR_CHARS: usize = 256;
 
+/// An address's PTR state before and after a write.
+#[derive(Debug, Clone)]
+pub(crate) struct PtrChange {
+    pub(crate) old: PtrState,
+    pub(crate) new: PtrState,
+}
+
 /// A claim is always newer than the result it may replace, even within the clock's
 /// resolution, so the fence never refuses the legitimate holder.
 pub(crate) fn newer_than(lease: Lease, last: Option<DateTime<Utc>>) -> Lease {
