@@ -21,7 +21,7 @@ use crate::ip_state::{
     StateRow, distinct_rounds, ensure_ip_rows, lock_ip_rows, provider_state_row,
     read_provider_states_of, read_ptr,
 };
-use crate::sql::{self, Joined, Params};
+use crate::sql::{self, Assign, Joined, OnConflict, Params};
 use crate::state::{ApplyContext, ProviderState, PtrState, StoredScope};
 use crate::transition::{LAST_ERROR_CHARS, PtrChange, next_provider_state, next_ptr_state};
 use crate::{OutboxRow, Store, StoreError};
@@ -371,21 +371,40 @@ impl Store {
             };
             write_attacker_rows(self, &txn, &mut joined, settled, ctx, now, &mut outcomes).await?;
         }
-        joined.finish(self.sql, &txn).await?;
+        joined.finish(self.dialect, &txn).await?;
         txn.commit().await?;
         Ok(outcomes)
     }
 }
 
-/// The `SET` assignments of an upsert that end the lease `<prefix>_until`/`<prefix>_owner` of
+/// The assignments of an upsert that end the lease `<prefix>_until`/`<prefix>_owner` of
 /// `table` when the owner placeholder `owner` (this process) holds it, and leave another
-/// owner's lease alone. Both read the row's old values, so their order does not matter.
-fn end_our_lease(table: &str, prefix: &str, owner: &str) -> String {
+/// owner's lease alone. Both read the row's old values, so their order does not matter
+/// where assignments see the stored row (PostgreSQL, SQLite); where each sees the ones
+/// before it (`MySQL`), `_until` goes first and reads `_owner` before it changes.
+fn end_our_lease(table: &str, prefix: &str, owner: &str) -> [Assign; 2] {
     let ours = format!("{table}.{prefix}_owner = {owner}");
-    format!(
-        "{prefix}_until = CASE WHEN {ours} THEN NULL ELSE {table}.{prefix}_until END, \
-         {prefix}_owner = CASE WHEN {ours} THEN NULL ELSE {table}.{prefix}_owner END"
-    )
+    [
+        Assign::To {
+            column: format!("{prefix}_until"),
+            value: format!("CASE WHEN {ours} THEN NULL ELSE {table}.{prefix}_until END"),
+        },
+        Assign::To {
+            column: format!("{prefix}_owner"),
+            value: format!("CASE WHEN {ours} THEN NULL ELSE {table}.{prefix}_owner END"),
+        },
+    ]
+}
+
+/// `columns` taking the inserted values, then `then`, then `updated_at`: the update of the
+/// state upserts.
+fn inserted_then(columns: &[&'static str], then: [Assign; 2]) -> Vec<Assign> {
+    columns
+        .iter()
+        .map(|c| Assign::Inserted(c))
+        .chain(then)
+        .chain([Assign::Inserted("updated_at")])
+        .collect()
 }
 
 /// Writes the scope and fresh PTR state of each address in `writes`: two statements at most.
@@ -396,12 +415,12 @@ async fn write_ip_states(
     writes: &[IpWrite],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     let with_ptr: Vec<&IpWrite> = writes.iter().filter(|w| w.ptr.is_some()).collect();
     for chunk in with_ptr.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let owner = p.push(store.owner.to_string());
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let rows: Vec<String> = chunk
             .iter()
             .filter_map(|w| {
@@ -412,35 +431,43 @@ async fn write_ip_states(
                     p.push(w.scope.as_str()),
                     p.push(ptr.name.clone()),
                     p.push(ptr.outcome.map(|o| o.as_str().to_owned())),
-                    p.push(sql.ts_opt(ptr.resolved_at)),
-                    p.push(sql.ts_opt(ptr.expires_at)),
+                    p.push(dialect.ts_opt(ptr.resolved_at)),
+                    p.push(dialect.ts_opt(ptr.expires_at)),
                     p.push(i64::from(ptr.attempts)),
-                    p.push(sql.ts_opt(ptr.queried_at)),
+                    p.push(dialect.ts_opt(ptr.queried_at)),
                     p.push(ptr.forward_confirmed),
                 ))
             })
             .collect();
-        let end_lease = end_our_lease("enrichd_ip_state", "ptr_lease", &owner);
-        let statement = format!(
-            "INSERT INTO enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, \
-             ptr_resolved_at, ptr_expires_at, ptr_attempts, ptr_queried_at, \
-             ptr_forward_confirmed, updated_at) \
-             VALUES {} ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
-             ptr_name = excluded.ptr_name, ptr_outcome = excluded.ptr_outcome, \
-             ptr_forward_confirmed = excluded.ptr_forward_confirmed, \
-             ptr_resolved_at = excluded.ptr_resolved_at, \
-             ptr_expires_at = excluded.ptr_expires_at, ptr_attempts = excluded.ptr_attempts, \
-             ptr_queried_at = excluded.ptr_queried_at, \
-             {end_lease}, \
-             updated_at = excluded.updated_at",
-            rows.join(", ")
+        let set = inserted_then(
+            &[
+                "scope",
+                "ptr_name",
+                "ptr_outcome",
+                "ptr_forward_confirmed",
+                "ptr_resolved_at",
+                "ptr_expires_at",
+                "ptr_attempts",
+                "ptr_queried_at",
+            ],
+            end_our_lease("enrichd_ip_state", "ptr_lease", &owner),
         );
-        joined.add(sql, txn, statement, p.0).await?;
+        let statement = dialect.insert(
+            "enrichd_ip_state (ip, scope, ptr_name, ptr_outcome, ptr_resolved_at, \
+             ptr_expires_at, ptr_attempts, ptr_queried_at, ptr_forward_confirmed, updated_at)",
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Update {
+                key: "ip",
+                set: &set,
+                only_if: None,
+            },
+        );
+        joined.add(dialect, txn, statement, p.0).await?;
     }
     let scope_only: Vec<&IpWrite> = writes.iter().filter(|w| w.ptr.is_none()).collect();
     for chunk in scope_only.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let rows: Vec<String> = chunk
             .iter()
             .map(|w| {
@@ -451,13 +478,16 @@ async fn write_ip_states(
                 )
             })
             .collect();
-        let statement = format!(
-            "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, updated_at) VALUES {} \
-             ON CONFLICT (ip) DO UPDATE SET scope = excluded.scope, \
-             updated_at = excluded.updated_at",
-            rows.join(", ")
+        let statement = dialect.insert(
+            "enrichd_ip_state (ip, scope, ptr_attempts, updated_at)",
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Update {
+                key: "ip",
+                set: &[Assign::Inserted("scope"), Assign::Inserted("updated_at")],
+                only_if: None,
+            },
         );
-        joined.add(sql, txn, statement, p.0).await?;
+        joined.add(dialect, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -478,11 +508,11 @@ async fn write_provider_states(
     writes: &[ProviderWrite],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     for chunk in writes.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let owner = p.push(store.owner.to_string());
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let rows: Vec<String> = chunk
             .iter()
             .map(
@@ -495,41 +525,54 @@ async fn write_provider_states(
                         .fields
                         .as_ref()
                         .and_then(|f| serde_json::to_value(f).ok());
-                    let expires = p.push(sql.ts_opt(next.next_attempt_at));
+                    let expires = p.push(dialect.ts_opt(next.next_attempt_at));
                     format!(
                         "({}, {}, {}, {}, {}, {}, {}, {}, {expires}, {expires}, {}, {}, {now_p})",
                         p.push(keys[*address].clone()),
                         p.push(next.provider.as_str()),
                         p.push(next.outcome.map(|o| o.as_str().to_owned())),
                         p.push(next.verdict.map(|v| v.as_str().to_owned())),
-                        p.push_json(sql, fields.as_ref()),
-                        p.push_json(sql, next.raw.as_deref()),
-                        p.push(sql.ts_opt(next.answered_at)),
-                        p.push(sql.ts(lease.claimed_at)),
+                        p.push_json(dialect, fields.as_ref()),
+                        p.push_json(dialect, next.raw.as_deref()),
+                        p.push(dialect.ts_opt(next.answered_at)),
+                        p.push(dialect.ts(lease.claimed_at)),
                         p.push(i64::from(next.attempts)),
                         p.push(next.last_error.clone()),
                     )
                 },
             )
             .collect();
-        let end_lease = end_our_lease("enrichd_provider_state", "lease", &owner);
-        let statement = format!(
-            "INSERT INTO enrichd_provider_state (ip, provider, outcome, verdict, fields, \
-             raw, answered_at, queried_at, expires_at, next_attempt_at, attempts, \
-             last_error, updated_at) VALUES {} ON CONFLICT (ip, provider) DO UPDATE SET \
-             outcome = excluded.outcome, verdict = excluded.verdict, \
-             fields = excluded.fields, raw = excluded.raw, \
-             answered_at = excluded.answered_at, queried_at = excluded.queried_at, \
-             expires_at = excluded.expires_at, \
-             next_attempt_at = excluded.next_attempt_at, attempts = excluded.attempts, \
-             last_error = excluded.last_error, \
-             {end_lease}, \
-             updated_at = excluded.updated_at \
-             WHERE enrichd_provider_state.queried_at IS NULL \
-             OR enrichd_provider_state.queried_at < excluded.queried_at",
-            rows.join(", ")
+        let set = inserted_then(
+            &[
+                "outcome",
+                "verdict",
+                "fields",
+                "raw",
+                "answered_at",
+                "queried_at",
+                "expires_at",
+                "next_attempt_at",
+                "attempts",
+                "last_error",
+            ],
+            end_our_lease("enrichd_provider_state", "lease", &owner),
         );
-        joined.add(sql, txn, statement, p.0).await?;
+        let fence = format!(
+            "enrichd_provider_state.queried_at IS NULL \
+             OR enrichd_provider_state.queried_at < {}",
+            dialect.inserted("queried_at")
+        );
+        let statement = dialect.insert(
+            "enrichd_provider_state (ip, provider, outcome, verdict, fields, raw, answered_at, \
+             queried_at, expires_at, next_attempt_at, attempts, last_error, updated_at)",
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Update {
+                key: "ip, provider",
+                set: &set,
+                only_if: Some(&fence),
+            },
+        );
+        joined.add(dialect, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -537,7 +580,8 @@ async fn write_provider_states(
 /// What a write reads once it holds its addresses' locks: their provider states and, with
 /// `attackers`, their attackers (see [`mapped_attackers_of`]).
 ///
-/// On PostgreSQL one statement returns both, a round trip fewer for every write. It starts
+/// Where the dialect has data-modifying CTEs (PostgreSQL; the attacker map's sync is one) one
+/// statement returns both, a round trip fewer for every write. It starts
 /// after the lock was granted, so its snapshot holds everything committed by whoever held
 /// the lock before: the rows come back as two statements would return them.
 async fn read_for_write(
@@ -547,8 +591,8 @@ async fn read_for_write(
     now: DateTime<Utc>,
     attackers: bool,
 ) -> Result<WriteReads, StoreError> {
-    let sql = store.sql;
-    if !sql.is_pg() || !attackers {
+    let dialect = store.dialect;
+    if !dialect.writing_ctes() || !attackers {
         let states = read_provider_states_of(store, txn, keys).await?;
         let mapped = if attackers {
             mapped_attackers_of(store, txn, keys, now).await?
@@ -564,7 +608,7 @@ async fn read_for_write(
     let mut mapped: HashMap<String, Vec<MappedAttacker>> = HashMap::with_capacity(keys.len());
     for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let list = p.list(keys.iter().cloned());
         // An attacker row has no provider, a provider row no attacker: the columns the
         // other kind lacks are typed NULLs.
@@ -574,7 +618,7 @@ async fn read_for_write(
                         NULL::timestamp AS next_attempt_at, NULL::integer AS attempts, \
                         NULL::varchar AS last_error";
         let rows = txn
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 format!(
                     "WITH {synced}, attackers_of AS ({attackers}) \
                      SELECT ip, attacker_uuid, payload_digest, {no_state} FROM attackers_of \
@@ -582,7 +626,7 @@ async fn read_for_write(
                      answered_at, queried_at, next_attempt_at, attempts, last_error \
                      FROM enrichd_provider_state WHERE ip IN ({list}) \
                      ORDER BY ip, provider, attacker_uuid",
-                    synced = synced_cte(&now_p, &list),
+                    synced = synced_cte(dialect, &now_p, &list),
                     attackers = attackers_with_synced(&list),
                 ),
                 p.0,
@@ -599,7 +643,7 @@ async fn read_for_write(
                     });
                 }
                 None => {
-                    if let Some(StateRow { ip, state }) = provider_state_row(sql, row)? {
+                    if let Some(StateRow { ip, state }) = provider_state_row(dialect, row)? {
                         states.entry(ip).or_default().push(state);
                     }
                 }

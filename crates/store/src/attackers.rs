@@ -11,7 +11,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::apply::{ApplyItem, ApplyOutcome};
 use crate::outbox::{HandedOff, OutboxEntry, enqueue_rows};
-use crate::sql::{self, Bound, Joined, Params};
+use crate::sql::{self, Assign, Bound, Dialect, Joined, OnConflict, Params};
 use crate::state::{self, ApplyContext, IntelColumns, ProviderState};
 use crate::transition::PtrChange;
 use crate::{Store, StoreError};
@@ -179,28 +179,28 @@ pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
     keys: &[String],
     now: DateTime<Utc>,
 ) -> Result<HashMap<String, Vec<MappedAttacker>>, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     let mut by_ip: HashMap<String, Vec<MappedAttacker>> = HashMap::with_capacity(keys.len());
     for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let list = p.list(keys.iter().cloned());
-        let rows = if sql.is_pg() {
-            db.query_all_raw(sql.stmt(
+        let rows = if dialect.writing_ctes() {
+            db.query_all_raw(dialect.stmt(
                 format!(
                     "WITH {} {} ORDER BY ip, attacker_uuid",
-                    synced_cte(&now_p, &list),
+                    synced_cte(dialect, &now_p, &list),
                     attackers_with_synced(&list)
                 ),
                 p.0,
             ))
             .await?
         } else {
-            db.execute_raw(sql.stmt(sync_statement(&now_p, &list), p.0))
+            db.execute_raw(dialect.stmt(sync_statement(dialect, &now_p, &list), p.0))
                 .await?;
             let mut p = Params::default();
             let list = p.list(keys.iter().cloned());
-            db.query_all_raw(sql.stmt(
+            db.query_all_raw(dialect.stmt(
                 format!("{} ORDER BY m.ip, m.attacker_uuid", mapped_select(&list)),
                 p.0,
             ))
@@ -219,20 +219,26 @@ pub(crate) async fn mapped_attackers_of<C: ConnectionTrait>(
 
 /// Maps the attacker rows not mapped yet whose stored `ip` is one of the addresses in the
 /// placeholder `list`, at the placeholder `now`.
-fn sync_statement(now: &str, list: &str) -> String {
-    format!(
-        "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, mapped_at) \
-         SELECT a.uuid, a.ip, {now} FROM attackers a WHERE a.ip IN ({list}) \
-         AND NOT EXISTS (SELECT 1 FROM enrichd_attacker_map m \
-         WHERE m.attacker_uuid = a.uuid) ON CONFLICT (attacker_uuid) DO NOTHING"
+fn sync_statement(dialect: Dialect, now: &str, list: &str) -> String {
+    dialect.insert(
+        "enrichd_attacker_map (attacker_uuid, ip, mapped_at)",
+        &format!(
+            "SELECT a.uuid, a.ip, {now} FROM attackers a WHERE a.ip IN ({list}) \
+             AND NOT EXISTS (SELECT 1 FROM enrichd_attacker_map m \
+             WHERE m.attacker_uuid = a.uuid)"
+        ),
+        OnConflict::Ignore {
+            key: "attacker_uuid",
+        },
     )
 }
 
-/// On PostgreSQL, [`sync_statement`] as the CTE `synced`, returning the rows it maps.
-pub(crate) fn synced_cte(now: &str, list: &str) -> String {
+/// [`sync_statement`] as the CTE `synced`, returning the rows it maps, for a dialect with
+/// data-modifying CTEs (PostgreSQL).
+pub(crate) fn synced_cte(dialect: Dialect, now: &str, list: &str) -> String {
     format!(
         "synced AS ({} RETURNING ip, attacker_uuid, payload_digest)",
-        sync_statement(now, list)
+        sync_statement(dialect, now, list)
     )
 }
 
@@ -290,11 +296,8 @@ async fn upsert_intel_rows(
         "cached_at",
         "expires_at",
     ];
-    let sql = store.sql;
-    let updates: Vec<String> = COLUMNS
-        .iter()
-        .map(|c| format!("{c} = excluded.{c}"))
-        .collect();
+    let dialect = store.dialect;
+    let updates: Vec<Assign> = COLUMNS.into_iter().map(Assign::Inserted).collect();
     for chunk in intel.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let version = p.push(1_i32);
@@ -308,26 +311,26 @@ async fn upsert_intel_rows(
                     p.push(c.attacker_ip.clone()),
                     p.push(c.greynoise_classification.clone()),
                     p.push(c.greynoise_name.clone()),
-                    p.push_json(sql, Some(&c.greynoise_tags)),
-                    p.push_json_object(sql, c.greynoise_raw),
-                    p.push(sql.ts_opt(c.greynoise_queried_at)),
+                    p.push_json(dialect, Some(&c.greynoise_tags)),
+                    p.push_json_object(dialect, c.greynoise_raw),
+                    p.push(dialect.ts_opt(c.greynoise_queried_at)),
                     p.push(c.abuseipdb_score),
-                    p.push_json(sql, Some(&c.abuseipdb_categories)),
-                    p.push_json_object(sql, c.abuseipdb_raw),
-                    p.push(sql.ts_opt(c.abuseipdb_queried_at)),
+                    p.push_json(dialect, Some(&c.abuseipdb_categories)),
+                    p.push_json_object(dialect, c.abuseipdb_raw),
+                    p.push(dialect.ts_opt(c.abuseipdb_queried_at)),
                     p.push(c.feodo_listed),
                     p.push(c.feodo_malware_family.clone()),
-                    p.push_json_object(sql, c.feodo_raw),
-                    p.push(sql.ts_opt(c.feodo_queried_at)),
+                    p.push_json_object(dialect, c.feodo_raw),
+                    p.push(dialect.ts_opt(c.feodo_queried_at)),
                     p.push(c.threatfox_listed),
-                    p.push_json(sql, Some(&c.threatfox_threat_types)),
-                    p.push_json(sql, Some(&c.threatfox_ioc_types)),
-                    p.push_json(sql, Some(&c.threatfox_malware_families)),
-                    p.push_json_object(sql, c.threatfox_raw),
-                    p.push(sql.ts_opt(c.threatfox_queried_at)),
+                    p.push_json(dialect, Some(&c.threatfox_threat_types)),
+                    p.push_json(dialect, Some(&c.threatfox_ioc_types)),
+                    p.push_json(dialect, Some(&c.threatfox_malware_families)),
+                    p.push_json_object(dialect, c.threatfox_raw),
+                    p.push(dialect.ts_opt(c.threatfox_queried_at)),
                     p.push(c.aggregate_verdict.clone()),
-                    p.push(sql.ts(c.cached_at)),
-                    p.push(sql.ts(c.expires_at)),
+                    p.push(dialect.ts(c.cached_at)),
+                    p.push(dialect.ts(c.expires_at)),
                 ];
                 Some(format!("({}, {version})", placeholders.join(", ")))
             })
@@ -335,14 +338,19 @@ async fn upsert_intel_rows(
         if rows.is_empty() {
             continue;
         }
-        let statement = format!(
-            "INSERT INTO attacker_intel (uuid, attacker_uuid, {cols}, schema_version) \
-             VALUES {rows} ON CONFLICT (attacker_uuid) DO UPDATE SET {updates}",
-            cols = COLUMNS.join(", "),
-            rows = rows.join(", "),
-            updates = updates.join(", "),
+        let statement = dialect.insert(
+            &format!(
+                "attacker_intel (uuid, attacker_uuid, {}, schema_version)",
+                COLUMNS.join(", ")
+            ),
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Update {
+                key: "attacker_uuid",
+                set: &updates,
+                only_if: None,
+            },
         );
-        joined.add(sql, txn, statement, p.0).await?;
+        joined.add(dialect, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -355,7 +363,7 @@ async fn set_ptr_records(
     joined: &mut Joined,
     names: &[PtrRecord],
 ) -> Result<(), StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     for chunk in names.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let arms: Vec<String> = chunk
@@ -374,7 +382,7 @@ async fn set_ptr_records(
             "UPDATE attackers SET ptr_record = {name_of} WHERE uuid IN ({uuids}) \
              AND (ptr_record IS NULL OR ptr_record <> {name_of})"
         );
-        joined.add(sql, txn, statement, p.0).await?;
+        joined.add(dialect, txn, statement, p.0).await?;
     }
     Ok(())
 }
@@ -386,7 +394,7 @@ async fn clear_ptr_record(
     txn: &DatabaseTransaction,
     cleared: &ClearedPtr,
 ) -> Result<(), StoreError> {
-    txn.execute_raw(store.sql.stmt(
+    txn.execute_raw(store.dialect.stmt(
         "UPDATE attackers SET ptr_record = NULL WHERE uuid IN \
          (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip = $1) AND ptr_record = $2",
         vec![cleared.ip.clone().into(), cleared.old_name.clone().into()],
@@ -405,7 +413,7 @@ pub(crate) async fn map_rows<C: ConnectionTrait>(
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
         let Bound { text, values } = map_statement(store, chunk, now);
-        db.execute_raw(store.sql.stmt(text, values)).await?;
+        db.execute_raw(store.dialect.stmt(text, values)).await?;
     }
     Ok(())
 }
@@ -413,7 +421,7 @@ pub(crate) async fn map_rows<C: ConnectionTrait>(
 /// The statement of [`map_rows`] for one chunk.
 fn map_statement(store: &Store, chunk: &[AttackerAddress], now: DateTime<Utc>) -> Bound {
     let mut p = Params::default();
-    let now_p = p.push(store.sql.ts(now));
+    let now_p = p.push(store.dialect.ts(now));
     let values: Vec<String> = chunk
         .iter()
         .map(|row| {
@@ -430,10 +438,12 @@ fn map_statement(store: &Store, chunk: &[AttackerAddress], now: DateTime<Utc>) -
         })
         .collect();
     Bound {
-        text: format!(
-            "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
-             VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
-            values.join(", ")
+        text: store.dialect.insert(
+            "enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at)",
+            &format!("VALUES {}", values.join(", ")),
+            OnConflict::Ignore {
+                key: "attacker_uuid",
+            },
         ),
         values: p.0,
     }
@@ -448,10 +458,10 @@ pub(crate) async fn insert_attackers<C: ConnectionTrait>(
     rows: &[NewAttacker],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let values: Vec<String> = chunk
             .iter()
             .map(|row| {
@@ -460,14 +470,14 @@ pub(crate) async fn insert_attackers<C: ConnectionTrait>(
                     "({}, {ip}, {}, {now_p}, {now_p}, \
                      (SELECT ptr_name FROM enrichd_ip_state WHERE ip = {ip}))",
                     p.push(row.uuid.clone()),
-                    p.push(sql.ts(row.first_seen))
+                    p.push(dialect.ts(row.first_seen))
                 )
             })
             .collect();
-        let insert = format!(
-            "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
-             VALUES {} ON CONFLICT (uuid) DO NOTHING",
-            values.join(", ")
+        let insert = dialect.insert(
+            "attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record)",
+            &format!("VALUES {}", values.join(", ")),
+            OnConflict::Ignore { key: "uuid" },
         );
         let mapped: Vec<AttackerAddress> = chunk
             .iter()
@@ -479,8 +489,8 @@ pub(crate) async fn insert_attackers<C: ConnectionTrait>(
         // The map has no foreign key to `attackers`, so the two need not see each other: one
         // round trip for both on PostgreSQL.
         let map = map_statement(store, &mapped, now);
-        joined.add(sql, db, insert, p.0).await?;
-        joined.add(sql, db, map.text, map.values).await?;
+        joined.add(dialect, db, insert, p.0).await?;
+        joined.add(dialect, db, map.text, map.values).await?;
     }
     Ok(())
 }

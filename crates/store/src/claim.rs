@@ -11,7 +11,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
 use crate::error::retry_busy;
 use crate::ip_state::{ensure_ip_rows, lock_ip_rows};
-use crate::sql::{self, Bound, Joined, Params};
+use crate::sql::{self, Bound, Joined, OnConflict, Params, RowsBack};
 use crate::transition::newer_than;
 use crate::{Store, StoreError};
 
@@ -174,16 +174,16 @@ impl Store {
         provider: ProviderId,
         until: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let txn = self.begin_write().await?;
-        txn.execute_raw(sql.stmt(
+        txn.execute_raw(dialect.stmt(
             "UPDATE enrichd_provider_state SET lease_until = $4 \
              WHERE ip = $1 AND provider = $2 AND lease_owner = $3",
             vec![
                 ip.to_string().into(),
                 provider.as_str().into(),
                 self.owner.to_string().into(),
-                sql.ts(sql::micros(until)),
+                dialect.ts(sql::micros(until)),
             ],
         ))
         .await?;
@@ -200,11 +200,11 @@ impl Store {
         providers: &[ProviderId],
         ptr: bool,
     ) -> Result<(), StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let ip_text = ip.to_string();
         let txn = self.begin_write().await?;
         if ptr {
-            txn.execute_raw(sql.stmt(
+            txn.execute_raw(dialect.stmt(
                 "UPDATE enrichd_ip_state SET ptr_lease_owner = NULL, ptr_lease_until = NULL \
                  WHERE ip = $1 AND ptr_lease_owner = $2",
                 vec![ip_text.clone().into(), self.owner.to_string().into()],
@@ -215,7 +215,7 @@ impl Store {
         sorted.sort_unstable();
         sorted.dedup();
         for provider in sorted {
-            txn.execute_raw(sql.stmt(
+            txn.execute_raw(dialect.stmt(
                 "UPDATE enrichd_provider_state SET lease_owner = NULL, lease_until = NULL \
                  WHERE ip = $1 AND provider = $2 AND lease_owner = $3",
                 vec![
@@ -243,8 +243,8 @@ impl LeaseTerms {
     fn push(p: &mut Params, store: &Store, lease: Lease, now: DateTime<Utc>) -> Self {
         Self {
             owner: p.push(store.owner.to_string()),
-            until: p.push(store.sql.ts(lease.until)),
-            now: p.push(store.sql.ts(now)),
+            until: p.push(store.dialect.ts(lease.until)),
+            now: p.push(store.dialect.ts(now)),
         }
     }
 
@@ -321,7 +321,7 @@ pub(crate) async fn claim_locked(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<HashMap<String, Claims>, StoreError> {
-    let leases = if ptr && !wanted.is_empty() && store.sql.is_pg() {
+    let leases = if ptr && !wanted.is_empty() && store.dialect.writing_ctes() {
         claim_both(store, txn, joined, keys, created, wanted, lease, now, mode).await?
     } else {
         let ptr = if ptr {
@@ -380,12 +380,17 @@ async fn claim_ptr(
     if known.is_empty() {
         return Ok(leases);
     }
-    let sql = store.sql;
-    let Bound { text, values } = ptr_claim_statement(store, &known, lease, now, mode);
-    let rows = joined.query_all(sql, txn, text, values).await?;
+    let dialect = store.dialect;
+    let rows = match dialect.rows_back() {
+        RowsBack::Returning => {
+            let Bound { text, values } =
+                ptr_claim_statement(store, &known, lease, now, mode).returning(PTR_LEASED);
+            joined.query_all(dialect, txn, text, values).await?
+        }
+    };
     for row in &rows {
         let ip: String = row.try_get("", "ip")?;
-        let fence = sql.get_ts(row, "ptr_queried_at")?;
+        let fence = dialect.get_ts(row, "ptr_queried_at")?;
         leases.push(PtrLease {
             ip,
             lease: newer_than(lease, fence),
@@ -406,8 +411,10 @@ fn created_ptr_leases(created: &HashSet<String>, lease: Lease) -> Vec<PtrLease> 
         .collect()
 }
 
-/// The update leasing the due PTR work of `known` (rows that existed before the claim),
-/// returning each leased row's address and fence.
+/// What the PTR lease update returns of each row it leased: its address and fence.
+const PTR_LEASED: &str = "ip, ptr_queried_at";
+
+/// The update leasing the due PTR work of `known` (rows that existed before the claim).
 fn ptr_claim_statement(
     store: &Store,
     known: &[&String],
@@ -423,8 +430,7 @@ fn ptr_claim_statement(
     });
     Bound {
         text: format!(
-            "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due} \
-             RETURNING ip, ptr_queried_at",
+            "UPDATE enrichd_ip_state SET {} WHERE ip IN ({list}) AND {}{due}",
             terms.take("ptr_lease"),
             terms.takeable("ptr_lease")
         ),
@@ -432,10 +438,12 @@ fn ptr_claim_statement(
     }
 }
 
-/// [`claim_ptr`] and [`claim_providers`] on PostgreSQL with their first statements as one:
-/// the PTR update and the provider rows' insert touch different tables and read nothing the
-/// other writes, so they go as data-modifying CTEs of one statement (with whatever `joined`
-/// holds) and their rows come back together, a round trip fewer for every claim.
+/// [`claim_ptr`] and [`claim_providers`] with their first statements as one, where the
+/// dialect has data-modifying CTEs (PostgreSQL): the PTR update and the provider rows' insert
+/// touch different tables and read nothing the other writes, so they go as CTEs of one
+/// statement (with whatever `joined` holds) and their rows come back together, a round trip
+/// fewer for every claim. The CTEs' `RETURNING` is what the outer `SELECT` reads, so this
+/// path needs no other way to read rows back.
 #[expect(
     clippy::too_many_arguments,
     reason = "the claim's parts, passed as they are by `claim_locked`"
@@ -451,16 +459,16 @@ async fn claim_both(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<Leases, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     let mut ptr_leases = created_ptr_leases(created, lease);
     let known: Vec<&String> = keys.iter().filter(|k| !created.contains(*k)).collect();
     let mut parts = Vec::with_capacity(2);
     if !known.is_empty() {
-        parts.push(ptr_claim_statement(store, &known, lease, now, mode));
+        parts.push(ptr_claim_statement(store, &known, lease, now, mode).returning(PTR_LEASED));
     }
-    parts.push(provider_insert_statement(store, keys, wanted, lease, now));
+    parts.push(provider_insert_statement(store, keys, wanted, lease, now).returning(CREATED));
     let rows = joined
-        .query_parts(sql, txn, parts, |names| {
+        .query_parts(dialect, txn, parts, |names| {
             let inserted = names.last().map_or("", String::as_str);
             match names {
                 [ptr, _] => format!(
@@ -478,7 +486,7 @@ async fn claim_both(
             inserted.push(provider_row(row)?);
         } else {
             let ip: String = row.try_get("", "ip")?;
-            let fence = sql.get_ts(row, "fence")?;
+            let fence = dialect.get_ts(row, "fence")?;
             ptr_leases.push(PtrLease {
                 ip,
                 lease: newer_than(lease, fence),
@@ -512,14 +520,22 @@ async fn claim_providers(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<Vec<ProviderLease>, StoreError> {
-    let Bound { text, values } = provider_insert_statement(store, keys, wanted, lease, now);
-    let created = joined.query_all(store.sql, txn, text, values).await?;
+    let dialect = store.dialect;
+    let created = match dialect.rows_back() {
+        RowsBack::Returning => {
+            let Bound { text, values } =
+                provider_insert_statement(store, keys, wanted, lease, now).returning(CREATED);
+            joined.query_all(dialect, txn, text, values).await?
+        }
+    };
     let created: Vec<ProviderKey> = created.iter().map(provider_row).collect::<Result<_, _>>()?;
     claim_existing_providers(store, txn, keys, wanted, &created, lease, now, mode).await
 }
 
-/// The insert creating the missing provider rows of `keys` already leased, returning each
-/// row it created.
+/// What the provider rows' insert returns of each row it created: its key.
+const CREATED: &str = "ip, provider";
+
+/// The insert creating the missing provider rows of `keys` already leased.
 fn provider_insert_statement(
     store: &Store,
     keys: &[String],
@@ -541,11 +557,13 @@ fn provider_insert_statement(
         })
         .collect();
     Bound {
-        text: format!(
-            "INSERT INTO enrichd_provider_state (ip, provider, attempts, updated_at, \
-             lease_owner, lease_until) VALUES {} ON CONFLICT (ip, provider) DO NOTHING \
-             RETURNING ip, provider",
-            rows.join(", ")
+        text: store.dialect.insert(
+            "enrichd_provider_state (ip, provider, attempts, updated_at, lease_owner, \
+             lease_until)",
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Ignore {
+                key: "ip, provider",
+            },
         ),
         values: p.0,
     }
@@ -567,7 +585,7 @@ async fn claim_existing_providers(
     now: DateTime<Utc>,
     mode: ClaimMode,
 ) -> Result<Vec<ProviderLease>, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     // A new row has never been asked: no fence to stay above.
     let mut leases: Vec<ProviderLease> = created
         .iter()
@@ -596,17 +614,19 @@ async fn claim_existing_providers(
     let due = terms.only_due(mode, |now| {
         format!("outcome IS NULL OR next_attempt_at <= {now}")
     });
-    let claimed = txn
-        .query_all_raw(sql.stmt(
-            format!(
-                "UPDATE enrichd_provider_state SET {} WHERE ip IN ({ips}) \
-                 AND provider IN ({providers}) AND {}{due} RETURNING ip, provider, queried_at",
-                terms.take("lease"),
-                terms.takeable("lease")
-            ),
-            p.0,
-        ))
-        .await?;
+    let update = format!(
+        "UPDATE enrichd_provider_state SET {} WHERE ip IN ({ips}) \
+         AND provider IN ({providers}) AND {}{due}",
+        terms.take("lease"),
+        terms.takeable("lease")
+    );
+    // The rows leased, with their fences.
+    let claimed = match dialect.rows_back() {
+        RowsBack::Returning => {
+            let text = format!("{update} RETURNING ip, provider, queried_at");
+            txn.query_all_raw(dialect.stmt(text, p.0)).await?
+        }
+    };
     for row in &claimed {
         let ProviderKey { ip, provider } = provider_row(row)?;
         // An address with both new and old rows re-leases its new ones here: they are ours
@@ -614,7 +634,7 @@ async fn claim_existing_providers(
         if fresh.contains(&(ip.as_str(), provider)) {
             continue;
         }
-        let fence = sql.get_ts(row, "queried_at")?;
+        let fence = dialect.get_ts(row, "queried_at")?;
         leases.push(ProviderLease {
             ip,
             provider,

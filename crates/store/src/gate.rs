@@ -16,6 +16,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
 use crate::error::retry_busy;
 use crate::slots::{self, Block, Slot, Unused};
+use crate::sql::OnConflict;
 use crate::{Store, StoreError};
 
 mod rules;
@@ -127,26 +128,29 @@ impl Store {
         provider: ProviderId,
         now: DateTime<Utc>,
     ) -> Result<LimitsAt, StoreError> {
-        let sql = self.sql;
-        txn.execute_raw(sql.stmt(
-            "INSERT INTO enrichd_provider_limits (provider, quota_used, updated_at) \
-             VALUES ($1, 0, $2) ON CONFLICT (provider) DO NOTHING",
-            vec![provider.as_str().into(), sql.ts(now)],
+        let dialect = self.dialect;
+        txn.execute_raw(dialect.stmt(
+            dialect.insert(
+                "enrichd_provider_limits (provider, quota_used, updated_at)",
+                "VALUES ($1, 0, $2)",
+                OnConflict::Ignore { key: "provider" },
+            ),
+            vec![provider.as_str().into(), dialect.ts(now)],
         ))
         .await?;
         let row = txn
-            .query_one_raw(sql.stmt(
+            .query_one_raw(dialect.stmt(
                 format!(
                     "SELECT *, {} AS locked_at FROM enrichd_provider_limits \
                      WHERE provider = $1{}",
-                    sql.clock_expr(),
-                    sql.for_update()
+                    dialect.clock_expr(),
+                    dialect.for_update()
                 ),
                 vec![provider.as_str().into()],
             ))
             .await?
             .ok_or_else(|| StoreError::malformed("enrichd_provider_limits", "row vanished"))?;
-        let locked_at = sql
+        let locked_at = dialect
             .get_ts(&row, "locked_at")?
             .map_or(now, crate::sql::micros)
             .max(now);
@@ -159,20 +163,20 @@ impl Store {
     /// The database clock and `provider`'s limits row (the default when it has none), in one
     /// statement.
     async fn limits_at(&self, provider: ProviderId) -> Result<LimitsAt, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let row = self
             .read
-            .query_one_raw(sql.stmt(
+            .query_one_raw(dialect.stmt(
                 format!(
                     "SELECT {} AS db_now, l.* FROM (SELECT 1 AS one) AS clock \
                      LEFT JOIN enrichd_provider_limits l ON l.provider = $1",
-                    sql.now_expr()
+                    dialect.now_expr()
                 ),
                 vec![provider.as_str().into()],
             ))
             .await?
             .ok_or_else(|| StoreError::malformed("enrichd_provider_limits", "no clock row"))?;
-        let now = sql
+        let now = dialect
             .get_ts(&row, "db_now")?
             .ok_or_else(|| StoreError::malformed("now", "null"))?;
         Ok(LimitsAt {
@@ -182,14 +186,14 @@ impl Store {
     }
 
     fn limits_from(&self, row: &QueryResult) -> Result<LimitsRow, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         Ok(LimitsRow {
-            next_slot_at: sql.get_ts(row, "next_slot_at")?,
+            next_slot_at: dialect.get_ts(row, "next_slot_at")?,
             quota_day: row.try_get("", "quota_day")?,
-            quota_used: sql.get_i64(row, "quota_used")?.unwrap_or(0),
-            quota_remaining: sql.get_i64(row, "quota_remaining")?,
-            quota_reset_at: sql.get_ts(row, "quota_reset_at")?,
-            parked_until: sql.get_ts(row, "parked_until")?,
+            quota_used: dialect.get_i64(row, "quota_used")?.unwrap_or(0),
+            quota_remaining: dialect.get_i64(row, "quota_remaining")?,
+            quota_reset_at: dialect.get_ts(row, "quota_reset_at")?,
+            parked_until: dialect.get_ts(row, "parked_until")?,
             rejected_key_fingerprint: row.try_get("", "rejected_key_fingerprint")?,
         })
     }
@@ -201,22 +205,22 @@ impl Store {
         row: &LimitsRow,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let clamp = |v: i64| i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX });
-        txn.execute_raw(sql.stmt(
+        txn.execute_raw(dialect.stmt(
             "UPDATE enrichd_provider_limits SET next_slot_at = $2, quota_day = $3, \
              quota_used = $4, quota_remaining = $5, quota_reset_at = $6, parked_until = $7, \
              rejected_key_fingerprint = $8, updated_at = $9 WHERE provider = $1",
             vec![
                 provider.as_str().into(),
-                sql.ts_opt(row.next_slot_at),
+                dialect.ts_opt(row.next_slot_at),
                 row.quota_day.clone().into(),
                 clamp(row.quota_used).into(),
                 row.quota_remaining.map(clamp).into(),
-                sql.ts_opt(row.quota_reset_at),
-                sql.ts_opt(row.parked_until),
+                dialect.ts_opt(row.quota_reset_at),
+                dialect.ts_opt(row.parked_until),
                 row.rejected_key_fingerprint.clone().into(),
-                sql.ts(now),
+                dialect.ts(now),
             ],
         ))
         .await?;
@@ -381,9 +385,9 @@ impl Store {
     ) -> Result<Vec<ProviderId>, StoreError> {
         let rows = self
             .read
-            .query_all_raw(self.sql.stmt(
+            .query_all_raw(self.dialect.stmt(
                 "SELECT provider FROM enrichd_provider_limits WHERE parked_until > $1",
-                vec![self.sql.ts(now)],
+                vec![self.dialect.ts(now)],
             ))
             .await?;
         let mut parked = Vec::new();

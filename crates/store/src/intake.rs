@@ -16,7 +16,7 @@ use crate::attackers::{
 use crate::claim::{ClaimMode, ClaimSettings, Claims, Lease, claim_locked};
 use crate::error::retry_busy;
 use crate::ip_state::{distinct_rounds, read_provider_states, read_ptr};
-use crate::sql::{Joined, Params};
+use crate::sql::{Assign, Joined, OnConflict, Params, RowsBack};
 use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
 use crate::{Store, StoreError};
 
@@ -135,7 +135,7 @@ impl Store {
         notes: &[&EventNote],
         claim: &ClaimSettings,
     ) -> Result<Vec<Intake>, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let keys: Vec<String> = notes.iter().map(|n| n.ip.to_string()).collect();
         let (txn, clock) = self.begin_keyed_write().await?;
         let now = self.upsert_event_rows(&txn, clock, notes, &keys).await?;
@@ -185,13 +185,13 @@ impl Store {
         if !touched.is_empty() {
             // Our own table: keep `last_seen` meaningful for the backlog's ordering.
             let mut p = Params::default();
-            let now_p = p.push(sql.ts(now));
+            let now_p = p.push(dialect.ts(now));
             let list = p.list(touched);
             let touch = format!(
                 "UPDATE attackers SET last_seen = {now_p}, updated_at = {now_p} WHERE uuid IN \
                  (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip IN ({list}))"
             );
-            joined.add(sql, &txn, touch, p.0).await?;
+            joined.add(dialect, &txn, touch, p.0).await?;
         }
         claim_with_intake(
             self,
@@ -204,7 +204,7 @@ impl Store {
             &mut intakes,
         )
         .await?;
-        joined.finish(sql, &txn).await?;
+        joined.finish(dialect, &txn).await?;
         txn.commit().await?;
         Ok(intakes)
     }
@@ -218,15 +218,15 @@ impl Store {
         notes: &[&EventNote],
         keys: &[String],
     ) -> Result<DateTime<Utc>, StoreError> {
-        let sql = self.sql;
-        // The upsert takes each IP row's lock (PostgreSQL) until commit, in key order:
+        let dialect = self.dialect;
+        // The upsert takes each IP row's lock (where rows are locked) until commit, in key order:
         // concurrent intake of one IP queues here, so `note_once`'s check for attacker rows
         // to create is race-free. When the clock was not read with `BEGIN`, the upsert uses
         // the database's own and returns it.
         let mut p = Params::default();
         let now_p = match clock {
-            Some(now) => p.push(sql.ts(now)),
-            None => sql.now_expr().to_owned(),
+            Some(now) => p.push(dialect.ts(now)),
+            None => dialect.now_expr().to_owned(),
         };
         let rows: Vec<String> = notes
             .iter()
@@ -234,8 +234,8 @@ impl Store {
             .map(|(note, key)| {
                 let first = match (note.first_seen, clock) {
                     (None, _) => now_p.clone(),
-                    (Some(first), Some(now)) => p.push(sql.ts(first.min(now))),
-                    (Some(first), None) => format!("LEAST({}, {now_p})", p.push(sql.ts(first))),
+                    (Some(first), Some(now)) => p.push(dialect.ts(first.min(now))),
+                    (Some(first), None) => dialect.least(&p.push(dialect.ts(first)), &now_p),
                 };
                 format!(
                     "({}, {}, 0, {first}, {now_p}, {now_p})",
@@ -244,23 +244,34 @@ impl Store {
                 )
             })
             .collect();
-        let returning = self
-            .clock_item(clock)
-            .map(|item| format!(" RETURNING {item}"))
-            .unwrap_or_default();
-        let upserted = txn
-            .query_all_raw(sql.stmt(
-                format!(
-                    "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, \
-                     last_event_at, updated_at) VALUES {} ON CONFLICT (ip) DO UPDATE \
-                     SET scope = excluded.scope, last_event_at = excluded.last_event_at, \
-                     first_event_at = COALESCE(enrichd_ip_state.first_event_at, \
-                     excluded.first_event_at), updated_at = excluded.updated_at{returning}",
-                    rows.join(", ")
+        let set = [
+            Assign::Inserted("scope"),
+            Assign::Inserted("last_event_at"),
+            Assign::To {
+                column: "first_event_at".into(),
+                value: format!(
+                    "COALESCE(enrichd_ip_state.first_event_at, {})",
+                    dialect.inserted("first_event_at")
                 ),
-                p.0,
-            ))
-            .await?;
+            },
+            Assign::Inserted("updated_at"),
+        ];
+        let upsert = dialect.insert(
+            "enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, last_event_at, \
+             updated_at)",
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Update {
+                key: "ip",
+                set: &set,
+                only_if: None,
+            },
+        );
+        // Without a clock read at `BEGIN`, the database's comes back with the upsert.
+        let text = match (self.clock_item(clock), dialect.rows_back()) {
+            (Some(item), RowsBack::Returning) => format!("{upsert} RETURNING {item}"),
+            (None, _) => upsert,
+        };
+        let upserted = txn.query_all_raw(dialect.stmt(text, p.0)).await?;
         self.keyed_clock(txn, clock, upserted.first()).await
     }
 
@@ -293,11 +304,11 @@ impl Store {
         if named.is_empty() {
             return Ok(());
         }
-        let sql = self.sql;
+        let dialect = self.dialect;
         let mut p = Params::default();
         let list = p.list(named.iter().map(|n| n.uuid.clone()));
         let rows = txn
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 format!("SELECT uuid, ip FROM attackers WHERE uuid IN ({list})"),
                 p.0,
             ))
@@ -327,17 +338,17 @@ impl Store {
         map_rows(self, txn, &found, now).await?;
         let mut joined = Joined::default();
         insert_attackers(self, txn, &mut joined, &created, now).await?;
-        joined.finish(self.sql, txn).await
+        joined.finish(self.dialect, txn).await
     }
 
     /// Maps up to `limit` attacker rows not mapped yet to their canonical IP; a stored `ip`
     /// that is not an address is recorded once with its reason and never selected again.
     /// Returns how many rows were mapped.
     pub async fn sync_attacker_map(&self, limit: u32) -> Result<usize, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let (txn, now) = self.begin_write_at().await?;
         let rows = txn
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 "SELECT a.uuid AS uuid, a.ip AS ip FROM attackers a WHERE NOT EXISTS \
                  (SELECT 1 FROM enrichd_attacker_map m WHERE m.attacker_uuid = a.uuid) \
                  ORDER BY a.uuid LIMIT $1",
@@ -377,7 +388,7 @@ impl Store {
                 break;
             }
         }
-        let sql = self.sql;
+        let dialect = self.dialect;
         let now = self.db_now().await?;
         let parked = self.parked_providers(now).await?;
         let providers: Vec<&str> = ctx
@@ -387,7 +398,7 @@ impl Store {
             .map(|p| p.as_str())
             .collect();
         let mut values: Vec<Value> = vec![
-            sql.ts(now),
+            dialect.ts(now),
             i64::from(limit).into(),
             i64::try_from(providers.len()).unwrap_or(0).into(),
         ];
@@ -425,7 +436,10 @@ impl Store {
                   OR ((s.scope IS NULL OR s.scope = 'global') AND ({ptr_due} OR {provider_due}))) \
              GROUP BY m.ip ORDER BY newest DESC, m.ip LIMIT $2"
         );
-        let rows = self.read.query_all_raw(sql.stmt(statement, values)).await?;
+        let rows = self
+            .read
+            .query_all_raw(dialect.stmt(statement, values))
+            .await?;
         let mut ips = Vec::with_capacity(rows.len());
         for row in rows {
             let text: String = row.try_get("", "ip")?;
@@ -448,8 +462,8 @@ impl Store {
             let batch = limit.max(500);
             while self.sync_attacker_map(batch).await? >= batch as usize {}
         }
-        let sql = self.sql;
-        let order = sql.ip_order();
+        let dialect = self.dialect;
+        let order = dialect.byte_order("ip");
         let statement = format!(
             "SELECT ip FROM enrichd_attacker_map m \
              WHERE ip IS NOT NULL AND {order} > $1 \
@@ -458,7 +472,7 @@ impl Store {
         );
         let rows = self
             .read
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 statement,
                 vec![
                     after.map_or_else(String::new, |ip| ip.to_string()).into(),
@@ -481,7 +495,7 @@ impl Store {
     pub async fn ptr_state(&self, ip: CanonicalIp) -> Result<Option<PtrState>, StoreError> {
         let row = self
             .read
-            .query_one_raw(self.sql.stmt(
+            .query_one_raw(self.dialect.stmt(
                 "SELECT * FROM enrichd_ip_state WHERE ip = $1",
                 vec![ip.to_string().into()],
             ))
@@ -498,7 +512,7 @@ impl Store {
     pub async fn stored_scope(&self, ip: CanonicalIp) -> Result<Option<StoredScope>, StoreError> {
         let row = self
             .read
-            .query_one_raw(self.sql.stmt(
+            .query_one_raw(self.dialect.stmt(
                 "SELECT scope FROM enrichd_ip_state WHERE ip = $1",
                 vec![ip.to_string().into()],
             ))
@@ -515,7 +529,7 @@ impl Store {
         ip: CanonicalIp,
         ctx: &ApplyContext,
     ) -> Result<Vec<IntelPayload>, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let ip_text = ip.to_string();
         let now = self.db_now().await?;
         let scope = self.stored_scope(ip).await?.unwrap_or(StoredScope::Global);
@@ -524,7 +538,7 @@ impl Store {
         let merged = state::merge(&ip_text, scope, &states, &ptr, ctx, now);
         let rows = self
             .read
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 "SELECT attacker_uuid AS uuid FROM enrichd_attacker_map WHERE ip = $1 \
                  AND attacker_uuid IN (SELECT uuid FROM attackers) \
                  UNION SELECT uuid FROM attackers WHERE ip = $1 ORDER BY uuid",

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use enrichd_core::{CanonicalIp, ProviderFields, ProviderId, ProviderOutcome, PtrOutcome, Verdict};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
-use crate::sql::{self, Params, Sql};
+use crate::sql::{self, Dialect, OnConflict, Params, RowsBack};
 use crate::state::{ProviderState, PtrState};
 use crate::{Store, StoreError};
 
@@ -39,17 +39,18 @@ pub(crate) async fn ensure_ip_rows(
     now: DateTime<Utc>,
     ptr_lease: Option<DateTime<Utc>>,
 ) -> Result<HashSet<String>, StoreError> {
+    let dialect = store.dialect;
     let mut created = HashSet::new();
     for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
-        let now_p = p.push(store.sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let (columns, lease) = match ptr_lease {
             Some(until) => (
                 ", ptr_lease_owner, ptr_lease_until",
                 format!(
                     ", {}, {}",
                     p.push(store.owner.to_string()),
-                    p.push(store.sql.ts(until))
+                    p.push(dialect.ts(until))
                 ),
             ),
             None => ("", String::new()),
@@ -58,16 +59,19 @@ pub(crate) async fn ensure_ip_rows(
             .iter()
             .map(|k| format!("({}, 0, {now_p}{lease})", p.push(k.clone())))
             .collect();
-        let inserted = txn
-            .query_all_raw(store.sql.stmt(
-                format!(
-                    "INSERT INTO enrichd_ip_state (ip, ptr_attempts, updated_at{columns}) \
-                     VALUES {} ON CONFLICT (ip) DO NOTHING RETURNING ip",
-                    rows.join(", ")
-                ),
-                p.0,
-            ))
-            .await?;
+        let insert = dialect.insert(
+            &format!("enrichd_ip_state (ip, ptr_attempts, updated_at{columns})"),
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Ignore { key: "ip" },
+        );
+        // The rows this insert created, and only those: a claim leases them as it creates
+        // them and reads none of them back.
+        let inserted = match dialect.rows_back() {
+            RowsBack::Returning => {
+                txn.query_all_raw(dialect.stmt(format!("{insert} RETURNING ip"), p.0))
+                    .await?
+            }
+        };
         for row in &inserted {
             created.insert(row.try_get::<String>("", "ip")?);
         }
@@ -75,25 +79,26 @@ pub(crate) async fn ensure_ip_rows(
     Ok(created)
 }
 
-/// Locks the `enrichd_ip_state` rows of `keys` in key order (PostgreSQL; SQLite's write
-/// transaction already excludes every other writer) and returns their `columns`.
+/// Locks the `enrichd_ip_state` rows of `keys` in key order (where rows are locked; a
+/// single writer's transaction already excludes every other writer) and returns their
+/// `columns`.
 pub(crate) async fn lock_ip_rows(
     store: &Store,
     txn: &DatabaseTransaction,
     keys: &[String],
     columns: &str,
 ) -> Result<Vec<QueryResult>, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     let mut rows = Vec::with_capacity(keys.len());
     for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let list = p.list(keys.iter().cloned());
         rows.extend(
-            txn.query_all_raw(sql.stmt(
+            txn.query_all_raw(dialect.stmt(
                 format!(
                     "SELECT {columns} FROM enrichd_ip_state WHERE ip IN ({list}) ORDER BY {}{}",
-                    sql.ip_order(),
-                    sql.for_update()
+                    dialect.byte_order("ip"),
+                    dialect.for_update()
                 ),
                 p.0,
             ))
@@ -108,7 +113,7 @@ fn count(value: Option<i64>) -> u32 {
 }
 
 pub(crate) fn read_ptr(store: &Store, row: &QueryResult) -> Result<PtrState, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     let outcome: Option<String> = row.try_get("", "ptr_outcome")?;
     let outcome = outcome
         .map(|o| PtrOutcome::from_label(&o).ok_or_else(|| StoreError::malformed("ptr_outcome", o)))
@@ -116,10 +121,10 @@ pub(crate) fn read_ptr(store: &Store, row: &QueryResult) -> Result<PtrState, Sto
     Ok(PtrState {
         name: row.try_get("", "ptr_name")?,
         outcome,
-        resolved_at: sql.get_ts(row, "ptr_resolved_at")?,
-        expires_at: sql.get_ts(row, "ptr_expires_at")?,
-        attempts: count(sql.get_i64(row, "ptr_attempts")?),
-        queried_at: sql.get_ts(row, "ptr_queried_at")?,
+        resolved_at: dialect.get_ts(row, "ptr_resolved_at")?,
+        expires_at: dialect.get_ts(row, "ptr_expires_at")?,
+        attempts: count(dialect.get_i64(row, "ptr_attempts")?),
+        queried_at: dialect.get_ts(row, "ptr_queried_at")?,
         forward_confirmed: row.try_get("", "ptr_forward_confirmed")?,
     })
 }
@@ -139,13 +144,13 @@ pub(crate) async fn read_provider_states_of<C: ConnectionTrait>(
     db: &C,
     keys: &[String],
 ) -> Result<HashMap<String, Vec<ProviderState>>, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     let mut states: HashMap<String, Vec<ProviderState>> = HashMap::with_capacity(keys.len());
     for keys in keys.chunks(sql::ROWS_PER_STATEMENT) {
         let mut p = Params::default();
         let list = p.list(keys.iter().cloned());
         let rows = db
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 format!(
                     "SELECT * FROM enrichd_provider_state WHERE ip IN ({list}) \
                      ORDER BY ip, provider"
@@ -154,7 +159,7 @@ pub(crate) async fn read_provider_states_of<C: ConnectionTrait>(
             ))
             .await?;
         for row in &rows {
-            if let Some(StateRow { ip, state }) = provider_state_row(sql, row)? {
+            if let Some(StateRow { ip, state }) = provider_state_row(dialect, row)? {
                 states.entry(ip).or_default().push(state);
             }
         }
@@ -171,7 +176,7 @@ pub(crate) struct StateRow {
 /// An `enrichd_provider_state` row's address and state; `None` for a provider this binary
 /// does not know.
 pub(crate) fn provider_state_row(
-    sql: Sql,
+    dialect: Dialect,
     row: &QueryResult,
 ) -> Result<Option<StateRow>, StoreError> {
     let ip: String = row.try_get("", "ip")?;
@@ -184,7 +189,7 @@ pub(crate) fn provider_state_row(
         .map(|o| ProviderOutcome::from_label(&o).ok_or_else(|| StoreError::malformed("outcome", o)))
         .transpose()?;
     let verdict: Option<String> = row.try_get("", "verdict")?;
-    let fields = sql
+    let fields = dialect
         .get_json(row, "fields")?
         .and_then(|f| serde_json::from_value::<ProviderFields>(f).ok());
     let state = ProviderState {
@@ -192,11 +197,11 @@ pub(crate) fn provider_state_row(
         outcome,
         verdict: verdict.as_deref().and_then(Verdict::from_label),
         fields,
-        raw: sql.get_json(row, "raw")?.map(std::sync::Arc::new),
-        answered_at: sql.get_ts(row, "answered_at")?,
-        queried_at: sql.get_ts(row, "queried_at")?,
-        next_attempt_at: sql.get_ts(row, "next_attempt_at")?,
-        attempts: count(sql.get_i64(row, "attempts")?),
+        raw: dialect.get_json(row, "raw")?.map(std::sync::Arc::new),
+        answered_at: dialect.get_ts(row, "answered_at")?,
+        queried_at: dialect.get_ts(row, "queried_at")?,
+        next_attempt_at: dialect.get_ts(row, "next_attempt_at")?,
+        attempts: count(dialect.get_i64(row, "attempts")?),
         last_error: row.try_get("", "last_error")?,
     };
     Ok(Some(StateRow { ip, state }))

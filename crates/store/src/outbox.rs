@@ -11,7 +11,7 @@ use enrichd_core::payload::{Envelope, IntelPayload, TOPIC_INTEL_ENRICHED};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use crate::error::retry_busy;
-use crate::sql::{self, Bound, Joined, Params};
+use crate::sql::{self, Assign, Bound, Dialect, Joined, OnConflict, Params, RowsBack};
 use crate::{Store, StoreError};
 
 /// One claimed outbox row.
@@ -34,6 +34,12 @@ pub struct OutboxStats {
     pub oldest_age: Option<Duration>,
 }
 
+/// A row the relay claimed, and when it was enqueued: the order it is published in.
+struct Claimed {
+    created_at: Option<DateTime<Utc>>,
+    row: OutboxRow,
+}
+
 impl Store {
     /// Claims up to `limit` unclaimed (or lapsed) rows for `claim_for`, oldest first.
     pub async fn claim_outbox(
@@ -49,42 +55,42 @@ impl Store {
         limit: u32,
         claim_for: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let (txn, now) = self.begin_write_at().await?;
         let until =
             now + chrono::Duration::from_std(claim_for).unwrap_or(chrono::Duration::seconds(30));
-        let skip_locked = if sql.is_pg() {
-            " FOR UPDATE SKIP LOCKED"
-        } else {
-            ""
+        let update = format!(
+            "UPDATE enrichd_outbox SET claimed_until = $1 WHERE attacker_uuid IN \
+             (SELECT attacker_uuid FROM enrichd_outbox \
+              WHERE claimed_until IS NULL OR claimed_until < $2 \
+              ORDER BY created_at, attacker_uuid LIMIT $3{})",
+            dialect.for_update_skip_locked()
+        );
+        let values = vec![dialect.ts(until), dialect.ts(now), i64::from(limit).into()];
+        // The rows claimed.
+        let rows = match dialect.rows_back() {
+            RowsBack::Returning => {
+                let text =
+                    format!("{update} RETURNING attacker_uuid, version, payload, created_at");
+                txn.query_all_raw(dialect.stmt(text, values)).await?
+            }
         };
-        let rows = txn
-            .query_all_raw(sql.stmt(
-                format!(
-                    "UPDATE enrichd_outbox SET claimed_until = $1 WHERE attacker_uuid IN \
-                     (SELECT attacker_uuid FROM enrichd_outbox \
-                      WHERE claimed_until IS NULL OR claimed_until < $2 \
-                      ORDER BY created_at, attacker_uuid LIMIT $3{skip_locked}) \
-                     RETURNING attacker_uuid, version, payload, created_at"
-                ),
-                vec![sql.ts(until), sql.ts(now), i64::from(limit).into()],
-            ))
-            .await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
-            let created = sql.get_ts(&row, "created_at")?;
-            claimed.push((
-                created,
-                OutboxRow {
+            claimed.push(Claimed {
+                created_at: dialect.get_ts(&row, "created_at")?,
+                row: OutboxRow {
                     attacker_uuid: row.try_get("", "attacker_uuid")?,
                     version: row.try_get("", "version")?,
                     payload: row.try_get("", "payload")?,
                 },
-            ));
+            });
         }
         txn.commit().await?;
-        claimed.sort_by(|a, b| (a.0, &a.1.attacker_uuid).cmp(&(b.0, &b.1.attacker_uuid)));
-        Ok(claimed.into_iter().map(|(_, r)| r).collect())
+        claimed.sort_by(|a, b| {
+            (a.created_at, &a.row.attacker_uuid).cmp(&(b.created_at, &b.row.attacker_uuid))
+        });
+        Ok(claimed.into_iter().map(|c| c.row).collect())
     }
 
     /// Deletes the row of `attacker_uuid` only if it still holds `version` (the one published);
@@ -112,7 +118,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        let sql = self.sql;
+        let dialect = self.dialect;
         let mut sorted: Vec<&(String, i64)> = rows.iter().collect();
         // One lock order for every writer (G4 / deadlocks): the write batches enqueue in
         // attacker order too.
@@ -124,17 +130,17 @@ impl Store {
                 .iter()
                 .map(|(uuid, version)| format!("({}, {})", p.push(uuid.clone()), p.push(*version)))
                 .collect();
-            let deleted = self
-                .write
-                .query_all_raw(sql.stmt(
-                    format!(
-                        "DELETE FROM enrichd_outbox WHERE (attacker_uuid, version) IN \
-                         (VALUES {}) RETURNING attacker_uuid",
-                        pairs.join(", ")
-                    ),
-                    p.0,
-                ))
-                .await?;
+            let delete = format!(
+                "DELETE FROM enrichd_outbox WHERE (attacker_uuid, version) IN {}",
+                dialect.row_list(&pairs)
+            );
+            // The rows deleted: those still at the version published.
+            let deleted = match dialect.rows_back() {
+                RowsBack::Returning => {
+                    let text = format!("{delete} RETURNING attacker_uuid");
+                    self.write.query_all_raw(dialect.stmt(text, p.0)).await?
+                }
+            };
             let gone: HashSet<String> = deleted
                 .iter()
                 .map(|row| row.try_get::<String>("", "attacker_uuid"))
@@ -150,7 +156,7 @@ impl Store {
                 let mut p = Params::default();
                 let list = p.list(replaced);
                 self.write
-                    .execute_raw(sql.stmt(
+                    .execute_raw(dialect.stmt(
                         format!(
                             "UPDATE enrichd_outbox SET claimed_until = NULL \
                              WHERE attacker_uuid IN ({list})"
@@ -165,11 +171,11 @@ impl Store {
 
     /// Depth and oldest age of the outbox.
     pub async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let now = self.db_now().await?;
         let row = self
             .read
-            .query_one_raw(sql.stmt(
+            .query_one_raw(dialect.stmt(
                 "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest FROM enrichd_outbox",
                 vec![],
             ))
@@ -178,7 +184,7 @@ impl Store {
             return Ok(OutboxStats::default());
         };
         let depth: i64 = row.try_get("", "depth")?;
-        let oldest = sql.get_ts(&row, "oldest")?;
+        let oldest = dialect.get_ts(&row, "oldest")?;
         Ok(OutboxStats {
             depth: u64::try_from(depth).unwrap_or(0),
             oldest_age: oldest.map(|o| (now - o).to_std().unwrap_or(Duration::ZERO)),
@@ -227,7 +233,7 @@ pub(crate) async fn enqueue_rows(
     now: DateTime<Utc>,
     claim_until: Option<DateTime<Utc>>,
 ) -> Result<Vec<HandedOff>, StoreError> {
-    let sql = store.sql;
+    let dialect = store.dialect;
     #[expect(
         clippy::cast_precision_loss,
         reason = "epoch milliseconds fit an f64 exactly until year 287396"
@@ -236,10 +242,12 @@ pub(crate) async fn enqueue_rows(
     let mut handed_off = Vec::new();
     for chunk in rows.chunks(sql::ROWS_PER_STATEMENT) {
         let digests = digest_statement(chunk);
-        joined.add(sql, txn, digests.text, digests.values).await?;
+        joined
+            .add(dialect, txn, digests.text, digests.values)
+            .await?;
         let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
-        let claim_p = claim_until.map(|until| p.push(sql.ts(until)));
+        let now_p = p.push(dialect.ts(now));
+        let claim_p = claim_until.map(|until| p.push(dialect.ts(until)));
         let mut values = Vec::with_capacity(chunk.len());
         let mut texts: HashMap<&str, Unconfirmed> = HashMap::with_capacity(chunk.len());
         for entry in chunk {
@@ -261,20 +269,19 @@ pub(crate) async fn enqueue_rows(
                 None => format!("({uuid_p}, 1, {}, {now_p}, {now_p})", p.push(text)),
             });
         }
-        let values = values.join(", ");
-        let replace = "ON CONFLICT (attacker_uuid) DO UPDATE SET \
-                       version = enrichd_outbox.version + 1, payload = excluded.payload, \
-                       updated_at = excluded.updated_at";
+        let values = format!("VALUES {}", values.join(", "));
+        let insert = outbox_upsert(dialect, &values, claim_p.as_ref().map(|_| now_p.as_str()));
         if let Some(claim_p) = &claim_p {
-            let statement = format!(
-                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                 updated_at, claimed_until) VALUES {values} {replace}, \
-                 claimed_until = CASE WHEN enrichd_outbox.claimed_until IS NULL \
-                 OR enrichd_outbox.claimed_until < {now_p} \
-                 THEN excluded.claimed_until ELSE enrichd_outbox.claimed_until END \
-                 RETURNING attacker_uuid, version, claimed_until = {claim_p} AS ours"
-            );
-            let claimed = joined.query_all(sql, txn, statement, p.0).await?;
+            // Which rows the claim was written to, and their versions.
+            let claimed = match dialect.rows_back() {
+                RowsBack::Returning => {
+                    let statement = format!(
+                        "{insert} RETURNING attacker_uuid, version, claimed_until = {claim_p} \
+                         AS ours"
+                    );
+                    joined.query_all(dialect, txn, statement, p.0).await?
+                }
+            };
             for row in claimed {
                 let ours: bool = row.try_get("", "ours")?;
                 if !ours {
@@ -291,14 +298,48 @@ pub(crate) async fn enqueue_rows(
                 }
             }
         } else {
-            let statement = format!(
-                "INSERT INTO enrichd_outbox (attacker_uuid, version, payload, created_at, \
-                 updated_at) VALUES {values} {replace}"
-            );
-            joined.add(sql, txn, statement, p.0).await?;
+            joined.add(dialect, txn, insert, p.0).await?;
         }
     }
     Ok(handed_off)
+}
+
+/// The insert of outbox rows `values`: a new row at version 1, or the newer payload in the
+/// row its attacker has, with the version bumped. With `claimed_at` (the placeholder of the
+/// write's clock) the rows carry a claim for this process's relay, which replaces a stored
+/// claim only when that one is free or lapsed before then: a newer version never overtakes
+/// an older one that is still out.
+fn outbox_upsert(dialect: Dialect, values: &str, claimed_at: Option<&str>) -> String {
+    let mut replace = vec![
+        Assign::To {
+            column: "version".into(),
+            value: "enrichd_outbox.version + 1".into(),
+        },
+        Assign::Inserted("payload"),
+        Assign::Inserted("updated_at"),
+    ];
+    let mut columns = "attacker_uuid, version, payload, created_at, updated_at".to_owned();
+    if let Some(now) = claimed_at {
+        columns.push_str(", claimed_until");
+        replace.push(Assign::To {
+            column: "claimed_until".into(),
+            value: format!(
+                "CASE WHEN enrichd_outbox.claimed_until IS NULL \
+                 OR enrichd_outbox.claimed_until < {now} \
+                 THEN {} ELSE enrichd_outbox.claimed_until END",
+                dialect.inserted("claimed_until")
+            ),
+        });
+    }
+    dialect.insert(
+        &format!("enrichd_outbox ({columns})"),
+        values,
+        OnConflict::Update {
+            key: "attacker_uuid",
+            set: &replace,
+            only_if: None,
+        },
+    )
 }
 
 /// Records each outbox row's payload digest on its attacker's map row, so an unchanged
