@@ -16,7 +16,8 @@
 //! - `attackers`: attacker rows mapped to canonical IPs, created, and the rows each attacker
 //!   of a written address sees (`attacker_intel`, `ptr_record`).
 //! - `ip_state`: the per-IP state rows, created, locked in key order and read back.
-//! - [`intake`]: [`Store::note_event`], [`Store::backlog`], read-only views.
+//! - [`intake`]: [`Store::note_event`], attacker discovery, [`Store::backlog`].
+//! - `views`: read-only views of stored state ([`Store::lookup_view`]).
 //! - [`gate`]: cluster-wide rate, quota and park state ([`ProviderGate`] for [`Store`]).
 //! - [`outbox`]: rows enqueued by writes; claim, delete-by-version, stats.
 //! - [`waiting`]: work owed but not takeable yet, for `enrichd backfill`'s end.
@@ -39,6 +40,7 @@ mod sql;
 pub mod state;
 pub mod store;
 mod transition;
+mod views;
 pub mod waiting;
 
 pub use apply::{ApplyItem, ApplyOutcome};
