@@ -16,7 +16,7 @@ use crate::{Store, StoreError};
 
 mod locked;
 
-pub(crate) use locked::claim_locked;
+pub(crate) use locked::LockedClaim;
 
 /// A lease on one piece of work, claimed on the database clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,18 +150,18 @@ impl Store {
         if !existing.is_empty() {
             lock_ip_rows(self, &txn, &existing, "ip").await?;
         }
-        let claims = claim_locked(
-            self,
-            &txn,
-            &mut Joined::default(),
+        let claims = LockedClaim {
+            store: self,
+            txn: &txn,
             keys,
-            &created,
+            created: &created,
             wanted,
             ptr,
             lease,
             now,
             mode,
-        )
+        }
+        .run(&mut Joined::default())
         .await?;
         txn.commit().await?;
         Ok(claims)

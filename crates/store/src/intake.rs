@@ -12,7 +12,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 use crate::attackers::{
     AttackerAddress, NewAttacker, insert_attackers, map_rows, mapped_attackers_of,
 };
-use crate::claim::{ClaimMode, ClaimSettings, Claims, Lease, claim_locked};
+use crate::claim::{ClaimMode, ClaimSettings, Claims, Lease, LockedClaim};
 use crate::error::retry_busy;
 use crate::ip_state::distinct_rounds;
 use crate::sql::{Assign, Joined, OnConflict, Params, RowsBack};
@@ -516,18 +516,19 @@ async fn claim_with_intake(
     if to_claim.is_empty() {
         return Ok(());
     }
-    let mut claimed = claim_locked(
+    let created = HashSet::new();
+    let mut claimed = LockedClaim {
         store,
         txn,
-        joined,
-        &to_claim,
-        &HashSet::new(),
-        &claim.providers,
-        claim.ptr,
-        Lease::starting(now, claim.lease),
+        keys: &to_claim,
+        created: &created,
+        wanted: &claim.providers,
+        ptr: claim.ptr,
+        lease: Lease::starting(now, claim.lease),
         now,
-        ClaimMode::Due,
-    )
+        mode: ClaimMode::Due,
+    }
+    .run(joined)
     .await?;
     for ((note, key), intake) in notes.iter().zip(keys).zip(intakes) {
         if note.claim {
