@@ -2,38 +2,27 @@
 //!
 //! A reservation locks the provider's row in a transaction and decides on the database clock,
 //! so any number of replicas together never take more slots than the rate allows. The
-//! decision itself is a pure function, unit-tested below. Unmetered providers (no rate, no
-//! daily quota) skip the lock: see [`GateCache`].
+//! decisions themselves are pure functions of the row (`rules`, table-tested there).
+//! Unmetered providers (no rate, no daily quota) skip the lock: see `GateCache`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveTime, Utc};
+use chrono::{DateTime, Utc};
 use enrichd_core::ProviderId;
 use enrichd_core::ports::{GateEvent, ProviderGate, ProviderLimits, Reservation};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult};
 
 use crate::error::retry_busy;
 use crate::slots::{self, Block, Slot, Unused};
+use crate::sql::OnConflict;
 use crate::{Store, StoreError};
 
-/// A slot further ahead than this is not held for: the caller is told `Busy`.
-pub const SLOT_HORIZON: Duration = Duration::from_secs(2);
-/// The longest park a provider can impose.
-const MAX_PARK: chrono::Duration = chrono::Duration::hours(24);
+mod rules;
 
-/// The stored limits row of one provider.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct LimitsRow {
-    pub(crate) next_slot_at: Option<DateTime<Utc>>,
-    pub(crate) quota_day: Option<String>,
-    pub(crate) quota_used: i64,
-    pub(crate) quota_remaining: Option<i64>,
-    pub(crate) quota_reset_at: Option<DateTime<Utc>>,
-    pub(crate) parked_until: Option<DateTime<Utc>>,
-    pub(crate) rejected_key_fingerprint: Option<String>,
-}
+pub use rules::SLOT_HORIZON;
+use rules::{LimitsRow, clears_rejection, decide, decide_unmetered, give_back, observe, status};
 
 /// How long an unmetered provider's limits row is reused before it is read again. A park or
 /// key rejection recorded by another replica reaches this one within this time; one recorded
@@ -61,16 +50,28 @@ struct CachedLimits {
     row: LimitsRow,
 }
 
+/// A provider's limits row and the database clock it was read (or locked) at.
+struct LimitsAt {
+    now: DateTime<Utc>,
+    row: LimitsRow,
+}
+
+/// What one reservation transaction took: the answer, and the slots after it to hand out.
+struct Reserved {
+    first: Reservation,
+    block: Option<Block>,
+}
+
 impl GateCache {
-    fn get(&self, provider: ProviderId) -> Option<(DateTime<Utc>, LimitsRow)> {
+    /// The cached row of `provider`, with the database clock moved on by the cache entry's
+    /// age; `None` once it is [`UNMETERED_RECHECK`] old.
+    fn get(&self, provider: ProviderId) -> Option<LimitsAt> {
         let cache = self.rows.lock().ok()?;
         let entry = cache.get(&provider)?;
         let age = entry.fetched.elapsed();
-        (age < UNMETERED_RECHECK).then(|| {
-            (
-                entry.db_now + chrono::Duration::from_std(age).unwrap_or_default(),
-                entry.row.clone(),
-            )
+        (age < UNMETERED_RECHECK).then(|| LimitsAt {
+            now: entry.db_now + chrono::Duration::from_std(age).unwrap_or_default(),
+            row: entry.row.clone(),
         })
     }
 
@@ -102,36 +103,6 @@ impl GateCache {
     }
 }
 
-/// Whether `limits` carries a key other than the rejected one, which lifts the rejection.
-fn clears_rejection(row: &LimitsRow, limits: &ProviderLimits) -> bool {
-    row.rejected_key_fingerprint.is_some()
-        && row.rejected_key_fingerprint.as_deref() != limits.key_fingerprint.as_deref()
-}
-
-/// The reservation of an unmetered provider: parks, key rejection and header quota only.
-fn decide_unmetered(row: &LimitsRow, limits: &ProviderLimits, now: DateTime<Utc>) -> Reservation {
-    if let Some(until) = row.parked_until.filter(|u| *u > now) {
-        return Reservation::Parked { until };
-    }
-    if row.rejected_key_fingerprint.is_some()
-        && row.rejected_key_fingerprint.as_deref() == limits.key_fingerprint.as_deref()
-    {
-        return Reservation::KeyRejected;
-    }
-    let reset_passed = row.quota_reset_at.is_some_and(|reset| now >= reset);
-    match row.quota_remaining {
-        Some(left) if left <= 0 && !reset_passed => Reservation::QuotaExhausted {
-            reset_at: quota_reset(row, now),
-        },
-        left => Reservation::Granted {
-            wait: Duration::ZERO,
-            quota_remaining: left
-                .filter(|_| !reset_passed)
-                .map(|l| u32::try_from(l).unwrap_or(0)),
-        },
-    }
-}
-
 /// Rate and quota state of one provider, for health beats and `enrichd check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderStatus {
@@ -145,131 +116,6 @@ pub struct ProviderStatus {
     pub quota_reset_at: Option<DateTime<Utc>>,
 }
 
-fn next_utc_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
-    now.date_naive()
-        .checked_add_days(Days::new(1))
-        .map_or(now + chrono::Duration::days(1), |d| {
-            d.and_time(NaiveTime::MIN).and_utc()
-        })
-}
-
-/// Starts a new quota period when the provider's reset time (or, without one, the UTC day)
-/// has passed.
-fn roll_quota(row: &mut LimitsRow, now: DateTime<Utc>) {
-    let today = now.date_naive().to_string();
-    let rolled = match row.quota_reset_at {
-        Some(reset) => now >= reset,
-        None => row.quota_day.as_deref() != Some(today.as_str()),
-    };
-    if rolled {
-        row.quota_used = 0;
-        row.quota_remaining = None;
-        row.quota_reset_at = None;
-        row.quota_day = Some(today);
-    }
-}
-
-/// Calls left: the lower of what our own daily quota leaves and the newest header (less what
-/// was reserved since); `None` when neither applies.
-fn quota_left(row: &LimitsRow, limits: &ProviderLimits) -> Option<i64> {
-    let ours = (limits.daily_quota > 0).then(|| i64::from(limits.daily_quota) - row.quota_used);
-    match (ours, row.quota_remaining) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn quota_reset(row: &LimitsRow, now: DateTime<Utc>) -> DateTime<Utc> {
-    row.quota_reset_at.unwrap_or_else(|| next_utc_midnight(now))
-}
-
-/// Decides one reservation at `now` and updates `row` accordingly.
-pub(crate) fn decide(
-    row: &mut LimitsRow,
-    limits: &ProviderLimits,
-    now: DateTime<Utc>,
-) -> Reservation {
-    if let Some(until) = row.parked_until.filter(|u| *u > now) {
-        return Reservation::Parked { until };
-    }
-    if let Some(rejected) = row.rejected_key_fingerprint.as_deref() {
-        if limits.key_fingerprint.as_deref() == Some(rejected) {
-            return Reservation::KeyRejected;
-        }
-        // A different key is configured: the rejection was about the old one.
-        row.rejected_key_fingerprint = None;
-    }
-    roll_quota(row, now);
-    let left = quota_left(row, limits);
-    if left.is_some_and(|l| l <= 0) {
-        return Reservation::QuotaExhausted {
-            reset_at: quota_reset(row, now),
-        };
-    }
-    let mut wait = Duration::ZERO;
-    if limits.rate_per_sec.is_finite() && limits.rate_per_sec > 0.0 {
-        let slot = row.next_slot_at.map_or(now, |s| s.max(now));
-        let ahead = (slot - now).to_std().unwrap_or(Duration::ZERO);
-        if ahead > SLOT_HORIZON {
-            let horizon = chrono::Duration::from_std(SLOT_HORIZON).unwrap_or_default();
-            return Reservation::Busy {
-                retry_at: slot - horizon,
-            };
-        }
-        let interval = Duration::from_secs_f64((1.0 / limits.rate_per_sec).min(86_400.0));
-        let interval = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::days(1));
-        row.next_slot_at = Some(crate::sql::micros(slot + interval));
-        wait = ahead;
-    }
-    row.quota_used += 1;
-    row.quota_remaining = row.quota_remaining.map(|r| r - 1);
-    Reservation::Granted {
-        wait,
-        quota_remaining: left.map(|l| u32::try_from(l - 1).unwrap_or(0)),
-    }
-}
-
-/// Returns slots reserved and not used to `row`: their quota units (while the quota period
-/// they were taken in lasts), and the rate cursor when nobody reserved after them.
-fn give_back(row: &mut LimitsRow, unused: &[Unused], now: DateTime<Utc>) {
-    roll_quota(row, now);
-    for block in unused.iter().filter(|u| u.count > 0) {
-        if block.quota_day.is_some() && block.quota_day == row.quota_day {
-            row.quota_used = (row.quota_used - i64::from(block.count)).max(0);
-            row.quota_remaining = row.quota_remaining.map(|r| r + i64::from(block.count));
-        }
-        if let Some(first) = block.first_ahead
-            && block.cursor_after.is_some()
-            && row.next_slot_at == block.cursor_after
-        {
-            row.next_slot_at = Some(crate::sql::micros(first.max(now)));
-        }
-    }
-}
-
-/// Applies a provider's statement about its limits to `row`.
-pub(crate) fn observe(row: &mut LimitsRow, event: &GateEvent, now: DateTime<Utc>) {
-    match event {
-        GateEvent::QuotaObserved {
-            remaining,
-            reset_at,
-        } => {
-            roll_quota(row, now);
-            row.quota_remaining = Some(i64::from(*remaining));
-            if let Some(reset) = reset_at.filter(|r| *r > now) {
-                row.quota_reset_at = Some(crate::sql::micros(reset));
-            }
-        }
-        GateEvent::Park { until } => {
-            let until = crate::sql::micros((*until).min(now + MAX_PARK));
-            row.parked_until = Some(row.parked_until.filter(|p| *p > until).unwrap_or(until));
-        }
-        GateEvent::KeyRejected { key_fingerprint } => {
-            row.rejected_key_fingerprint = Some(key_fingerprint.clone());
-        }
-    }
-}
-
 impl Store {
     /// Locks `provider`'s limits row (creating it) and returns it with the database clock at
     /// the moment the lock was granted. Slots are placed from that moment: from the
@@ -281,67 +127,73 @@ impl Store {
         txn: &DatabaseTransaction,
         provider: ProviderId,
         now: DateTime<Utc>,
-    ) -> Result<(DateTime<Utc>, LimitsRow), StoreError> {
-        let sql = self.sql;
-        txn.execute_raw(sql.stmt(
-            "INSERT INTO enrichd_provider_limits (provider, quota_used, updated_at) \
-             VALUES ($1, 0, $2) ON CONFLICT (provider) DO NOTHING",
-            vec![provider.as_str().into(), sql.ts(now)],
+    ) -> Result<LimitsAt, StoreError> {
+        let dialect = self.dialect;
+        txn.execute_raw(dialect.stmt(
+            dialect.insert(
+                "enrichd_provider_limits (provider, quota_used, updated_at)",
+                "VALUES ($1, 0, $2)",
+                OnConflict::Ignore { key: "provider" },
+            ),
+            vec![provider.as_str().into(), dialect.ts(now)],
         ))
         .await?;
         let row = txn
-            .query_one_raw(sql.stmt(
+            .query_one_raw(dialect.stmt(
                 format!(
                     "SELECT *, {} AS locked_at FROM enrichd_provider_limits \
                      WHERE provider = $1{}",
-                    sql.clock_expr(),
-                    sql.for_update()
+                    dialect.clock_expr(),
+                    dialect.for_update()
                 ),
                 vec![provider.as_str().into()],
             ))
             .await?
             .ok_or_else(|| StoreError::malformed("enrichd_provider_limits", "row vanished"))?;
-        let locked_at = sql
+        let locked_at = dialect
             .get_ts(&row, "locked_at")?
             .map_or(now, crate::sql::micros)
             .max(now);
-        Ok((locked_at, self.limits_from(&row)?))
+        Ok(LimitsAt {
+            now: locked_at,
+            row: self.limits_from(&row)?,
+        })
     }
 
     /// The database clock and `provider`'s limits row (the default when it has none), in one
     /// statement.
-    async fn limits_at(
-        &self,
-        provider: ProviderId,
-    ) -> Result<(DateTime<Utc>, LimitsRow), StoreError> {
-        let sql = self.sql;
+    async fn limits_at(&self, provider: ProviderId) -> Result<LimitsAt, StoreError> {
+        let dialect = self.dialect;
         let row = self
             .read
-            .query_one_raw(sql.stmt(
+            .query_one_raw(dialect.stmt(
                 format!(
                     "SELECT {} AS db_now, l.* FROM (SELECT 1 AS one) AS clock \
                      LEFT JOIN enrichd_provider_limits l ON l.provider = $1",
-                    sql.now_expr()
+                    dialect.now_expr()
                 ),
                 vec![provider.as_str().into()],
             ))
             .await?
             .ok_or_else(|| StoreError::malformed("enrichd_provider_limits", "no clock row"))?;
-        let now = sql
+        let now = dialect
             .get_ts(&row, "db_now")?
             .ok_or_else(|| StoreError::malformed("now", "null"))?;
-        Ok((now, self.limits_from(&row)?))
+        Ok(LimitsAt {
+            now,
+            row: self.limits_from(&row)?,
+        })
     }
 
     fn limits_from(&self, row: &QueryResult) -> Result<LimitsRow, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         Ok(LimitsRow {
-            next_slot_at: sql.get_ts(row, "next_slot_at")?,
+            next_slot_at: dialect.get_ts(row, "next_slot_at")?,
             quota_day: row.try_get("", "quota_day")?,
-            quota_used: sql.get_i64(row, "quota_used")?.unwrap_or(0),
-            quota_remaining: sql.get_i64(row, "quota_remaining")?,
-            quota_reset_at: sql.get_ts(row, "quota_reset_at")?,
-            parked_until: sql.get_ts(row, "parked_until")?,
+            quota_used: dialect.get_i64(row, "quota_used")?.unwrap_or(0),
+            quota_remaining: dialect.get_i64(row, "quota_remaining")?,
+            quota_reset_at: dialect.get_ts(row, "quota_reset_at")?,
+            parked_until: dialect.get_ts(row, "parked_until")?,
             rejected_key_fingerprint: row.try_get("", "rejected_key_fingerprint")?,
         })
     }
@@ -353,22 +205,22 @@ impl Store {
         row: &LimitsRow,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let clamp = |v: i64| i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX });
-        txn.execute_raw(sql.stmt(
+        txn.execute_raw(dialect.stmt(
             "UPDATE enrichd_provider_limits SET next_slot_at = $2, quota_day = $3, \
              quota_used = $4, quota_remaining = $5, quota_reset_at = $6, parked_until = $7, \
              rejected_key_fingerprint = $8, updated_at = $9 WHERE provider = $1",
             vec![
                 provider.as_str().into(),
-                sql.ts_opt(row.next_slot_at),
+                dialect.ts_opt(row.next_slot_at),
                 row.quota_day.clone().into(),
                 clamp(row.quota_used).into(),
                 row.quota_remaining.map(clamp).into(),
-                sql.ts_opt(row.quota_reset_at),
-                sql.ts_opt(row.parked_until),
+                dialect.ts_opt(row.quota_reset_at),
+                dialect.ts_opt(row.parked_until),
                 row.rejected_key_fingerprint.clone().into(),
-                sql.ts(now),
+                dialect.ts(now),
             ],
         ))
         .await?;
@@ -393,7 +245,7 @@ impl Store {
         let unused = self.slot_blocks.end(provider);
         let want = slots::block_size(limits.rate_per_sec);
         let unused = &unused;
-        let (first, block) =
+        let Reserved { first, block } =
             retry_busy(move || self.reserve_block_once(provider, limits, want, unused)).await?;
         if let Some(block) = block {
             self.slot_blocks.start(provider, block);
@@ -409,9 +261,9 @@ impl Store {
         limits: &ProviderLimits,
         want: u32,
         unused: &[Unused],
-    ) -> Result<(Reservation, Option<Block>), StoreError> {
+    ) -> Result<Reserved, StoreError> {
         let (txn, begun) = self.begin_write_at().await?;
-        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+        let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
         let before = row.clone();
         give_back(&mut row, unused, now);
         let first = decide(&mut row, limits, now);
@@ -438,7 +290,7 @@ impl Store {
         txn.commit().await?;
         let block = (!rest.is_empty())
             .then(|| Block::new(rest, now, row.next_slot_at, row.quota_day.clone()));
-        Ok((first, block))
+        Ok(Reserved { first, block })
     }
 
     async fn reserve_once(
@@ -447,7 +299,7 @@ impl Store {
         limits: &ProviderLimits,
     ) -> Result<Reservation, StoreError> {
         let (txn, begun) = self.begin_write_at().await?;
-        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+        let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
         let before = row.clone();
         let decision = decide(&mut row, limits, now);
         if row != before {
@@ -466,8 +318,8 @@ impl Store {
         let cached = || {
             self.gate_cache
                 .get(provider)
-                .filter(|(_, row)| !clears_rejection(row, limits))
-                .map(|(now, row)| decide_unmetered(&row, limits, now))
+                .filter(|cached| !clears_rejection(&cached.row, limits))
+                .map(|cached| decide_unmetered(&cached.row, limits, cached.now))
         };
         if let Some(decision) = cached() {
             return Ok(decision);
@@ -477,7 +329,7 @@ impl Store {
         if let Some(decision) = cached() {
             return Ok(decision);
         }
-        let (now, row) = self.limits_at(provider).await?;
+        let LimitsAt { now, row } = self.limits_at(provider).await?;
         if clears_rejection(&row, limits) {
             // A new key replaces a rejected one: record that once, under the lock.
             self.gate_cache.forget(provider);
@@ -495,7 +347,7 @@ impl Store {
             let unused = &unused;
             retry_busy(move || async move {
                 let (txn, begun) = self.begin_write_at().await?;
-                let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+                let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
                 give_back(&mut row, unused, now);
                 self.store_limits(&txn, provider, &row, now).await?;
                 txn.commit().await?;
@@ -509,7 +361,7 @@ impl Store {
 
     async fn record_once(&self, provider: ProviderId, event: &GateEvent) -> Result<(), StoreError> {
         let (txn, begun) = self.begin_write_at().await?;
-        let (now, mut row) = self.lock_limits(&txn, provider, begun).await?;
+        let LimitsAt { now, mut row } = self.lock_limits(&txn, provider, begun).await?;
         observe(&mut row, event, now);
         self.store_limits(&txn, provider, &row, now).await?;
         txn.commit().await?;
@@ -522,16 +374,8 @@ impl Store {
         provider: ProviderId,
         limits: &ProviderLimits,
     ) -> Result<ProviderStatus, StoreError> {
-        let (now, mut row) = self.limits_at(provider).await?;
-        roll_quota(&mut row, now);
-        let left = quota_left(&row, limits);
-        Ok(ProviderStatus {
-            parked_until: row.parked_until.filter(|p| *p > now),
-            key_rejected: row.rejected_key_fingerprint.is_some()
-                && row.rejected_key_fingerprint == limits.key_fingerprint,
-            quota_remaining: left.map(|l| u32::try_from(l.max(0)).unwrap_or(0)),
-            quota_reset_at: left.map(|_| quota_reset(&row, now)),
-        })
+        let LimitsAt { now, row } = self.limits_at(provider).await?;
+        Ok(status(row, limits, now))
     }
 
     /// Providers parked at `now`.
@@ -541,9 +385,9 @@ impl Store {
     ) -> Result<Vec<ProviderId>, StoreError> {
         let rows = self
             .read
-            .query_all_raw(self.sql.stmt(
+            .query_all_raw(self.dialect.stmt(
                 "SELECT provider FROM enrichd_provider_limits WHERE parked_until > $1",
-                vec![self.sql.ts(now)],
+                vec![self.dialect.ts(now)],
             ))
             .await?;
         let mut parked = Vec::new();
@@ -570,19 +414,19 @@ impl ProviderGate for Store {
         self.reserve_metered(provider, limits).await
     }
 
-    /// From a read at most [`UNMETERED_RECHECK`] old: every call that waited for its slot
+    /// From a read at most `UNMETERED_RECHECK` (250 ms) old: every call that waited for its slot
     /// asks, and a read each made the check the busiest statement at a high rate. A park
     /// recorded here is seen at once (recording forgets the cached row).
     async fn parked_until(
         &self,
         provider: ProviderId,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let (now, row) = if let Some(cached) = self.gate_cache.get(provider) {
+        let LimitsAt { now, row } = if let Some(cached) = self.gate_cache.get(provider) {
             cached
         } else {
-            let (now, row) = self.limits_at(provider).await?;
-            self.gate_cache.put(provider, now, row.clone());
-            (now, row)
+            let read = self.limits_at(provider).await?;
+            self.gate_cache.put(provider, read.now, read.row.clone());
+            read
         };
         Ok(row.parked_until.filter(|until| *until > now))
     }
@@ -597,201 +441,5 @@ impl ProviderGate for Store {
         }
         let event = &event;
         retry_busy(move || self.record_once(provider, event)).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn unmetered_reservations_honour_parks_rejections_and_header_quota() {
-        let now = now();
-        let limits = limits(0.0, 0);
-        let granted = Reservation::Granted {
-            wait: Duration::ZERO,
-            quota_remaining: None,
-        };
-        assert_eq!(
-            decide_unmetered(&LimitsRow::default(), &limits, now),
-            granted
-        );
-        let parked = LimitsRow {
-            parked_until: Some(now + chrono::Duration::seconds(5)),
-            ..Default::default()
-        };
-        assert!(matches!(
-            decide_unmetered(&parked, &limits, now),
-            Reservation::Parked { .. }
-        ));
-        let lapsed = LimitsRow {
-            parked_until: Some(now - chrono::Duration::seconds(5)),
-            ..Default::default()
-        };
-        assert_eq!(decide_unmetered(&lapsed, &limits, now), granted);
-        let spent = LimitsRow {
-            quota_remaining: Some(0),
-            quota_reset_at: Some(now + chrono::Duration::hours(1)),
-            ..Default::default()
-        };
-        assert!(matches!(
-            decide_unmetered(&spent, &limits, now),
-            Reservation::QuotaExhausted { .. }
-        ));
-        let reset = LimitsRow {
-            quota_reset_at: Some(now - chrono::Duration::seconds(1)),
-            ..spent
-        };
-        assert_eq!(decide_unmetered(&reset, &limits, now), granted);
-        let keyed = ProviderLimits {
-            key_fingerprint: Some("abc".into()),
-            ..limits.clone()
-        };
-        let rejected = LimitsRow {
-            rejected_key_fingerprint: Some("abc".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            decide_unmetered(&rejected, &keyed, now),
-            Reservation::KeyRejected
-        );
-        let other = ProviderLimits {
-            key_fingerprint: Some("new".into()),
-            ..limits
-        };
-        assert_eq!(decide_unmetered(&rejected, &other, now), granted);
-    }
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
-    }
-
-    fn limits(rate: f64, quota: u32) -> ProviderLimits {
-        ProviderLimits {
-            rate_per_sec: rate,
-            daily_quota: quota,
-            key_fingerprint: Some("aaaa".into()),
-        }
-    }
-
-    #[test]
-    fn slots_are_spaced_by_the_rate_and_busy_beyond_the_horizon() {
-        let mut row = LimitsRow::default();
-        let l = limits(2.0, 0);
-        let waits: Vec<Reservation> = (0..6).map(|_| decide(&mut row, &l, now())).collect();
-        let ms = |r: &Reservation| match r {
-            Reservation::Granted { wait, .. } => Some(wait.as_millis()),
-            _ => None,
-        };
-        assert_eq!(
-            waits.iter().map(ms).collect::<Vec<_>>(),
-            [Some(0), Some(500), Some(1000), Some(1500), Some(2000), None]
-        );
-        assert_eq!(
-            waits[5],
-            Reservation::Busy {
-                retry_at: now() + chrono::Duration::milliseconds(500)
-            }
-        );
-    }
-
-    #[test]
-    fn quota_exhausts_and_resets_at_utc_midnight() {
-        let mut row = LimitsRow::default();
-        let l = limits(0.0, 2);
-        assert!(matches!(
-            decide(&mut row, &l, now()),
-            Reservation::Granted {
-                quota_remaining: Some(1),
-                ..
-            }
-        ));
-        assert!(matches!(
-            decide(&mut row, &l, now()),
-            Reservation::Granted {
-                quota_remaining: Some(0),
-                ..
-            }
-        ));
-        let midnight = Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap();
-        assert_eq!(
-            decide(&mut row, &l, now()),
-            Reservation::QuotaExhausted { reset_at: midnight }
-        );
-        assert!(matches!(
-            decide(&mut row, &l, midnight),
-            Reservation::Granted { .. }
-        ));
-    }
-
-    #[test]
-    fn the_lower_of_reserved_and_header_quota_applies() {
-        let mut row = LimitsRow::default();
-        let l = limits(0.0, 1000);
-        let reset = now() + chrono::Duration::hours(5);
-        observe(
-            &mut row,
-            &GateEvent::QuotaObserved {
-                remaining: 1,
-                reset_at: Some(reset),
-            },
-            now(),
-        );
-        assert!(matches!(
-            decide(&mut row, &l, now()),
-            Reservation::Granted {
-                quota_remaining: Some(0),
-                ..
-            }
-        ));
-        assert_eq!(
-            decide(&mut row, &l, now()),
-            Reservation::QuotaExhausted { reset_at: reset }
-        );
-        assert!(matches!(
-            decide(&mut row, &l, reset),
-            Reservation::Granted { .. }
-        ));
-    }
-
-    #[test]
-    fn parks_hold_until_their_end_and_key_rejection_until_the_key_changes() {
-        let mut row = LimitsRow::default();
-        let l = limits(0.0, 0);
-        let until = now() + chrono::Duration::minutes(10);
-        observe(&mut row, &GateEvent::Park { until }, now());
-        assert_eq!(decide(&mut row, &l, now()), Reservation::Parked { until });
-        assert!(matches!(
-            decide(&mut row, &l, until),
-            Reservation::Granted { .. }
-        ));
-        observe(
-            &mut row,
-            &GateEvent::Park {
-                until: now() + chrono::Duration::days(9),
-            },
-            now(),
-        );
-        assert_eq!(row.parked_until, Some(now() + chrono::Duration::hours(24)));
-
-        let mut row = LimitsRow::default();
-        observe(
-            &mut row,
-            &GateEvent::KeyRejected {
-                key_fingerprint: "aaaa".into(),
-            },
-            now(),
-        );
-        assert_eq!(decide(&mut row, &l, now()), Reservation::KeyRejected);
-        let new_key = ProviderLimits {
-            key_fingerprint: Some("bbbb".into()),
-            ..l
-        };
-        assert!(matches!(
-            decide(&mut row, &new_key, now()),
-            Reservation::Granted { .. }
-        ));
-        assert_eq!(row.rejected_key_fingerprint, None);
     }
 }

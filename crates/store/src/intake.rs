@@ -1,22 +1,22 @@
 //! Intake and discovery: recording that an address was seen (creating the attacker row only
-//! when enrichd owns `attackers`), mapping attacker rows to canonical IPs, the backlog of due
-//! work, and read-only views of stored state.
+//! when enrichd owns `attackers`), mapping attacker rows to canonical IPs, and the backlog of
+//! due work.
 
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use enrichd_core::CanonicalIp;
-use enrichd_core::payload::IntelPayload;
 use enrichd_core::text::column_text;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Value};
 
-use crate::error::retry_busy;
-use crate::sql::{Joined, Params, ROWS_PER_STATEMENT};
-use crate::state::{self, ApplyContext, ProviderState, PtrState, StoredScope};
-use crate::work::{
-    ClaimMode, ClaimSettings, Claims, Lease, claim_locked, distinct_rounds, mapped_attackers_of,
-    read_provider_states, read_ptr,
+use crate::attackers::{
+    AttackerAddress, NewAttacker, insert_attackers, map_rows, mapped_attackers_of,
 };
+use crate::claim::{ClaimMode, ClaimSettings, Claims, Lease, LockedClaim};
+use crate::error::retry_busy;
+use crate::ip_state::distinct_rounds;
+use crate::sql::{Assign, Joined, OnConflict, Params, RowsBack};
+use crate::state::{ApplyContext, StoredScope};
 use crate::{Store, StoreError};
 
 /// Mapping rounds per backlog call.
@@ -134,7 +134,7 @@ impl Store {
         notes: &[&EventNote],
         claim: &ClaimSettings,
     ) -> Result<Vec<Intake>, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let keys: Vec<String> = notes.iter().map(|n| n.ip.to_string()).collect();
         let (txn, clock) = self.begin_keyed_write().await?;
         let now = self.upsert_event_rows(&txn, clock, notes, &keys).await?;
@@ -148,7 +148,7 @@ impl Store {
 
         let mut by_ip = mapped_attackers_of(self, &txn, &keys, now).await?;
         let mut intakes = Vec::with_capacity(notes.len());
-        let mut created: Vec<(String, String, DateTime<Utc>)> = Vec::new();
+        let mut created: Vec<NewAttacker> = Vec::new();
         let mut touched: Vec<String> = Vec::new();
         for (key, first) in keys.iter().zip(&firsts) {
             let mut attackers: Vec<String> = by_ip
@@ -160,7 +160,11 @@ impl Store {
             let mut made = None;
             if attackers.is_empty() && owned {
                 let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-                created.push((uuid.clone(), key.clone(), *first));
+                created.push(NewAttacker {
+                    uuid: uuid.clone(),
+                    ip: key.clone(),
+                    first_seen: *first,
+                });
                 attackers.push(uuid.clone());
                 made = Some(uuid);
             } else if owned {
@@ -180,13 +184,13 @@ impl Store {
         if !touched.is_empty() {
             // Our own table: keep `last_seen` meaningful for the backlog's ordering.
             let mut p = Params::default();
-            let now_p = p.push(sql.ts(now));
+            let now_p = p.push(dialect.ts(now));
             let list = p.list(touched);
             let touch = format!(
                 "UPDATE attackers SET last_seen = {now_p}, updated_at = {now_p} WHERE uuid IN \
                  (SELECT attacker_uuid FROM enrichd_attacker_map WHERE ip IN ({list}))"
             );
-            joined.add(sql, &txn, touch, p.0).await?;
+            joined.add(dialect, &txn, touch, p.0).await?;
         }
         claim_with_intake(
             self,
@@ -199,7 +203,7 @@ impl Store {
             &mut intakes,
         )
         .await?;
-        joined.finish(sql, &txn).await?;
+        joined.finish(dialect, &txn).await?;
         txn.commit().await?;
         Ok(intakes)
     }
@@ -213,15 +217,15 @@ impl Store {
         notes: &[&EventNote],
         keys: &[String],
     ) -> Result<DateTime<Utc>, StoreError> {
-        let sql = self.sql;
-        // The upsert takes each IP row's lock (PostgreSQL) until commit, in key order:
+        let dialect = self.dialect;
+        // The upsert takes each IP row's lock (where rows are locked) until commit, in key order:
         // concurrent intake of one IP queues here, so `note_once`'s check for attacker rows
         // to create is race-free. When the clock was not read with `BEGIN`, the upsert uses
         // the database's own and returns it.
         let mut p = Params::default();
         let now_p = match clock {
-            Some(now) => p.push(sql.ts(now)),
-            None => sql.now_expr().to_owned(),
+            Some(now) => p.push(dialect.ts(now)),
+            None => dialect.now_expr().to_owned(),
         };
         let rows: Vec<String> = notes
             .iter()
@@ -229,8 +233,8 @@ impl Store {
             .map(|(note, key)| {
                 let first = match (note.first_seen, clock) {
                     (None, _) => now_p.clone(),
-                    (Some(first), Some(now)) => p.push(sql.ts(first.min(now))),
-                    (Some(first), None) => format!("LEAST({}, {now_p})", p.push(sql.ts(first))),
+                    (Some(first), Some(now)) => p.push(dialect.ts(first.min(now))),
+                    (Some(first), None) => dialect.least(&p.push(dialect.ts(first)), &now_p),
                 };
                 format!(
                     "({}, {}, 0, {first}, {now_p}, {now_p})",
@@ -239,23 +243,34 @@ impl Store {
                 )
             })
             .collect();
-        let returning = self
-            .clock_item(clock)
-            .map(|item| format!(" RETURNING {item}"))
-            .unwrap_or_default();
-        let upserted = txn
-            .query_all_raw(sql.stmt(
-                format!(
-                    "INSERT INTO enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, \
-                     last_event_at, updated_at) VALUES {} ON CONFLICT (ip) DO UPDATE \
-                     SET scope = excluded.scope, last_event_at = excluded.last_event_at, \
-                     first_event_at = COALESCE(enrichd_ip_state.first_event_at, \
-                     excluded.first_event_at), updated_at = excluded.updated_at{returning}",
-                    rows.join(", ")
+        let set = [
+            Assign::Inserted("scope"),
+            Assign::Inserted("last_event_at"),
+            Assign::To {
+                column: "first_event_at".into(),
+                value: format!(
+                    "COALESCE(enrichd_ip_state.first_event_at, {})",
+                    dialect.inserted("first_event_at")
                 ),
-                p.0,
-            ))
-            .await?;
+            },
+            Assign::Inserted("updated_at"),
+        ];
+        let upsert = dialect.insert(
+            "enrichd_ip_state (ip, scope, ptr_attempts, first_event_at, last_event_at, \
+             updated_at)",
+            &format!("VALUES {}", rows.join(", ")),
+            OnConflict::Update {
+                key: "ip",
+                set: &set,
+                only_if: None,
+            },
+        );
+        // Without a clock read at `BEGIN`, the database's comes back with the upsert.
+        let text = match (self.clock_item(clock), dialect.rows_back()) {
+            (Some(item), RowsBack::Returning) => format!("{upsert} RETURNING {item}"),
+            (None, _) => upsert,
+        };
+        let upserted = txn.query_all_raw(dialect.stmt(text, p.0)).await?;
         self.keyed_clock(txn, clock, upserted.first()).await
     }
 
@@ -270,23 +285,29 @@ impl Store {
         owned: bool,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let named: Vec<(String, usize)> = notes
+        /// An attacker row an event names: the uuid as given, and the event's index.
+        struct Named {
+            uuid: String,
+            note: usize,
+        }
+        let named: Vec<Named> = notes
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| {
-                n.attacker_uuid
-                    .as_deref()
-                    .map(|u| (column_text(u.trim(), 36), i))
+            .filter_map(|(note, n)| {
+                n.attacker_uuid.as_deref().map(|u| Named {
+                    uuid: column_text(u.trim(), 36),
+                    note,
+                })
             })
             .collect();
         if named.is_empty() {
             return Ok(());
         }
-        let sql = self.sql;
+        let dialect = self.dialect;
         let mut p = Params::default();
-        let list = p.list(named.iter().map(|(u, _)| u.clone()));
+        let list = p.list(named.iter().map(|n| n.uuid.clone()));
         let rows = txn
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 format!("SELECT uuid, ip FROM attackers WHERE uuid IN ({list})"),
                 p.0,
             ))
@@ -299,31 +320,34 @@ impl Store {
         }
         let mut created = Vec::new();
         let mut found = Vec::new();
-        for (uuid_text, index) in &named {
-            if let Some(stored_ip) = stored.get(uuid_text) {
-                found.push((uuid_text.clone(), stored_ip.clone()));
-            } else if owned && let Ok(parsed) = uuid::Uuid::parse_str(uuid_text) {
-                created.push((
-                    parsed.hyphenated().to_string(),
-                    keys[*index].clone(),
-                    firsts[*index],
-                ));
+        for Named { uuid, note } in &named {
+            if let Some(stored_ip) = stored.get(uuid) {
+                found.push(AttackerAddress {
+                    uuid: uuid.clone(),
+                    stored_ip: stored_ip.clone(),
+                });
+            } else if owned && let Ok(parsed) = uuid::Uuid::parse_str(uuid) {
+                created.push(NewAttacker {
+                    uuid: parsed.hyphenated().to_string(),
+                    ip: keys[*note].clone(),
+                    first_seen: firsts[*note],
+                });
             }
         }
         map_rows(self, txn, &found, now).await?;
         let mut joined = Joined::default();
         insert_attackers(self, txn, &mut joined, &created, now).await?;
-        joined.finish(self.sql, txn).await
+        joined.finish(self.dialect, txn).await
     }
 
     /// Maps up to `limit` attacker rows not mapped yet to their canonical IP; a stored `ip`
     /// that is not an address is recorded once with its reason and never selected again.
     /// Returns how many rows were mapped.
     pub async fn sync_attacker_map(&self, limit: u32) -> Result<usize, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let (txn, now) = self.begin_write_at().await?;
         let rows = txn
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 "SELECT a.uuid AS uuid, a.ip AS ip FROM attackers a WHERE NOT EXISTS \
                  (SELECT 1 FROM enrichd_attacker_map m WHERE m.attacker_uuid = a.uuid) \
                  ORDER BY a.uuid LIMIT $1",
@@ -332,7 +356,10 @@ impl Store {
             .await?;
         let mut found = Vec::with_capacity(rows.len());
         for row in &rows {
-            found.push((row.try_get("", "uuid")?, row.try_get("", "ip")?));
+            found.push(AttackerAddress {
+                uuid: row.try_get("", "uuid")?,
+                stored_ip: row.try_get("", "ip")?,
+            });
         }
         map_rows(self, &txn, &found, now).await?;
         txn.commit().await?;
@@ -360,7 +387,7 @@ impl Store {
                 break;
             }
         }
-        let sql = self.sql;
+        let dialect = self.dialect;
         let now = self.db_now().await?;
         let parked = self.parked_providers(now).await?;
         let providers: Vec<&str> = ctx
@@ -370,7 +397,7 @@ impl Store {
             .map(|p| p.as_str())
             .collect();
         let mut values: Vec<Value> = vec![
-            sql.ts(now),
+            dialect.ts(now),
             i64::from(limit).into(),
             i64::try_from(providers.len()).unwrap_or(0).into(),
         ];
@@ -408,7 +435,10 @@ impl Store {
                   OR ((s.scope IS NULL OR s.scope = 'global') AND ({ptr_due} OR {provider_due}))) \
              GROUP BY m.ip ORDER BY newest DESC, m.ip LIMIT $2"
         );
-        let rows = self.read.query_all_raw(sql.stmt(statement, values)).await?;
+        let rows = self
+            .read
+            .query_all_raw(dialect.stmt(statement, values))
+            .await?;
         let mut ips = Vec::with_capacity(rows.len());
         for row in rows {
             let text: String = row.try_get("", "ip")?;
@@ -431,8 +461,8 @@ impl Store {
             let batch = limit.max(500);
             while self.sync_attacker_map(batch).await? >= batch as usize {}
         }
-        let sql = self.sql;
-        let order = sql.ip_order();
+        let dialect = self.dialect;
+        let order = dialect.byte_order("ip");
         let statement = format!(
             "SELECT ip FROM enrichd_attacker_map m \
              WHERE ip IS NOT NULL AND {order} > $1 \
@@ -441,7 +471,7 @@ impl Store {
         );
         let rows = self
             .read
-            .query_all_raw(sql.stmt(
+            .query_all_raw(dialect.stmt(
                 statement,
                 vec![
                     after.map_or_else(String::new, |ip| ip.to_string()).into(),
@@ -458,76 +488,6 @@ impl Store {
             );
         }
         Ok(ips)
-    }
-
-    /// The PTR state stored for `ip`, if any.
-    pub async fn ptr_state(&self, ip: CanonicalIp) -> Result<Option<PtrState>, StoreError> {
-        let row = self
-            .read
-            .query_one_raw(self.sql.stmt(
-                "SELECT * FROM enrichd_ip_state WHERE ip = $1",
-                vec![ip.to_string().into()],
-            ))
-            .await?;
-        row.map(|r| read_ptr(self, &r)).transpose()
-    }
-
-    /// The provider states stored for `ip`, ascending by provider.
-    pub async fn provider_states(&self, ip: CanonicalIp) -> Result<Vec<ProviderState>, StoreError> {
-        read_provider_states(self, &self.read, &ip.to_string()).await
-    }
-
-    /// The stored scope of `ip` (`None`: never classified).
-    pub async fn stored_scope(&self, ip: CanonicalIp) -> Result<Option<StoredScope>, StoreError> {
-        let row = self
-            .read
-            .query_one_raw(self.sql.stmt(
-                "SELECT scope FROM enrichd_ip_state WHERE ip = $1",
-                vec![ip.to_string().into()],
-            ))
-            .await?;
-        let scope: Option<String> = row.map(|r| r.try_get("", "scope")).transpose()?.flatten();
-        Ok(scope.as_deref().and_then(StoredScope::from_label))
-    }
-
-    /// The payloads `enrichd lookup` prints for `ip`, built from stored state: one per
-    /// attacker row with the address, or one with `attacker_uuid` null when there is none.
-    /// Reads only.
-    pub async fn lookup_view(
-        &self,
-        ip: CanonicalIp,
-        ctx: &ApplyContext,
-    ) -> Result<Vec<IntelPayload>, StoreError> {
-        let sql = self.sql;
-        let ip_text = ip.to_string();
-        let now = self.db_now().await?;
-        let scope = self.stored_scope(ip).await?.unwrap_or(StoredScope::Global);
-        let states = self.provider_states(ip).await?;
-        let ptr = self.ptr_state(ip).await?.unwrap_or_default();
-        let merged = state::merge(&ip_text, scope, &states, &ptr, ctx, now);
-        let rows = self
-            .read
-            .query_all_raw(sql.stmt(
-                "SELECT attacker_uuid AS uuid FROM enrichd_attacker_map WHERE ip = $1 \
-                 AND attacker_uuid IN (SELECT uuid FROM attackers) \
-                 UNION SELECT uuid FROM attackers WHERE ip = $1 ORDER BY uuid",
-                vec![ip_text.into()],
-            ))
-            .await?;
-        let mut uuids = Vec::with_capacity(rows.len());
-        for row in rows {
-            uuids.push(row.try_get::<String>("", "uuid")?);
-        }
-        if uuids.is_empty() {
-            return Ok(vec![merged.payload]);
-        }
-        Ok(uuids
-            .into_iter()
-            .map(|u| IntelPayload {
-                attacker_uuid: Some(u),
-                ..merged.payload.clone()
-            })
-            .collect())
     }
 }
 /// Claims, in the intake's transaction, the work of the events that ask for it
@@ -556,115 +516,24 @@ async fn claim_with_intake(
     if to_claim.is_empty() {
         return Ok(());
     }
-    let mut claimed = claim_locked(
+    let created = HashSet::new();
+    let mut claimed = LockedClaim {
         store,
         txn,
-        joined,
-        &to_claim,
-        &HashSet::new(),
-        &claim.providers,
-        claim.ptr,
-        Lease::starting(now, claim.lease),
+        keys: &to_claim,
+        created: &created,
+        wanted: &claim.providers,
+        ptr: claim.ptr,
+        lease: Lease::starting(now, claim.lease),
         now,
-        ClaimMode::Due,
-    )
+        mode: ClaimMode::Due,
+    }
+    .run(joined)
     .await?;
     for ((note, key), intake) in notes.iter().zip(keys).zip(intakes) {
         if note.claim {
             intake.claims = Some(claimed.remove(key).unwrap_or_default());
         }
-    }
-    Ok(())
-}
-
-/// Records `uuid → canonical(stored ip)`, or "not an IP" with the reason, once, for each
-/// row; a few hundred rows per statement.
-async fn map_rows<C: ConnectionTrait>(
-    store: &Store,
-    db: &C,
-    rows: &[(String, String)],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let (statement, values) = map_statement(store, chunk, now);
-        db.execute_raw(store.sql.stmt(statement, values)).await?;
-    }
-    Ok(())
-}
-
-/// The statement of [`map_rows`] for one chunk, and its parameters.
-fn map_statement(
-    store: &Store,
-    chunk: &[(String, String)],
-    now: DateTime<Utc>,
-) -> (String, Vec<Value>) {
-    let mut p = Params::default();
-    let now_p = p.push(store.sql.ts(now));
-    let values: Vec<String> = chunk
-        .iter()
-        .map(|(uuid, stored_ip)| {
-            let (ip, reason) = match CanonicalIp::parse(stored_ip) {
-                Ok(ip) => (Some(ip.to_string()), None),
-                Err(e) => (None, Some(column_text(&e.to_string(), 128))),
-            };
-            format!(
-                "({}, {}, {}, {now_p})",
-                p.push(uuid.clone()),
-                p.push(ip),
-                p.push(reason)
-            )
-        })
-        .collect();
-    (
-        format!(
-            "INSERT INTO enrichd_attacker_map (attacker_uuid, ip, reason, mapped_at) \
-             VALUES {} ON CONFLICT (attacker_uuid) DO NOTHING",
-            values.join(", ")
-        ),
-        p.0,
-    )
-}
-
-/// Inserts attacker rows (uuid, canonical IP, first seen) into enrichd's own `attackers`
-/// table, every NOT NULL column written, with the stored PTR name if there is one, and maps
-/// them: added to `joined`, which the caller runs.
-async fn insert_attackers<C: ConnectionTrait>(
-    store: &Store,
-    db: &C,
-    joined: &mut Joined,
-    rows: &[(String, String, DateTime<Utc>)],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let sql = store.sql;
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
-        let values: Vec<String> = chunk
-            .iter()
-            .map(|(uuid, ip, first)| {
-                let ip = p.push(ip.clone());
-                format!(
-                    "({}, {ip}, {}, {now_p}, {now_p}, \
-                     (SELECT ptr_name FROM enrichd_ip_state WHERE ip = {ip}))",
-                    p.push(uuid.clone()),
-                    p.push(sql.ts(*first))
-                )
-            })
-            .collect();
-        let insert = format!(
-            "INSERT INTO attackers (uuid, ip, first_seen, last_seen, updated_at, ptr_record) \
-             VALUES {} ON CONFLICT (uuid) DO NOTHING",
-            values.join(", ")
-        );
-        let mapped: Vec<(String, String)> = chunk
-            .iter()
-            .map(|(uuid, ip, _)| (uuid.clone(), ip.clone()))
-            .collect();
-        // The map has no foreign key to `attackers`, so the two need not see each other: one
-        // round trip for both on PostgreSQL.
-        let (map, map_values) = map_statement(store, &mapped, now);
-        joined.add(sql, db, insert, p.0).await?;
-        joined.add(sql, db, map, map_values).await?;
     }
     Ok(())
 }

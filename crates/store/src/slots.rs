@@ -11,7 +11,7 @@
 //! At the default rates (2/s and less) a block is one slot, which is the old behaviour. A park
 //! recorded elsewhere reaches a replica with its next block, within [`BLOCK_SPAN`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -173,7 +173,7 @@ impl SlotBlocks {
     }
 
     /// Ends every provider's block (shutdown): what each did not hand out, by provider.
-    pub(crate) fn end_all(&self) -> Vec<(ProviderId, Vec<Unused>)> {
+    pub(crate) fn end_all(&self) -> BTreeMap<ProviderId, Vec<Unused>> {
         let providers: Vec<ProviderId> = {
             let blocks = lock(&self.blocks);
             let dropped = lock(&self.dropped);

@@ -1,17 +1,65 @@
-//! Backend differences in one place: how timestamps and JSON are bound and read, and the
-//! database clock.
+//! Building statements: parameters, statements joined into one, and (in [`Dialect`]) every
+//! fragment that differs between backends.
 //!
-//! Statements are written once with `$n` placeholders (sqlx's SQLite driver accepts them).
-//! Timestamps are `timestamp without time zone` holding UTC on PostgreSQL, and text
-//! `YYYY-MM-DD HH:MM:SS.ffffff` on SQLite, because the reference compares them as text; every
-//! value we write is truncated to microseconds so fencing comparisons are exact on both.
+//! Each statement text is written once, with `$n` placeholders, and asks the [`Dialect`] for
+//! the words that differ. Timestamps are `timestamp without time zone` holding UTC on
+//! PostgreSQL, and text `YYYY-MM-DD HH:MM:SS.ffffff` on SQLite, because the reference compares
+//! them as text; every value we write is truncated to microseconds so fencing comparisons are
+//! exact on both.
+//!
+//! # What a new dialect provides
+//! A variant of [`Dialect`] (the compiler then lists every method below: none has a `_`
+//! arm), a URL scheme in [`Dialect::of_url`], its pools in `Store::connect`, and:
+//! - **Placeholders** ([`Dialect::stmt`]): texts keep `$n`. `MySQL` takes positional `?`, so
+//!   its `stmt` rewrites them in order of appearance and binds a value again where a
+//!   placeholder repeats (`{now}` in every row of a multi-row insert, a claim's owner in two
+//!   conditions, `$1` four times in the backlog).
+//! - **Upserts** ([`Dialect::insert`], [`Dialect::inserted`]): `ON CONFLICT (k) DO NOTHING`
+//!   becomes `INSERT IGNORE` (or a no-op `ON DUPLICATE KEY UPDATE k = k`, which does not also
+//!   swallow data errors), and `ON CONFLICT (k) DO UPDATE SET c = excluded.c` becomes
+//!   `ON DUPLICATE KEY UPDATE c = VALUES(c)`. There is no `WHERE` on that update, so the
+//!   fenced provider-state upsert (`only_if`) guards each assignment instead
+//!   (`c = IF(fence, VALUES(c), c)`); and since `MySQL` evaluates the assignments left to
+//!   right against the row as updated so far, the fence column must be assigned last.
+//! - **Rows back** ([`Dialect::rows_back`], [`RowsBack`]): `MySQL` has no `RETURNING`. Each
+//!   statement that needs its rows matches on [`RowsBack`] in one place: the inserts of a
+//!   claim's `enrichd_ip_state` and provider rows (which rows were created), a claim's lease
+//!   updates (which rows were leased, with their fences), intake's upsert that returns the
+//!   clock on keyed sessions, the outbox insert that hands rows to the relay, and the relay's
+//!   claim and delete. The other path reads the rows back after writing, under the locks the
+//!   transaction holds.
+//! - **Data-modifying CTEs** ([`Dialect::writing_ctes`]): without them [`Joined`] runs each
+//!   part on its own, and claims, intake and writes take the paths SQLite takes. The texts
+//!   only such a backend runs (`claim_both`, the `synced` CTE, `read_for_write`'s union) are
+//!   in PostgreSQL's words (`NULL::varchar`) and need nothing from a new dialect.
+//! - **Row locks** ([`Dialect::for_update`], [`Dialect::for_update_skip_locked`]): `MySQL` 8
+//!   and `MariaDB` 10.6 have both. `MySQL` refuses `LIMIT` in an `IN (…)` subquery and an
+//!   `UPDATE` whose subquery reads its own table, both of which the relay's claim does.
+//! - **Single writer** ([`Dialect::single_writer`]) and the **migration lock**
+//!   ([`Dialect::migration_lock`]): `MySQL` has many writers; `GET_LOCK` and `RELEASE_LOCK`
+//!   on a dedicated connection serialise migrators.
+//! - **The clock** ([`Dialect::now_expr`], [`Dialect::clock_expr`]): `UTC_TIMESTAMP(6)` and
+//!   `SYSDATE(6)` (in the session's time zone: UTC, set on connect).
+//! - **Byte order** ([`Dialect::byte_order`]): a binary collation (`ip COLLATE utf8mb4_bin`).
+//! - **Values** ([`Dialect::json_param`], [`Dialect::ts`], [`Dialect::get_ts`],
+//!   [`Dialect::get_json`], [`Dialect::get_i64`]): how JSON and timestamps are bound and
+//!   read; `DATETIME(6)` keeps the microseconds the fence compares.
+//! - **Row lists, `LEAST`, the schema check, write settings** ([`Dialect::row_list`],
+//!   [`Dialect::least`], [`Dialect::table_exists`], [`Dialect::write_settings`]).
+//! - Outside this module: identifiers that are reserved words there (`enrichd_meta.key`
+//!   needs backticks on `MySQL`), the migrations' column types, and the error codes that
+//!   `StoreError` classifies as busy, unavailable or refused (`error.rs`).
 
 use std::fmt::Write as _;
 
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
-use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, QueryResult, Value};
 
 use crate::StoreError;
+
+mod dialect;
+
+pub(crate) use dialect::{Assign, Dialect, MigrationLock, OnConflict, RowsBack};
 
 /// The SQLite timestamp text format (`%.6f` keeps exactly six fraction digits).
 pub(crate) const SQLITE_TS_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
@@ -48,6 +96,23 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// A statement's text with its placeholders (`$1…`), and the values bound to them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Bound {
+    pub(crate) text: String,
+    pub(crate) values: Vec<Value>,
+}
+
+impl Bound {
+    /// The statement handing back `columns` of each row it wrote: for a dialect whose
+    /// [`RowsBack`] is `Returning`, or a part of a statement joined as data-modifying CTEs.
+    pub(crate) fn returning(mut self, columns: &str) -> Self {
+        self.text.push_str(" RETURNING ");
+        self.text.push_str(columns);
+        self
+    }
+}
+
 /// Parameters of one statement under construction: each value pushed hands back its
 /// placeholder, so multi-row statements never count positions by hand.
 #[derive(Debug, Default)]
@@ -61,31 +126,31 @@ impl Params {
     }
 
     /// Adds a JSON value and returns its placeholder. The value goes as text, serialised
-    /// straight from the borrowed value, with a cast on PostgreSQL (the column is `json`; on
-    /// SQLite it is text). Binding `sea_query::Value::Json` needs an owned deep copy first:
+    /// straight from the borrowed value, with the dialect's cast where the column is typed
+    /// JSON (PostgreSQL's `json`; on SQLite it is text). Binding `sea_query::Value::Json` needs an owned deep copy first:
     /// raw provider bodies were copied once more per parameter, and those copies were the
     /// largest part of the write path's allocation work.
-    pub(crate) fn push_json(&mut self, sql: Sql, value: Option<&serde_json::Value>) -> String {
-        self.push_json_text(sql, value.map(json_text))
+    pub(crate) fn push_json(
+        &mut self,
+        dialect: Dialect,
+        value: Option<&serde_json::Value>,
+    ) -> String {
+        self.push_json_text(dialect, value.map(json_text))
     }
 
     /// [`Params::push_json`] for a `NOT NULL` column whose empty value is `{}`.
     pub(crate) fn push_json_object(
         &mut self,
-        sql: Sql,
+        dialect: Dialect,
         value: Option<&serde_json::Value>,
     ) -> String {
         let text = value.map_or_else(|| "{}".to_owned(), json_text);
-        self.push_json_text(sql, Some(text))
+        self.push_json_text(dialect, Some(text))
     }
 
-    fn push_json_text(&mut self, sql: Sql, text: Option<String>) -> String {
+    fn push_json_text(&mut self, dialect: Dialect, text: Option<String>) -> String {
         let placeholder = self.push(Value::String(text));
-        if sql.is_pg() {
-            format!("CAST({placeholder} AS json)")
-        } else {
-            placeholder
-        }
+        dialect.json_param(&placeholder)
     }
 
     /// Adds every value and returns their placeholders joined by commas (for `IN (…)`).
@@ -136,18 +201,19 @@ pub(crate) const ROWS_PER_STATEMENT: usize = 400;
 const JOINED_PARAMS: usize = 30_000;
 
 /// Statements of one transaction whose effects no statement reads before the last of them,
-/// sent together. On PostgreSQL the earlier ones become data-modifying CTEs of the last: one
-/// round trip for all, where each round trip is a wait for the backend and then for this
-/// process to be scheduled again, and under load those waits were most of a write's time.
-/// SQLite has no data-modifying CTEs and runs them in turn (in-process, no round trips).
+/// sent together. Where the dialect has data-modifying CTEs (PostgreSQL) the earlier ones
+/// become CTEs of the last: one round trip for all, where each round trip is a wait for the
+/// backend and then for this process to be scheduled again, and under load those waits were
+/// most of a write's time. SQLite has no data-modifying CTEs and runs them in turn
+/// (in-process, no round trips).
 ///
 /// Only for parts that touch different rows: PostgreSQL runs a statement's CTEs on one
 /// snapshot, so none sees another's effect, and a row modified twice in one statement keeps
 /// only one of the changes.
 #[derive(Debug, Default)]
 pub(crate) struct Joined {
-    /// Texts with their own placeholders (`$1…`), and their values.
-    parts: Vec<(String, Vec<Value>)>,
+    /// Statements with their own placeholders (`$1…`).
+    parts: Vec<Bound>,
     params: usize,
 }
 
@@ -156,33 +222,36 @@ impl Joined {
     /// statement, when this one would take the joined text past its parameter budget.
     pub(crate) async fn add<C: ConnectionTrait>(
         &mut self,
-        sql: Sql,
+        dialect: Dialect,
         db: &C,
         statement: String,
         values: Vec<Value>,
     ) -> Result<(), StoreError> {
-        if !sql.is_pg() {
-            db.execute_raw(sql.stmt(statement, values)).await?;
+        if !dialect.writing_ctes() {
+            db.execute_raw(dialect.stmt(statement, values)).await?;
             return Ok(());
         }
         if self.params + values.len() > JOINED_PARAMS {
-            self.finish(sql, db).await?;
+            self.finish(dialect, db).await?;
         }
         self.params += values.len();
-        self.parts.push((statement, values));
+        self.parts.push(Bound {
+            text: statement,
+            values,
+        });
         Ok(())
     }
 
     /// Runs the parts gathered so far with `statement` last, and returns its rows.
     pub(crate) async fn query_all<C: ConnectionTrait>(
         &mut self,
-        sql: Sql,
+        dialect: Dialect,
         db: &C,
         statement: String,
         values: Vec<Value>,
     ) -> Result<Vec<QueryResult>, StoreError> {
-        let (text, values) = self.join(statement, values);
-        Ok(db.query_all_raw(sql.stmt(text, values)).await?)
+        let Bound { text, values } = self.join(statement, values);
+        Ok(db.query_all_raw(dialect.stmt(text, values)).await?)
     }
 
     /// Runs the parts gathered so far and `parts` (PostgreSQL only) as CTEs of the statement
@@ -191,14 +260,14 @@ impl Joined {
     /// statement, when `parts` would take the joined text past its parameter budget.
     pub(crate) async fn query_parts<C: ConnectionTrait>(
         &mut self,
-        sql: Sql,
+        dialect: Dialect,
         db: &C,
-        parts: Vec<(String, Vec<Value>)>,
+        parts: Vec<Bound>,
         main: impl FnOnce(&[String]) -> String,
     ) -> Result<Vec<QueryResult>, StoreError> {
-        let added: usize = parts.iter().map(|(_, values)| values.len()).sum();
+        let added: usize = parts.iter().map(|part| part.values.len()).sum();
         if self.params + added > JOINED_PARAMS {
-            self.finish(sql, db).await?;
+            self.finish(dialect, db).await?;
         }
         let first = self.parts.len();
         let names: Vec<String> = (first..first + parts.len())
@@ -206,180 +275,53 @@ impl Joined {
             .collect();
         self.params += added;
         self.parts.extend(parts);
-        self.query_all(sql, db, main(&names), Vec::new()).await
+        self.query_all(dialect, db, main(&names), Vec::new()).await
     }
 
     /// Runs the parts gathered so far, if any.
     pub(crate) async fn finish<C: ConnectionTrait>(
         &mut self,
-        sql: Sql,
+        dialect: Dialect,
         db: &C,
     ) -> Result<(), StoreError> {
-        let Some((last, last_values)) = self.parts.pop() else {
+        let Some(last) = self.parts.pop() else {
             return Ok(());
         };
-        let (text, values) = self.join(last, last_values);
-        db.execute_raw(sql.stmt(text, values)).await?;
+        let Bound { text, values } = self.join(last.text, last.values);
+        db.execute_raw(dialect.stmt(text, values)).await?;
         Ok(())
     }
 
     /// The gathered parts as CTEs of `main` (placeholders renumbered), and every value in
     /// order; empties `self`.
-    fn join(&mut self, main: String, main_values: Vec<Value>) -> (String, Vec<Value>) {
+    fn join(&mut self, main: String, main_values: Vec<Value>) -> Bound {
         if self.parts.is_empty() {
-            return (main, main_values);
+            return Bound {
+                text: main,
+                values: main_values,
+            };
         }
         let mut values = Vec::with_capacity(self.params + main_values.len());
         let mut text = String::from("WITH ");
-        for (n, (part, part_values)) in std::mem::take(&mut self.parts).into_iter().enumerate() {
+        for (n, part) in std::mem::take(&mut self.parts).into_iter().enumerate() {
             if n > 0 {
                 text.push_str(", ");
             }
             let _ = write!(text, "joined_{n} AS (");
-            text.push_str(&shift_placeholders(&part, values.len()));
+            text.push_str(&shift_placeholders(&part.text, values.len()));
             text.push(')');
-            values.extend(part_values);
+            values.extend(part.values);
         }
         text.push(' ');
         text.push_str(&shift_placeholders(&main, values.len()));
         values.extend(main_values);
         self.params = 0;
-        (text, values)
+        Bound { text, values }
     }
 }
 
-/// Binding and decoding for one backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Sql(pub(crate) DbBackend);
-
-impl Sql {
-    pub(crate) fn is_pg(self) -> bool {
-        self.0 == DbBackend::Postgres
-    }
-
-    /// A timestamp parameter.
-    pub(crate) fn ts(self, value: DateTime<Utc>) -> Value {
-        let value = micros(value);
-        if self.is_pg() {
-            Value::ChronoDateTime(Some(value.naive_utc()))
-        } else {
-            Value::String(Some(sqlite_ts_text(value)))
-        }
-    }
-
-    /// An optional timestamp parameter.
-    pub(crate) fn ts_opt(self, value: Option<DateTime<Utc>>) -> Value {
-        match value {
-            Some(v) => self.ts(v),
-            None if self.is_pg() => Value::ChronoDateTime(None),
-            None => Value::String(None),
-        }
-    }
-
-    /// Reads a nullable timestamp column.
-    pub(crate) fn get_ts(
-        self,
-        row: &QueryResult,
-        column: &'static str,
-    ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        if self.is_pg() {
-            let value: Option<NaiveDateTime> = row.try_get("", column)?;
-            Ok(value.map(|v| v.and_utc()))
-        } else {
-            let text: Option<String> = row.try_get("", column)?;
-            text.map(|t| {
-                parse_ts_text(&t).ok_or_else(|| StoreError::malformed(column, "not a timestamp"))
-            })
-            .transpose()
-        }
-    }
-
-    /// Reads a nullable JSON column.
-    pub(crate) fn get_json(
-        self,
-        row: &QueryResult,
-        column: &'static str,
-    ) -> Result<Option<serde_json::Value>, StoreError> {
-        if self.is_pg() {
-            Ok(row.try_get("", column)?)
-        } else {
-            let text: Option<String> = row.try_get("", column)?;
-            text.map(|t| {
-                serde_json::from_str(&t).map_err(|e| StoreError::malformed(column, e.to_string()))
-            })
-            .transpose()
-        }
-    }
-
-    /// Reads a nullable integer column of either width.
-    pub(crate) fn get_i64(
-        self,
-        row: &QueryResult,
-        column: &'static str,
-    ) -> Result<Option<i64>, StoreError> {
-        if self.is_pg() {
-            // INTEGER is int4 on PostgreSQL; BIGINT columns are read with `try_get::<i64>`.
-            let v: Option<i32> = row.try_get("", column)?;
-            Ok(v.map(i64::from))
-        } else {
-            Ok(row.try_get("", column)?)
-        }
-    }
-
-    /// The expression for the database's current UTC time, in the column representation.
-    pub(crate) fn now_expr(self) -> &'static str {
-        if self.is_pg() {
-            "(now() AT TIME ZONE 'UTC')"
-        } else {
-            // SQLite's clock has millisecond resolution; pad to the six digits we store.
-            "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
-        }
-    }
-
-    /// The database's wall clock at the moment the statement runs (not the transaction's
-    /// start, which `now()` is on PostgreSQL): for a decision made after waiting on a lock.
-    pub(crate) fn clock_expr(self) -> &'static str {
-        if self.is_pg() {
-            "(clock_timestamp() AT TIME ZONE 'UTC')"
-        } else {
-            // `'now'` is read per statement on SQLite, and its write lock is taken at BEGIN.
-            self.now_expr()
-        }
-    }
-
-    /// Reads the database clock.
-    pub(crate) async fn now<C: ConnectionTrait>(self, db: &C) -> Result<DateTime<Utc>, StoreError> {
-        let sql = format!("SELECT {} AS now", self.now_expr());
-        let row = db
-            .query_one_raw(Statement::from_string(self.0, sql))
-            .await?
-            .ok_or_else(|| StoreError::malformed("now", "no row"))?;
-        self.get_ts(&row, "now")?
-            .ok_or_else(|| StoreError::malformed("now", "null"))
-    }
-
-    /// A statement with parameters.
-    pub(crate) fn stmt(self, sql: impl Into<String>, values: Vec<Value>) -> Statement {
-        Statement::from_sql_and_values(self.0, sql.into(), values)
-    }
-
-    /// The order in which every writer locks a set of `enrichd_ip_state` rows: byte order of
-    /// the canonical text, the same order as Rust's `String` sort, so batches that overlap
-    /// never wait on each other in a cycle.
-    pub(crate) fn ip_order(self) -> &'static str {
-        if self.is_pg() {
-            "ip COLLATE \"C\""
-        } else {
-            "ip"
-        }
-    }
-
-    /// `FOR UPDATE` where it exists; on SQLite the `BEGIN IMMEDIATE` write lock already
-    /// serialises writers.
-    pub(crate) fn for_update(self) -> &'static str {
-        if self.is_pg() { " FOR UPDATE" } else { "" }
-    }
-}
+#[cfg(test)]
+mod pinned;
 
 #[cfg(test)]
 mod tests {
@@ -418,15 +360,16 @@ mod tests {
     #[test]
     fn joined_parts_become_ctes_of_the_last_with_their_values_in_order() {
         let mut joined = Joined::default();
-        joined
-            .parts
-            .push(("UPDATE a SET x = $1".to_owned(), vec![1_i32.into()]));
-        joined.parts.push((
-            "UPDATE b SET y = $2 WHERE k = $1".to_owned(),
-            vec![2_i32.into(), 3_i32.into()],
-        ));
+        joined.parts.push(Bound {
+            text: "UPDATE a SET x = $1".to_owned(),
+            values: vec![1_i32.into()],
+        });
+        joined.parts.push(Bound {
+            text: "UPDATE b SET y = $2 WHERE k = $1".to_owned(),
+            values: vec![2_i32.into(), 3_i32.into()],
+        });
         joined.params = 3;
-        let (text, values) = joined.join(
+        let Bound { text, values } = joined.join(
             "INSERT INTO c VALUES ($1) RETURNING k".to_owned(),
             vec![4_i32.into()],
         );
@@ -441,7 +384,10 @@ mod tests {
             "each part's values follow the ones before it"
         );
         assert!(joined.parts.is_empty() && joined.params == 0);
-        let (alone, alone_values) = joined.join("DELETE FROM d".to_owned(), Vec::new());
+        let Bound {
+            text: alone,
+            values: alone_values,
+        } = joined.join("DELETE FROM d".to_owned(), Vec::new());
         assert_eq!(
             alone, "DELETE FROM d",
             "nothing gathered: the statement as it is"

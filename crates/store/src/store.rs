@@ -14,7 +14,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 
 use crate::StoreError;
-use crate::sql::Sql;
+use crate::sql::{Dialect, MigrationLock};
 
 /// PostgreSQL advisory lock key held while migrating ("enrichd" in ASCII), so replicas
 /// starting together never race on the schema.
@@ -65,7 +65,8 @@ pub struct Store {
     /// Readers: on SQLite a separate pool (WAL lets them run beside the writer); on
     /// PostgreSQL the same pool as `write`.
     pub(crate) read: DatabaseConnection,
-    pub(crate) sql: Sql,
+    /// The backend's SQL dialect: every statement asks it for the words that differ.
+    pub(crate) dialect: Dialect,
     pub(crate) owner: Arc<str>,
     /// Kept to open the dedicated migration connection; never printed (it may hold a password).
     url: Arc<str>,
@@ -83,7 +84,7 @@ pub struct Store {
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("backend", &self.sql.0)
+            .field("backend", &self.dialect.backend())
             .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
@@ -152,44 +153,43 @@ enum Sessions {
     Keyed,
 }
 
-fn is_postgres_url(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
 impl Store {
     /// Connects to `url` (`postgres://…` or `sqlite://…`). Nothing is migrated.
     ///
     /// SQLite gets WAL, `synchronous=NORMAL`, `busy_timeout=30000`, foreign keys on, one
     /// writer connection and a few readers; PostgreSQL a pool of seven.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (write, read, backend) = if is_postgres_url(url) {
-            let pool = Database::connect(postgres_options(url, PG_POOL_SIZE, Sessions::Shared))
-                .await
-                .map_err(StoreError::from_db)?;
-            (pool.clone(), pool, DbBackend::Postgres)
-        } else if url.starts_with("sqlite:") {
-            // The writer connects first so that it creates the file (`mode=rwc`) and switches
-            // it to WAL before any reader opens it.
-            let write = Database::connect(sqlite_options(url, 1))
-                .await
-                .map_err(StoreError::from_db)?;
-            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-            let read = if in_memory {
-                // Each connection to an in-memory database is a separate database.
-                write.clone()
-            } else {
-                Database::connect(sqlite_options(url, SQLITE_READERS))
+        let dialect = Dialect::of_url(url).ok_or(StoreError::UnsupportedUrl)?;
+        let (write, read) = match dialect {
+            Dialect::Postgres => {
+                let options = postgres_options(url, PG_POOL_SIZE, Sessions::Shared);
+                let pool = Database::connect(options)
                     .await
-                    .map_err(StoreError::from_db)?
-            };
-            (write, read, DbBackend::Sqlite)
-        } else {
-            return Err(StoreError::UnsupportedUrl);
+                    .map_err(StoreError::from_db)?;
+                (pool.clone(), pool)
+            }
+            Dialect::Sqlite => {
+                // The writer connects first so that it creates the file (`mode=rwc`) and
+                // switches it to WAL before any reader opens it.
+                let write = Database::connect(sqlite_options(url, 1))
+                    .await
+                    .map_err(StoreError::from_db)?;
+                let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+                let read = if in_memory {
+                    // Each connection to an in-memory database is a separate database.
+                    write.clone()
+                } else {
+                    Database::connect(sqlite_options(url, SQLITE_READERS))
+                        .await
+                        .map_err(StoreError::from_db)?
+                };
+                (write, read)
+            }
         };
         Ok(Self {
             write,
             read,
-            sql: Sql(backend),
+            dialect,
             owner: uuid::Uuid::new_v4().simple().to_string().into(),
             url: url.into(),
             gate_cache: crate::gate::GateCache::default(),
@@ -203,7 +203,7 @@ impl Store {
     /// the same owner (its leases are this process's) and the same caches. Its sessions plan
     /// for keyed writes only (index scans), so it is for [`Store::note_events`],
     /// [`Store::claim_batch`] and [`Store::apply_batch`], which then save a round trip per
-    /// transaction (see [`Store::begin_keyed_write`]).
+    /// transaction (see `Store::begin_keyed_write`).
     ///
     /// Why: a connection's socket belongs to the runtime that opened it, and only that
     /// runtime's thread notices it became readable. A component that runs on a thread of its
@@ -215,10 +215,10 @@ impl Store {
     /// # Errors
     /// `Unavailable` when the pool cannot be set up (nothing is connected yet).
     pub async fn with_own_pool(&self, max_connections: u32) -> Result<Self, StoreError> {
-        if self.sql.0 != DbBackend::Postgres {
-            return Ok(self.clone());
-        }
-        let mut options = postgres_options(&self.url, max_connections, Sessions::Keyed);
+        let mut options = match self.dialect {
+            Dialect::Postgres => postgres_options(&self.url, max_connections, Sessions::Keyed),
+            Dialect::Sqlite => return Ok(self.clone()),
+        };
         options.connect_lazy(true);
         let pool = Database::connect(options)
             .await
@@ -233,13 +233,13 @@ impl Store {
 
     /// The backend in use.
     pub fn backend(&self) -> DbBackend {
-        self.sql.0
+        self.dialect.backend()
     }
 
     /// Whether the database takes one writer at a time (SQLite): running several write
     /// transactions at once then only queues them.
     pub fn single_writer(&self) -> bool {
-        !self.sql.is_pg()
+        self.dialect.single_writer()
     }
 
     /// This process's lease owner id.
@@ -247,38 +247,41 @@ impl Store {
         &self.owner
     }
 
-    /// Runs the migrations; on PostgreSQL under an advisory lock held on one dedicated
-    /// connection, so replicas never race. Refuses a schema newer than this binary.
+    /// Runs the migrations, serialised with other replicas migrating at once (on PostgreSQL
+    /// under an advisory lock held on one dedicated connection). Refuses a schema newer than
+    /// this binary.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        if !self.sql.is_pg() {
-            self.refuse_newer_schema().await?;
-            // The write lock up front serialises migrating processes on one file; each
-            // migration's own transaction nests as a savepoint.
-            let txn = self.begin_write().await?;
-            Migrator::up(&txn, None)
-                .await
-                .map_err(StoreError::Migration)?;
-            txn.commit().await?;
-            return Ok(());
-        }
-        let conn = Database::connect(postgres_options(&self.url, 1, Sessions::Shared))
+        let dialect = self.dialect;
+        let (lock, unlock) = match dialect.migration_lock() {
+            MigrationLock::WriteTransaction => {
+                self.refuse_newer_schema().await?;
+                // The write lock up front serialises migrating processes on one file; each
+                // migration's own transaction nests as a savepoint.
+                let txn = self.begin_write().await?;
+                Migrator::up(&txn, None)
+                    .await
+                    .map_err(StoreError::Migration)?;
+                txn.commit().await?;
+                return Ok(());
+            }
+            MigrationLock::Session { lock, unlock } => (lock, unlock),
+        };
+        let options = match dialect {
+            Dialect::Postgres => postgres_options(&self.url, 1, Sessions::Shared),
+            Dialect::Sqlite => sqlite_options(&self.url, 1),
+        };
+        let conn = Database::connect(options)
             .await
             .map_err(StoreError::from_db)?;
         let result = async {
-            conn.execute_raw(self.sql.stmt(
-                "SELECT pg_advisory_lock($1)",
-                vec![MIGRATION_LOCK_KEY.into()],
-            ))
-            .await?;
+            conn.execute_raw(dialect.stmt(lock, vec![MIGRATION_LOCK_KEY.into()]))
+                .await?;
             self.refuse_newer_schema().await?;
             Migrator::up(&conn, None)
                 .await
                 .map_err(StoreError::Migration)?;
-            conn.execute_raw(self.sql.stmt(
-                "SELECT pg_advisory_unlock($1)",
-                vec![MIGRATION_LOCK_KEY.into()],
-            ))
-            .await?;
+            conn.execute_raw(dialect.stmt(unlock, vec![MIGRATION_LOCK_KEY.into()]))
+                .await?;
             Ok(())
         }
         .await;
@@ -299,21 +302,10 @@ impl Store {
 
     /// How the database schema compares with this binary's.
     pub async fn schema_status(&self) -> Result<SchemaStatus, StoreError> {
-        let exists_sql = if self.sql.is_pg() {
-            format!(
-                "SELECT COUNT(*) AS n FROM information_schema.tables \
-                 WHERE table_schema = current_schema() AND table_name = '{}'",
-                meta::TABLE
-            )
-        } else {
-            format!(
-                "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '{}'",
-                meta::TABLE
-            )
-        };
+        let exists = self.dialect.table_exists(meta::TABLE);
         let row = self
             .read
-            .query_one_raw(self.sql.stmt(exists_sql, vec![]))
+            .query_one_raw(self.dialect.stmt(exists, vec![]))
             .await?;
         let exists = row
             .map(|r| r.try_get::<i64>("", "n"))
@@ -339,9 +331,9 @@ impl Store {
         db: &C,
         key: &str,
     ) -> Result<Option<String>, StoreError> {
-        let sql = format!("SELECT value FROM {} WHERE key = $1", meta::TABLE);
+        let select = format!("SELECT value FROM {} WHERE key = $1", meta::TABLE);
         let row = db
-            .query_one_raw(self.sql.stmt(sql, vec![key.into()]))
+            .query_one_raw(self.dialect.stmt(select, vec![key.into()]))
             .await?;
         Ok(row.map(|r| r.try_get::<String>("", "value")).transpose()?)
     }
@@ -371,7 +363,7 @@ impl Store {
 
     /// The database's current UTC time: every lease, slot and due time is on this clock.
     pub async fn db_now(&self) -> Result<DateTime<Utc>, StoreError> {
-        self.sql.now(&self.read).await
+        self.dialect.now(&self.read).await
     }
 
     /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock up front, so a
@@ -387,7 +379,7 @@ impl Store {
     pub(crate) fn clock_item(&self, clock: Option<DateTime<Utc>>) -> Option<String> {
         clock
             .is_none()
-            .then(|| format!("{} AS {CLOCK_COLUMN}", self.sql.now_expr()))
+            .then(|| format!("{} AS {CLOCK_COLUMN}", self.dialect.now_expr()))
     }
 
     /// The clock of a transaction from [`Store::begin_keyed_write`]: `clock` when it was
@@ -404,17 +396,19 @@ impl Store {
         }
         match first {
             Some(row) => self
-                .sql
+                .dialect
                 .get_ts(row, CLOCK_COLUMN)?
                 .ok_or_else(|| StoreError::malformed(CLOCK_COLUMN, "null")),
-            None => self.sql.now(txn).await,
+            None => self.dialect.now(txn).await,
         }
     }
 
     /// `BEGIN IMMEDIATE` on SQLite, `BEGIN` on PostgreSQL, and nothing else.
     async fn begin_bare(&self) -> Result<DatabaseTransaction, StoreError> {
         let options = TransactionOptions {
-            sqlite_transaction_mode: (!self.sql.is_pg())
+            sqlite_transaction_mode: self
+                .dialect
+                .single_writer()
                 .then_some(SqliteTransactionMode::Immediate),
             ..TransactionOptions::default()
         };
@@ -430,7 +424,8 @@ impl Store {
     pub(crate) async fn begin_keyed_write(
         &self,
     ) -> Result<(DatabaseTransaction, Option<DateTime<Utc>>), StoreError> {
-        if self.sql.is_pg() && self.keyed_sessions {
+        // Only a PostgreSQL pool of its own has keyed sessions (`with_own_pool`).
+        if self.keyed_sessions {
             Ok((self.begin_bare().await?, None))
         } else {
             let (txn, now) = self.begin_write_at().await?;
@@ -446,12 +441,12 @@ impl Store {
     pub(crate) async fn begin_write_at(
         &self,
     ) -> Result<(DatabaseTransaction, DateTime<Utc>), StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let txn = self.begin_bare().await?;
-        if !sql.is_pg() {
-            let now = sql.now(&txn).await?;
+        let Some(settings) = dialect.write_settings() else {
+            let now = dialect.now(&txn).await?;
             return Ok((txn, now));
-        }
+        };
         // Every write is keyed by address, attacker or provider, and the batches name
         // dozens of keys in `IN (…)` lists. Until autovacuum has analyzed a fast-growing
         // table, PostgreSQL assumes each key matches 0.5 % of its rows, so a 64-key list
@@ -460,18 +455,10 @@ impl Store {
         // generic plan is as good as a custom one: planning each prepared statement once
         // instead of on each of its first five runs saves PostgreSQL 5-8 % of its CPU.
         let row = txn
-            .query_one_raw(sql.stmt(
-                format!(
-                    "SELECT set_config('enable_seqscan', 'off', true) AS seqscan, \
-                     set_config('plan_cache_mode', 'force_generic_plan', true) AS plans, \
-                     {} AS now",
-                    sql.now_expr()
-                ),
-                Vec::new(),
-            ))
+            .query_one_raw(dialect.stmt(dialect.clock_select(Some(settings)), Vec::new()))
             .await?
             .ok_or_else(|| StoreError::malformed("now", "no row"))?;
-        let now = sql
+        let now = dialect
             .get_ts(&row, "now")?
             .ok_or_else(|| StoreError::malformed("now", "null"))?;
         Ok((txn, now))
@@ -482,7 +469,7 @@ impl Store {
     pub async fn release_leases(&self) -> Result<u64, StoreError> {
         let txn = self.begin_write().await?;
         let providers = txn
-            .execute_raw(self.sql.stmt(
+            .execute_raw(self.dialect.stmt(
                 "UPDATE enrichd_provider_state SET lease_owner = NULL, lease_until = NULL \
                  WHERE lease_owner = $1",
                 vec![self.owner.to_string().into()],
@@ -490,7 +477,7 @@ impl Store {
             .await?
             .rows_affected();
         let ptr = txn
-            .execute_raw(self.sql.stmt(
+            .execute_raw(self.dialect.stmt(
                 "UPDATE enrichd_ip_state SET ptr_lease_owner = NULL, ptr_lease_until = NULL \
                  WHERE ptr_lease_owner = $1",
                 vec![self.owner.to_string().into()],
@@ -504,10 +491,9 @@ impl Store {
     /// Whether this handle's pool was closed. A closed pool never reopens: whoever owns it
     /// opens another ([`Store::with_own_pool`]).
     pub fn is_closed(&self) -> bool {
-        match self.sql.0 {
-            DbBackend::Postgres => self.write.get_postgres_connection_pool().is_closed(),
-            DbBackend::Sqlite => self.write.get_sqlite_connection_pool().is_closed(),
-            _ => false,
+        match self.dialect {
+            Dialect::Postgres => self.write.get_postgres_connection_pool().is_closed(),
+            Dialect::Sqlite => self.write.get_sqlite_connection_pool().is_closed(),
         }
     }
 
@@ -515,7 +501,7 @@ impl Store {
     /// drills and supervision tests; every later statement on it fails as unavailable. A
     /// handle sharing the process's pools is left alone.
     pub fn close_own_pool(&self) {
-        if self.sql.is_pg() && self.keyed_sessions {
+        if self.dialect == Dialect::Postgres && self.keyed_sessions {
             // Marks the pool closed at once; connections go as their holders let them go.
             drop(self.write.get_postgres_connection_pool().close());
         }
@@ -524,7 +510,8 @@ impl Store {
     /// Closes the pools.
     pub async fn close(self) -> Result<(), StoreError> {
         self.write.close().await?;
-        if self.sql.0 == DbBackend::Sqlite {
+        // A single writer has its readers in a pool of their own (see `connect`).
+        if self.dialect.single_writer() {
             self.read.close().await?;
         }
         Ok(())

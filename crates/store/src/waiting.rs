@@ -59,13 +59,13 @@ impl Store {
     /// or due again. Work that is takeable now is not here (the backlog has it); work that is
     /// finished for its TTL, or never due (`skipped_unsupported`), is not owed. Reads only.
     pub async fn waiting_work(&self, ctx: &ApplyContext) -> Result<Vec<WaitingWork>, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let now = self.db_now().await?;
         let parks = self.parks(now).await?;
         let mut waiting = Vec::new();
         if !ctx.providers.is_empty() {
             let mut p = Params::default();
-            let now_p = p.push(sql.ts(now));
+            let now_p = p.push(dialect.ts(now));
             let list = p.list(ctx.providers.iter().map(|id| id.as_str()));
             let retried = p.list(
                 [
@@ -87,7 +87,10 @@ impl Store {
                  AND EXISTS (SELECT 1 FROM enrichd_attacker_map m WHERE m.ip = ps.ip) \
                  GROUP BY ps.provider, ps.outcome"
             );
-            let rows = self.read.query_all_raw(sql.stmt(statement, p.0)).await?;
+            let rows = self
+                .read
+                .query_all_raw(dialect.stmt(statement, p.0))
+                .await?;
             let mut by_provider: HashMap<ProviderId, WaitingWork> = HashMap::new();
             for row in rows {
                 let id: String = row.try_get("", "provider")?;
@@ -96,7 +99,7 @@ impl Store {
                 };
                 let outcome: Option<String> = row.try_get("", "outcome")?;
                 let count: i64 = row.try_get("", "n")?;
-                let stored = sql.get_ts(&row, "earliest")?;
+                let stored = dialect.get_ts(&row, "earliest")?;
                 let mut reason = match outcome.as_deref().and_then(ProviderOutcome::from_label) {
                     Some(ProviderOutcome::Error) => WaitReason::Backoff,
                     Some(ProviderOutcome::RateLimited) => WaitReason::Parked,
@@ -132,9 +135,9 @@ impl Store {
     }
 
     async fn waiting_ptr(&self, now: DateTime<Utc>) -> Result<Option<WaitingWork>, StoreError> {
-        let sql = self.sql;
+        let dialect = self.dialect;
         let mut p = Params::default();
-        let now_p = p.push(sql.ts(now));
+        let now_p = p.push(dialect.ts(now));
         let retried = p.list([PtrOutcome::Servfail, PtrOutcome::Timeout].map(PtrOutcome::as_str));
         let statement = format!(
             "SELECT COUNT(*) AS n, \
@@ -146,14 +149,18 @@ impl Store {
                   OR s.ptr_expires_at <= {now_p}) \
              AND EXISTS (SELECT 1 FROM enrichd_attacker_map m WHERE m.ip = s.ip)"
         );
-        let Some(row) = self.read.query_one_raw(sql.stmt(statement, p.0)).await? else {
+        let Some(row) = self
+            .read
+            .query_one_raw(dialect.stmt(statement, p.0))
+            .await?
+        else {
             return Ok(None);
         };
         let count: i64 = row.try_get("", "n")?;
         if count == 0 {
             return Ok(None);
         }
-        let earliest = sql.get_ts(&row, "earliest")?.unwrap_or(now).max(now);
+        let earliest = dialect.get_ts(&row, "earliest")?.unwrap_or(now).max(now);
         Ok(Some(WaitingWork {
             what: "ptr",
             reason: WaitReason::Backoff,
@@ -170,10 +177,10 @@ impl Store {
     ) -> Result<HashMap<ProviderId, DateTime<Utc>>, StoreError> {
         let rows = self
             .read
-            .query_all_raw(self.sql.stmt(
+            .query_all_raw(self.dialect.stmt(
                 "SELECT provider, parked_until FROM enrichd_provider_limits \
                  WHERE parked_until > $1",
-                vec![self.sql.ts(now)],
+                vec![self.dialect.ts(now)],
             ))
             .await?;
         let mut parks = HashMap::new();
@@ -181,7 +188,7 @@ impl Store {
             let id: String = row.try_get("", "provider")?;
             if let (Some(provider), Some(until)) = (
                 ProviderId::from_id(&id),
-                self.sql.get_ts(&row, "parked_until")?,
+                self.dialect.get_ts(&row, "parked_until")?,
             ) {
                 parks.insert(provider, until);
             }
