@@ -31,6 +31,7 @@ pub struct QueueCounts {
 }
 
 /// A connection to the broker with enrichd's topology declared under one test's names.
+#[derive(Debug)]
 pub struct TestBus {
     /// The exchange and queues the test publishes into and enrichd consumes.
     pub topology: Topology,
@@ -38,14 +39,6 @@ pub struct TestBus {
     publisher: Publisher,
     /// A plain channel (not in confirm mode), for publishes nobody waits for.
     channel: Channel,
-}
-
-impl std::fmt::Debug for TestBus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestBus")
-            .field("topology", &self.topology)
-            .finish_non_exhaustive()
-    }
 }
 
 impl TestBus {
