@@ -34,7 +34,8 @@ use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::amqp::Bus;
+use enrichd_harness::bus::TestBus;
+
 use crate::db::Target;
 
 /// Rows per group commit, as enrichd's batcher.
@@ -45,7 +46,7 @@ const SLOTS: usize = 3;
 /// A running floor relay; [`Relay::stop`] ends it.
 pub(crate) struct Relay {
     consumer: JoinHandle<anyhow::Result<()>>,
-    bus: Bus,
+    bus: TestBus,
     db: DatabaseConnection,
     counts: Arc<Counts>,
 }
@@ -96,9 +97,9 @@ impl Relay {
             "now() AT TIME ZONE 'UTC'",
         );
         // A connection of its own, as enrichd's consumer is apart from the bench's publisher.
-        let bus = Bus::connect(amqp_url, "enrichd-bench floor relay").await?;
-        let channel = bus.channel.clone();
-        let publisher = bus.publisher.clone();
+        let bus = TestBus::declare(amqp_url, "enrichd-bench floor relay", topology.clone()).await?;
+        let channel = bus.connection().create_channel().await?;
+        let publisher = bus.publisher().clone();
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;

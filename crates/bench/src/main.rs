@@ -27,9 +27,7 @@
 mod amqp;
 mod db;
 mod enrichd;
-mod fakes;
 mod floor;
-mod http;
 mod procs;
 mod report;
 mod scenarios;
@@ -45,8 +43,11 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::enrichd::Limits;
-use crate::fakes::{Fakes, Knobs};
+use enrichd_core::Secret;
+use enrichd_harness::binary::sibling_or;
+use enrichd_harness::enrichd::Limits;
+use enrichd_harness::fakes::{Fakes, FakesOptions};
+
 use crate::report::{Report, ScenarioReport};
 use crate::scenarios::{BackfillShape, Ctx, Sizes};
 
@@ -190,11 +191,6 @@ fn require_loopback(url: &str, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("where is this binary")?;
-    Ok(me.with_file_name(name))
-}
-
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -239,14 +235,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if !args.no_build {
         build().await?;
     }
-    let enrichd_bin = match &args.enrichd {
-        Some(p) => p.clone(),
-        None => sibling("enrichd")?,
-    };
-    let fakes_bin = match &args.fakes {
-        Some(p) => p.clone(),
-        None => sibling("enrichd-fakes")?,
-    };
+    let enrichd_bin = sibling_or(args.enrichd.as_deref(), "enrichd")?;
+    let fakes_bin = sibling_or(args.fakes.as_deref(), "enrichd-fakes")?;
     for (bin, hint) in [
         (&enrichd_bin, "enrichd-worker"),
         (&fakes_bin, "enrichd-fakes"),
@@ -263,19 +253,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let enrichd_bin = std::fs::canonicalize(&enrichd_bin)?;
     let fakes_bin = std::fs::canonicalize(&fakes_bin)?;
 
-    let knobs = Knobs {
+    let options = FakesOptions {
         latency_ms: args.latency_ms,
         error_rate: args.error_rate,
         rate_limit_rate: args.rate_limit_rate,
         seed: args.seed,
     };
-    let fakes = Fakes::start(&fakes_bin, knobs, &work_dir.join("fakes.log")).await?;
+    let fakes = Fakes::start(&fakes_bin, options, &work_dir.join("fakes.log")).await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let machine = machine(&args, &enrichd_bin).await;
     let config = json!({
         "run_id": run_id,
         "enrichd": enrichd_bin.display().to_string(),
-        "fakes": {"binary": fakes_bin.display().to_string(), "http": fakes.http, "dns": fakes.dns,
+        "fakes": {"binary": fakes_bin.display().to_string(), "http": fakes.http_addr(), "dns": fakes.dns_addr(),
                   "latency_ms": args.latency_ms, "error_rate": args.error_rate,
                   "rate_limit_rate": args.rate_limit_rate, "seed": args.seed},
         "concurrency_per_provider": args.concurrency,
@@ -303,8 +293,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         launcher: enrichd::Launcher {
             binary: enrichd_bin,
             work_dir: work_dir.clone(),
-            fakes_http: fakes.http.clone(),
-            fakes_dns: fakes.dns.clone(),
+            fakes_base_url: fakes.base_url(),
+            fakes_dns: fakes.dns_addr().to_string(),
             concurrency: args.concurrency,
             rust_log: args.rust_log.clone(),
         },
@@ -451,16 +441,20 @@ async fn cleanup(ctx: &Ctx) {
     if created.topologies.is_empty() {
         return;
     }
-    match amqp::Bus::connect(&ctx.amqp_url, "enrichd-bench cleanup").await {
-        Ok(bus) => {
+    let url = Secret::new(ctx.amqp_url.clone());
+    match enrichd_bus::connect(&url, "enrichd-bench cleanup").await {
+        Ok(connection) => {
             for topology in &created.topologies {
-                for failure in bus.delete(topology).await {
+                for failure in topology.delete(&connection).await {
                     eprintln!("enrichd-bench: cleanup: {failure}");
                 }
             }
-            bus.close().await;
+            let _ = connection.close(200, "bench done".into()).await;
         }
-        Err(e) => eprintln!("enrichd-bench: cleanup: cannot reach RabbitMQ: {e:#}"),
+        Err(e) => eprintln!(
+            "enrichd-bench: cleanup: cannot reach RabbitMQ: {}",
+            enrichd_core::error::chain(&e)
+        ),
     }
 }
 

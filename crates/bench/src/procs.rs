@@ -1,86 +1,14 @@
-//! Child processes (enrichd, enrichd-fakes, perf) and what `/proc` says about processes:
-//! peak resident memory (`VmHWM`), CPU seconds, and the CPU split between enrichd, the fakes,
-//! PostgreSQL, RabbitMQ and everything else on the machine.
+//! What `/proc` says about processes: peak resident memory (`VmHWM`), CPU seconds, and the
+//! CPU split between enrichd, the fakes, PostgreSQL, RabbitMQ and everything else on the
+//! machine; and `perf record` attached to enrichd.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use enrichd_harness::process::{Process, Signal};
 use serde::Serialize;
-use tokio::process::{Child, Command};
-
-/// A running child whose output goes to a log file; killed when dropped.
-pub(crate) struct Spawned {
-    pub child: Child,
-    pub pid: u32,
-    pub log: PathBuf,
-}
-
-/// Starts `program args` with `env` added, stdout and stderr appended to `log`.
-pub(crate) fn spawn(
-    program: &Path,
-    args: &[&str],
-    env: &[(String, String)],
-    log: &Path,
-) -> anyhow::Result<Spawned> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("open {}", log.display()))?;
-    let err = out.try_clone()?;
-    let child = Command::new(program)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("start {}", program.display()))?;
-    let pid = child.id().context("child has no pid")?;
-    Ok(Spawned {
-        child,
-        pid,
-        log: log.to_owned(),
-    })
-}
-
-impl Spawned {
-    /// SIGTERM, then SIGKILL after `grace`; returns the exit status when it ended by itself.
-    pub(crate) async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        signal(self.pid, "TERM").await;
-        if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
-            return Some(status);
-        }
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-        None
-    }
-
-    /// The last `n` lines of its log, for error messages.
-    pub(crate) fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-}
-
-/// Sends `SIG<name>` to `pid` through kill(1) (the workspace forbids `unsafe`, so no libc).
-pub(crate) async fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-}
+use tokio::process::Command;
 
 /// A `VmHWM`/`VmRSS`-style field of `/proc/<pid>/status`, in KiB.
 pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -237,34 +165,24 @@ pub(crate) fn round3(v: f64) -> f64 {
 /// A `perf record` attached to `pid`, writing `out`; stopped with SIGINT so it writes its
 /// data file.
 pub(crate) struct Profiler {
-    spawned: Spawned,
+    perf: Process,
 }
 
 impl Profiler {
     /// Attaches perf to `pid` (DWARF call graphs need no frame pointers), or `None` when
     /// perf cannot start.
     pub(crate) fn attach(pid: u32, out: &Path, log: &Path) -> Option<Self> {
-        let out_text = out.display().to_string();
-        let pid_text = pid.to_string();
-        let args = [
-            "record",
-            "-F",
-            "199",
-            "--call-graph",
-            "dwarf,8192",
-            "-p",
-            &pid_text,
-            "-o",
-            &out_text,
-        ];
-        spawn(Path::new("perf"), &args, &[], log)
-            .ok()
-            .map(|spawned| Self { spawned })
+        let mut perf = Command::new("perf");
+        perf.args(["record", "-F", "199", "--call-graph", "dwarf,8192", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(out);
+        Process::spawn(perf, log).ok().map(|perf| Self { perf })
     }
 
     /// Stops recording and waits for perf to write its file.
     pub(crate) async fn stop(mut self) {
-        signal(self.spawned.pid, "INT").await;
-        let _ = tokio::time::timeout(Duration::from_secs(60), self.spawned.child.wait()).await;
+        let _ = self.perf.signal(Signal::Int).await;
+        let _ = self.perf.wait_exit(Duration::from_secs(60)).await;
     }
 }

@@ -9,14 +9,19 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use enrichd_bus::Topology;
+use enrichd_core::ProviderId;
+use enrichd_core::payload::TOPIC_SCORED;
+use enrichd_harness::bus::{Enriched, TestBus};
+use enrichd_harness::enrichd::{Enrichd, Limits, PER_ADDRESS};
+use enrichd_harness::events;
+use enrichd_harness::fakes::{Fakes, Stats};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::amqp::{self, Bus};
+use crate::amqp;
 use crate::db::{self, Target as Db};
-use crate::enrichd::{self, BusEnv, Launcher, Limits, PER_IP_PROVIDERS, Watch};
-use crate::fakes::{Fakes, Stats};
+use crate::enrichd::{Launcher, Watch};
 use crate::floor;
 use crate::procs::{self, CpuSnapshot, Profiler, round3};
 use crate::report::{Figure, ScenarioReport, Target};
@@ -105,26 +110,20 @@ impl Ctx {
         Ok(target)
     }
 
-    async fn topology(&self, bus: &Bus, label: &str) -> anyhow::Result<Topology> {
+    /// Connects as `name` and declares enrichd's topology under the scenario's own names,
+    /// removed at the end of the run.
+    async fn bus(&self, label: &str, name: &str) -> anyhow::Result<TestBus> {
         let topology = Topology::new(
             &format!("enrichd-bench.{}.{label}", self.run_id),
             &format!("enrichd-bench.{}.{label}.work", self.run_id),
         );
-        bus.declare(&topology).await?;
-        self.cleanup.lock().await.topologies.push(topology.clone());
-        Ok(topology)
-    }
-
-    fn bus_env(&self, topology: &Topology) -> BusEnv {
-        BusEnv {
-            url: self.amqp_url.clone(),
-            exchange: topology.exchange.clone(),
-            queue: topology.queue.clone(),
-        }
+        let bus = TestBus::declare(&self.amqp_url, name, topology.clone()).await?;
+        self.cleanup.lock().await.topologies.push(topology);
+        Ok(bus)
     }
 
     fn snapshot(&self, enrichd_pid: Option<u32>) -> CpuSnapshot {
-        let mut pids = vec![("fakes", self.fakes.pid)];
+        let mut pids = vec![("fakes", self.fakes.pid())];
         if let Some(pid) = enrichd_pid {
             pids.push(("enrichd", pid));
         }
@@ -148,12 +147,11 @@ impl Ctx {
 /// of queue, and batched upserts and small transactions on the same databases.
 pub(crate) async fn ceilings(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
     let sizes = &ctx.sizes;
-    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench ceiling").await?;
-    let topology = ctx.topology(&bus, "ceiling").await?;
+    let bus = ctx.bus("ceiling", "enrichd-bench ceiling").await?;
     let addresses = ips(44, sizes.ingest_ips);
     let n = sizes.ceiling_messages;
-    let bodies = (0..n).map(|i| amqp::scored_envelope(addresses[i % addresses.len()], i as u64));
-    let publish_rate = bus.publish_all(&topology.exchange, bodies).await?;
+    let bodies = (0..n).map(|i| amqp::scored(addresses[i % addresses.len()], i as u64));
+    let publish_rate = amqp::publish_all(&bus, bodies).await?;
     report.figures.push(Figure::info(
         "publish_confirmed_per_sec",
         publish_rate,
@@ -165,7 +163,7 @@ pub(crate) async fn ceilings(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::
     let before = ctx.snapshot(None);
     let (consumed, secs) = amqp::bare_consume(
         &bus,
-        &topology.queue,
+        &bus.topology.queue,
         PREFETCH,
         n as u64,
         Duration::from_secs(120),
@@ -187,7 +185,7 @@ pub(crate) async fn ceilings(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::
     report.figures.push(figure);
     *ctx.bare_consumer_rate.lock().await = Some(rate);
     report.details["bare_consumer_cpu"] = json!(cpu);
-    for failure in bus.delete(&topology).await {
+    for failure in bus.delete().await {
         eprintln!("enrichd-bench: cleanup: {failure}");
     }
     bus.close().await;
@@ -255,6 +253,7 @@ pub(crate) struct BackfillShape {
 impl std::fmt::Display for BackfillShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.limits {
+            Limits::Default => f.write_str("default limits")?,
             Limits::Lifted => f.write_str("limits lifted")?,
             Limits::Metered {
                 rate_per_sec,
@@ -272,6 +271,7 @@ impl std::fmt::Display for BackfillShape {
 /// slot reservations, not the limit, are what it measures.
 pub(crate) const METERED_RATE: f64 = 10_000.0;
 
+#[allow(clippy::too_many_lines, reason = "a scenario reads top to bottom")]
 pub(crate) async fn backfill(
     ctx: &Ctx,
     report: &mut ScenarioReport,
@@ -281,9 +281,7 @@ pub(crate) async fn backfill(
     shape: BackfillShape,
 ) -> anyhow::Result<()> {
     let n = ctx.sizes.backfill_attackers;
-    let env = ctx
-        .launcher
-        .env_with(&target.url(), None, enrichd::free_port()?, shape.limits);
+    let env = ctx.launcher.env(&target.url(), None, shape.limits);
     if shape.reference_tables {
         db::create_reference_attackers(target).await?;
     }
@@ -294,10 +292,14 @@ pub(crate) async fn backfill(
     let activity = db::ActivitySampler::start(target);
     let started = Instant::now();
     let mut child = ctx.launcher.start("backfill", label, &env)?;
-    let before = ctx.snapshot(Some(child.pid));
-    let watch = Watch::start(child.pid, ctx.ticks);
-    let profiler = ctx.profiler(child.pid, label);
-    let exit = tokio::time::timeout(Duration::from_secs(240), child.child.wait()).await;
+    let pid = child.process().pid();
+    let before = ctx.snapshot(Some(pid));
+    let watch = Watch::start(pid, ctx.ticks);
+    let profiler = ctx.profiler(pid, label);
+    let exit = child
+        .process_mut()
+        .wait_exit(Duration::from_secs(240))
+        .await;
     let wall = started.elapsed().as_secs_f64();
     watch.stop.store(true, Ordering::Relaxed);
     let mut cpu = before.until(&ctx.snapshot(None), ctx.ticks);
@@ -311,11 +313,13 @@ pub(crate) async fn backfill(
         p.stop().await;
     }
     let exited_ok = match exit {
-        Ok(Ok(s)) if s.success() => true,
-        Ok(Ok(s)) => bail!("enrichd backfill failed ({s}):\n{}", child.log_tail(20)),
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => {
-            let _ = child.terminate(Duration::from_secs(5)).await;
+        Some(s) if s.success() => true,
+        Some(s) => bail!(
+            "enrichd backfill failed ({s}):\n{}",
+            child.process().log_tail(20)
+        ),
+        None => {
+            let _ = child.process_mut().terminate(Duration::from_secs(5)).await;
             false
         }
     };
@@ -345,7 +349,7 @@ pub(crate) async fn backfill(
     if shape.reference_tables {
         push_metered_share(ctx, report, shape.limits, rate, complete).await;
     }
-    if let Some((first, last)) = stats.span_ms(&PER_IP_PROVIDERS) {
+    if let Some((first, last)) = span_ms(&stats, &PER_ADDRESS) {
         let secs = (last.saturating_sub(first)).max(1) as f64 / 1000.0;
         report.figures.push(Figure::info(
             "provider_phase_attackers_per_sec",
@@ -374,7 +378,7 @@ pub(crate) async fn backfill(
         "VmHWM of enrichd",
     ));
     record_cpu(report, &cpu);
-    report.details["fakes"] = stats.summary();
+    report.details["fakes"] = json!(stats.without_timelines());
     let counters = db::pg_counters(target).await;
     push_commits(report, &counters, n, "address");
     report.details["database"] = counters;
@@ -446,9 +450,17 @@ fn epoch_secs_at(instant: Instant) -> f64 {
     now - instant.elapsed().as_secs_f64()
 }
 
+/// First and last arrival (epoch ms) at the fakes over the given providers.
+fn span_ms(stats: &Stats, providers: &[ProviderId]) -> Option<(u64, u64)> {
+    let times = providers.iter().flat_map(|p| stats.timeline(*p));
+    let first = times.clone().min()?;
+    let last = times.max()?;
+    Some((*first, *last))
+}
+
 /// Provider calls per unique address for each per-address provider, and Feodo downloads.
 fn push_calls_per_ip(report: &mut ScenarioReport, stats: &Stats, unique: usize, complete: bool) {
-    for provider in PER_IP_PROVIDERS {
+    for provider in PER_ADDRESS {
         let k = stats.per_key(provider);
         let ratio = if unique > 0 {
             k.total as f64 / unique as f64
@@ -469,7 +481,7 @@ fn push_calls_per_ip(report: &mut ScenarioReport, stats: &Stats, unique: usize, 
     }
     report.figures.push(Figure::info(
         "feodo_downloads",
-        stats.requests("feodo") as f64,
+        stats.requests(ProviderId::Feodo) as f64,
         "",
         "feed downloads (not per address)",
     ));
@@ -479,9 +491,8 @@ fn push_calls_per_ip(report: &mut ScenarioReport, stats: &Stats, unique: usize, 
 
 /// A running `enrichd run` with its watchers.
 struct Running {
-    child: procs::Spawned,
+    child: Enrichd,
     watch: Arc<Watch>,
-    metrics_port: u16,
     before: CpuSnapshot,
     profiler: Option<Profiler>,
     activity: Option<db::ActivitySampler>,
@@ -489,19 +500,20 @@ struct Running {
 
 impl Running {
     fn start(ctx: &Ctx, target: &Db, topology: &Topology, label: &str) -> anyhow::Result<Self> {
-        let metrics_port = enrichd::free_port()?;
-        let env = ctx
-            .launcher
-            .env(&target.url(), Some(&ctx.bus_env(topology)), metrics_port);
+        let env = ctx.launcher.env(
+            &target.url(),
+            Some((&ctx.amqp_url, topology)),
+            Limits::Lifted,
+        );
         let activity = db::ActivitySampler::start(target);
         let child = ctx.launcher.start("run", label, &env)?;
-        let before = ctx.snapshot(Some(child.pid));
-        let watch = Watch::start(child.pid, ctx.ticks);
-        let profiler = ctx.profiler(child.pid, label);
+        let pid = child.process().pid();
+        let before = ctx.snapshot(Some(pid));
+        let watch = Watch::start(pid, ctx.ticks);
+        let profiler = ctx.profiler(pid, label);
         Ok(Self {
             child,
             watch,
-            metrics_port,
             before,
             profiler,
             activity,
@@ -509,46 +521,19 @@ impl Running {
     }
 
     fn alive(&mut self) -> anyhow::Result<()> {
-        if let Ok(Some(status)) = self.child.child.try_wait() {
-            bail!(
-                "enrichd run exited ({status}):\n{}",
-                self.child.log_tail(20)
-            );
-        }
-        Ok(())
-    }
-
-    /// Waits until enrichd consumes `queue` (it has connected and declared).
-    async fn wait_consuming(&mut self, bus: &Bus, queue: &str) -> anyhow::Result<()> {
-        let give_up = Instant::now() + Duration::from_secs(60);
-        loop {
-            self.alive()?;
-            if bus.depth(queue).await?.1 > 0 {
-                return Ok(());
-            }
-            if Instant::now() > give_up {
-                bail!(
-                    "enrichd did not consume {queue} within 60 s:\n{}",
-                    self.child.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.child.fail_if_exited()
     }
 
     async fn acked(&self) -> Option<f64> {
-        enrichd::scrape(self.metrics_port)
-            .await
-            .and_then(|m| m.get("enrichd_events_acked_total").copied())
+        self.child.metric("enrichd_events_acked_total", &[]).await
     }
 
     /// Samples once more, stops enrichd (SIGTERM) and returns the CPU split and the database
     /// activity profile.
     async fn stop(mut self, ctx: &Ctx) -> (Arc<Watch>, procs::CpuSplit, Value) {
-        self.watch.sample(self.child.pid, ctx.ticks);
-        let cpu = self
-            .before
-            .until(&ctx.snapshot(Some(self.child.pid)), ctx.ticks);
+        let pid = self.child.process().pid();
+        self.watch.sample(pid, ctx.ticks);
+        let cpu = self.before.until(&ctx.snapshot(Some(pid)), ctx.ticks);
         if let Some(p) = self.profiler.take() {
             p.stop().await;
         }
@@ -557,7 +542,11 @@ impl Running {
             None => Value::Null,
         };
         self.watch.stop.store(true, Ordering::Relaxed);
-        let _ = self.child.terminate(Duration::from_secs(15)).await;
+        let _ = self
+            .child
+            .process_mut()
+            .terminate(Duration::from_secs(15))
+            .await;
         (self.watch, cpu, activity)
     }
 }
@@ -576,9 +565,9 @@ async fn settle_providers(ctx: &Ctx, unique: u64, limit: Duration) -> anyhow::Re
             still_since = Instant::now();
         }
         last = now;
-        let all_asked = PER_IP_PROVIDERS
+        let all_asked = PER_ADDRESS
             .iter()
-            .all(|p| last.per_key(p).distinct >= unique);
+            .all(|p| last.per_key(*p).distinct >= unique);
         if (all_asked && still_since.elapsed() >= Duration::from_secs(2))
             || Instant::now() > give_up
         {
@@ -596,13 +585,13 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
     let sizes = &ctx.sizes;
     let (n, unique) = (sizes.ingest_events, sizes.ingest_ips);
     let target = ctx.pg("ingest").await?;
-    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench ingest").await?;
-    let topology = ctx.topology(&bus, "ingest").await?;
+    let bus = ctx.bus("ingest", "enrichd-bench ingest").await?;
+    let topology = bus.topology.clone();
     let addresses = ips(46, unique);
     // Round robin, as the profiler scores every attacker on every tick.
-    let bodies = (0..n).map(|i| amqp::scored_envelope(addresses[i % unique], (i / unique) as u64));
-    bus.publish_all(&topology.exchange, bodies).await?;
-    let (ready, _) = bus.depth(&topology.queue).await?;
+    let bodies = (0..n).map(|i| amqp::scored(addresses[i % unique], (i / unique) as u64));
+    amqp::publish_all(&bus, bodies).await?;
+    let ready = bus.queue_counts(&topology.queue).await?.messages;
     if ready as usize != n {
         bail!("the work queue holds {ready} messages, not {n}");
     }
@@ -629,7 +618,7 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
             None
         } else {
             method = "queue depth";
-            let (ready, _) = bus.depth(&topology.queue).await?;
+            let ready = bus.queue_counts(&topology.queue).await?.messages;
             // Ready messages only: up to one prefetch window is in flight, unseen.
             Some(total - f64::from(ready) - f64::from(PREFETCH))
                 .filter(|_| (ready as usize) < n)
@@ -718,7 +707,7 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
         "VmHWM of enrichd",
     ));
     record_cpu(report, &cpu);
-    report.details["fakes"] = stats.summary();
+    report.details["fakes"] = json!(stats.without_timelines());
     let counters = db::pg_counters(&target).await;
     push_commits(report, &counters, n, "event");
     report.details["database"] = counters;
@@ -733,16 +722,18 @@ pub(crate) async fn ingestion(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow:
 /// naming the address.
 pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
     let target = ctx.pg("latency").await?;
-    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench latency").await?;
-    let topology = ctx.topology(&bus, "latency").await?;
-    let arrivals = amqp::watch_enriched(&bus, &topology.exchange).await?;
+    let bus = ctx.bus("latency", "enrichd-bench latency").await?;
+    let topology = bus.topology.clone();
+    let arrivals = bus.consume_enriched().await?;
     ctx.fakes.reset().await?;
     let mut running = Running::start(ctx, &target, &topology, "latency")?;
-    running.wait_consuming(&bus, &topology.queue).await?;
+    running
+        .child
+        .wait_consuming(&bus, Duration::from_secs(60))
+        .await?;
 
     let paced = Paced {
         bus: &bus,
-        topology: &topology,
         arrivals: &arrivals,
         first_octet: 47,
     };
@@ -757,7 +748,11 @@ pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::R
         "whole run",
     ));
     record_cpu(report, &cpu);
-    report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
+    report.details["fakes"] = ctx
+        .fakes
+        .stats()
+        .await
+        .map_or(Value::Null, |s| json!(s.without_timelines()));
     report.details["database"] = db::pg_counters(&target).await;
     bus.close().await;
     Ok(())
@@ -768,9 +763,9 @@ pub(crate) async fn latency(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::R
 /// database. Its percentiles are what this machine allows any enricher at that rate.
 pub(crate) async fn latency_floor(ctx: &Ctx, report: &mut ScenarioReport) -> anyhow::Result<()> {
     let target = ctx.pg("floor").await?;
-    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench floor driver").await?;
-    let topology = ctx.topology(&bus, "floor").await?;
-    let arrivals = amqp::watch_enriched(&bus, &topology.exchange).await?;
+    let bus = ctx.bus("floor", "enrichd-bench floor driver").await?;
+    let topology = bus.topology.clone();
+    let arrivals = bus.consume_enriched().await?;
     let relay = floor::Relay::start(
         &ctx.amqp_url,
         &target,
@@ -782,7 +777,6 @@ pub(crate) async fn latency_floor(ctx: &Ctx, report: &mut ScenarioReport) -> any
     let before = ctx.snapshot(None);
     let paced = Paced {
         bus: &bus,
-        topology: &topology,
         arrivals: &arrivals,
         first_octet: 48,
     };
@@ -808,9 +802,8 @@ pub(crate) async fn latency_floor(ctx: &Ctx, report: &mut ScenarioReport) -> any
 /// A paced run of new addresses: the warm-up, then [`Sizes::latency_events`] addresses at
 /// [`Sizes::latency_rate`], each timed until its first `attacker.intel.enriched` arrives.
 struct Paced<'a> {
-    bus: &'a Bus,
-    topology: &'a Topology,
-    arrivals: &'a amqp::Arrivals,
+    bus: &'a TestBus,
+    arrivals: &'a Enriched,
     /// Addresses are `first_octet.x.y.z`, distinct per scenario.
     first_octet: u8,
 }
@@ -835,7 +828,7 @@ impl Paced<'_> {
         mut alive: impl FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<Timed> {
         let sizes = &ctx.sizes;
-        let received = || self.arrivals.lock().map_or(0, |m| m.len());
+        let received = || self.arrivals.addresses();
         // Warm-up: pools, the Feodo feed (loaded on first use) and caches, measured apart.
         let total = LATENCY_WARMUP + sizes.latency_events;
         let addresses = ips(self.first_octet, total);
@@ -844,7 +837,7 @@ impl Paced<'_> {
         for (i, ip) in addresses.iter().take(LATENCY_WARMUP).enumerate() {
             tokio::time::sleep_until(warm_started + interval.mul_f64(i as f64)).await;
             self.bus
-                .publish_unconfirmed(&self.topology.exchange, &amqp::scored_envelope(*ip, 0))
+                .publish_unconfirmed(TOPIC_SCORED, &events::body(&amqp::scored(*ip, 0))?)
                 .await?;
         }
         let warm_deadline = Instant::now() + Duration::from_secs(90);
@@ -864,11 +857,9 @@ impl Paced<'_> {
         for (i, ip) in addresses.iter().enumerate().skip(LATENCY_WARMUP) {
             let due = start + interval.mul_f64((i - LATENCY_WARMUP) as f64);
             tokio::time::sleep_until(due).await;
-            let body = amqp::scored_envelope(*ip, 0);
+            let body = events::body(&amqp::scored(*ip, 0))?;
             let at = Instant::now();
-            self.bus
-                .publish_unconfirmed(&self.topology.exchange, &body)
-                .await?;
+            self.bus.publish_unconfirmed(TOPIC_SCORED, &body).await?;
             sent.push((ip.to_string(), at));
         }
         let publish_secs = start.elapsed().as_secs_f64();
@@ -880,10 +871,7 @@ impl Paced<'_> {
         let cut = Instant::now();
         // An address still waiting counts with its wait so far: the percentiles are then
         // lower bounds, and the figure is marked incomplete.
-        let map = self
-            .arrivals
-            .lock()
-            .map_err(|_| anyhow::anyhow!("arrival map poisoned"))?;
+        let map = self.arrivals.first_arrivals();
         let mut missing = 0usize;
         let mut latencies: Vec<f64> = sent
             .iter()
@@ -994,18 +982,18 @@ pub(crate) async fn memory(
 ) -> anyhow::Result<()> {
     let n = ctx.sizes.rss_ips;
     let target = ctx.pg("rss").await?;
-    let bus = Bus::connect(&ctx.amqp_url, "enrichd-bench rss").await?;
-    let topology = ctx.topology(&bus, "rss").await?;
+    let bus = ctx.bus("rss", "enrichd-bench rss").await?;
+    let topology = bus.topology.clone();
     ctx.fakes.reset().await?;
     let mut running = Running::start(ctx, &target, &topology, "rss")?;
-    running.wait_consuming(&bus, &topology.queue).await?;
+    running
+        .child
+        .wait_consuming(&bus, Duration::from_secs(60))
+        .await?;
     let started = Instant::now();
     let give_up = started + limit;
     let addresses = ips(49, n);
-    let publish = bus.publish_all(
-        &topology.exchange,
-        addresses.iter().map(|ip| amqp::scored_envelope(*ip, 0)),
-    );
+    let publish = amqp::publish_all(&bus, addresses.iter().map(|ip| amqp::scored(*ip, 0)));
     let publish_rate = tokio::time::timeout(limit, publish)
         .await
         .context("publishing did not finish within the cap")??;
@@ -1021,15 +1009,17 @@ pub(crate) async fn memory(
             Some(a) => a >= total,
             // Without metrics, an empty work queue means every event was delivered.
             None => bus
-                .depth(&topology.queue)
+                .queue_counts(&topology.queue)
                 .await
-                .is_ok_and(|(ready, _)| ready == 0),
+                .is_ok_and(|counts| counts.messages == 0),
         };
         if seen_all && all_acked_at.is_none() {
             all_acked_at = Some((started.elapsed().as_secs_f64(), running.watch.hwm_mib()));
         }
         let intel = db::scalar_i64(&conn, "SELECT COUNT(*) FROM attacker_intel").await?;
-        running.watch.sample(running.child.pid, ctx.ticks);
+        running
+            .watch
+            .sample(running.child.process().pid(), ctx.ticks);
         series.push((
             round3(started.elapsed().as_secs_f64()),
             acked.unwrap_or(intel as f64),
@@ -1091,7 +1081,11 @@ pub(crate) async fn memory(
         "whole run",
     ));
     record_cpu(report, &cpu);
-    report.details["fakes"] = ctx.fakes.stats().await.map_or(Value::Null, |s| s.summary());
+    report.details["fakes"] = ctx
+        .fakes
+        .stats()
+        .await
+        .map_or(Value::Null, |s| json!(s.without_timelines()));
     let counters = db::pg_counters(&target).await;
     push_commits(
         report,

@@ -5,7 +5,7 @@
 //! would make "every attacker ends with the providers that answered" depend on timing; the
 //! feed's failure handling has its own tests in `enrichd-intel`.
 
-use crate::world::Provider;
+use enrichd_core::ProviderId;
 
 /// A fault the fake answers with instead of the provider's normal answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +29,8 @@ pub struct FaultPlan {
 
 impl FaultPlan {
     /// The fault for the `attempt`-th request (0-based) of `provider` about `ip`, if any.
-    pub fn decide(&self, provider: Provider, ip: &str, attempt: u32) -> Option<Fault> {
-        if provider == Provider::Feodo {
+    pub fn decide(&self, provider: ProviderId, ip: &str, attempt: u32) -> Option<Fault> {
+        if provider == ProviderId::Feodo {
             return None;
         }
         let h = mix(self.seed
@@ -71,7 +71,7 @@ mod tests {
     #[test]
     fn no_rates_means_no_faults() {
         let plan = FaultPlan::default();
-        assert!((0..1000).all(|a| plan.decide(Provider::Greynoise, "45.1.2.3", a).is_none()));
+        assert!((0..1000).all(|a| plan.decide(ProviderId::Greynoise, "45.1.2.3", a).is_none()));
     }
 
     #[test]
@@ -84,7 +84,7 @@ mod tests {
         let decisions: Vec<_> = (0..20_000u32)
             .map(|i| {
                 plan.decide(
-                    Provider::Abuseipdb,
+                    ProviderId::Abuseipdb,
                     &format!("45.0.{}.{}", i / 256, i % 256),
                     0,
                 )
@@ -103,7 +103,7 @@ mod tests {
         let again: Vec<_> = (0..20_000u32)
             .map(|i| {
                 plan.decide(
-                    Provider::Abuseipdb,
+                    ProviderId::Abuseipdb,
                     &format!("45.0.{}.{}", i / 256, i % 256),
                     0,
                 )
@@ -120,12 +120,12 @@ mod tests {
             seed: 1,
         };
         let attempts: Vec<_> = (0..64)
-            .map(|a| plan.decide(Provider::Threatfox, "45.9.9.9", a))
+            .map(|a| plan.decide(ProviderId::Threatfox, "45.9.9.9", a))
             .collect();
         assert!(attempts.contains(&None) && attempts.contains(&Some(Fault::ServerError)));
         let other = FaultPlan { seed: 2, ..plan };
         let other_attempts: Vec<_> = (0..64)
-            .map(|a| other.decide(Provider::Threatfox, "45.9.9.9", a))
+            .map(|a| other.decide(ProviderId::Threatfox, "45.9.9.9", a))
             .collect();
         assert_ne!(attempts, other_attempts);
     }
@@ -137,9 +137,9 @@ mod tests {
             rate_limit_rate: 0.0,
             seed: 0,
         };
-        assert_eq!(plan.decide(Provider::Feodo, "feed", 0), None);
+        assert_eq!(plan.decide(ProviderId::Feodo, "feed", 0), None);
         assert_eq!(
-            plan.decide(Provider::Greynoise, "45.1.1.1", 0),
+            plan.decide(ProviderId::Greynoise, "45.1.1.1", 0),
             Some(Fault::ServerError)
         );
     }

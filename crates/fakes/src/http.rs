@@ -1,5 +1,6 @@
-//! The HTTP/1.1 side: keep-alive connections, each request parsed with `httparse`, routed to a
-//! provider's fake (with latency and faults) or to the admin endpoints.
+//! The HTTP side: what each request gets. The server is testkit's (`HttpServer`, keep-alive,
+//! no recording); this module routes a request to a provider's fake (with latency and faults)
+//! or to the admin endpoints.
 //!
 //! | route | what |
 //! |---|---|
@@ -10,211 +11,19 @@
 //! | `GET /_stats`, `GET /_log`, `POST /_reset`, `GET /_health` | admin (no latency, no faults) |
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use enrichd_core::ProviderId;
+use enrichd_testkit::http::{Request, Response, percent_decode};
+use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::Shared;
 use crate::faults::Fault;
-use crate::world::{self, Answer, Provider};
+use crate::world::{self, Answer};
 
-/// Largest request head we read.
-const MAX_HEAD: usize = 64 * 1024;
-/// Largest request body we read.
-const MAX_BODY: usize = 1024 * 1024;
-
-/// Accepts connections until the listener fails for good.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, Arc::clone(&shared)));
-            }
-            // Out of file descriptors and the like: back off a little instead of spinning.
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-}
-
-/// One parsed request, owning what routing needs.
-#[derive(Debug)]
-struct Request {
-    method: String,
-    target: String,
-    if_none_match: Option<String>,
-    body: Vec<u8>,
-    close: bool,
-}
-
-enum Parsed {
-    Complete(Request, usize),
-    Partial,
-    Bad(u16),
-}
-
-fn parse(buf: &[u8]) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
-    let mut req = httparse::Request::new(&mut headers);
-    let head = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            return if buf.len() > MAX_HEAD {
-                Parsed::Bad(431)
-            } else {
-                Parsed::Partial
-            };
-        }
-        Err(_) => return Parsed::Bad(400),
-    };
-    let mut content_length = 0usize;
-    let mut if_none_match = None;
-    let mut close = req.version == Some(0);
-    for h in req.headers.iter() {
-        let value = String::from_utf8_lossy(h.value);
-        if h.name.eq_ignore_ascii_case("content-length") {
-            match value.trim().parse::<usize>() {
-                Ok(n) if n <= MAX_BODY => content_length = n,
-                Ok(_) => return Parsed::Bad(413),
-                Err(_) => return Parsed::Bad(400),
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Nothing enrichd sends is chunked; refuse rather than misread the stream.
-            return Parsed::Bad(501);
-        } else if h.name.eq_ignore_ascii_case("if-none-match") {
-            if_none_match = Some(value.into_owned());
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            close = value.eq_ignore_ascii_case("close");
-        }
-    }
-    let total = head + content_length;
-    if buf.len() < total {
-        return Parsed::Partial;
-    }
-    Parsed::Complete(
-        Request {
-            method: req.method.unwrap_or_default().to_owned(),
-            target: req.path.unwrap_or_default().to_owned(),
-            if_none_match,
-            body: buf[head..total].to_vec(),
-            close,
-        },
-        total,
-    )
-}
-
-async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut out: Vec<u8> = Vec::with_capacity(4096);
-    loop {
-        match parse(&buf) {
-            Parsed::Complete(request, consumed) => {
-                buf.drain(..consumed);
-                let answer = respond(&request, &shared).await;
-                out.clear();
-                encode(&answer, request.close, &mut out);
-                if stream.write_all(&out).await.is_err() || request.close {
-                    return;
-                }
-            }
-            Parsed::Partial => match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            },
-            Parsed::Bad(status) => {
-                out.clear();
-                encode(
-                    &Answer::json(status, &json!({"error": "bad request"})),
-                    true,
-                    &mut out,
-                );
-                let _ = stream.write_all(&out).await;
-                return;
-            }
-        }
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        _ => "Status",
-    }
-}
-
-fn encode(answer: &Answer, close: bool, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        answer.status,
-        reason(answer.status)
-    );
-    if answer.status != 304 {
-        let _ = write!(
-            out,
-            "content-type: application/json\r\ncontent-length: {}\r\n",
-            answer.body.len()
-        );
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    for (name, value) in &answer.headers {
-        let _ = write!(out, "{name}: {value}\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&answer.body);
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-/// Which provider a request is for, and the key it is counted under.
-fn provider_route(request: &Request) -> Option<Result<(Provider, String), u16>> {
-    let (path, query) = request
-        .target
-        .split_once('?')
-        .unwrap_or((request.target.as_str(), ""));
+/// Which provider a request is for, and the key it is counted under; `Err` is the status of
+/// a provider route asked with the wrong method.
+fn provider_route(request: &Request) -> Option<Result<(ProviderId, String), u16>> {
     let method = |expected: &str| {
         if request.method == expected {
             Ok(())
@@ -222,14 +31,14 @@ fn provider_route(request: &Request) -> Option<Result<(Provider, String), u16>> 
             Err(405)
         }
     };
-    if let Some(ip) = path.strip_prefix("/v3/community/") {
-        return Some(method("GET").map(|()| (Provider::Greynoise, percent_decode(ip))));
+    if let Some(ip) = request.path.strip_prefix("/v3/community/") {
+        return Some(method("GET").map(|()| (ProviderId::Greynoise, percent_decode(ip))));
     }
-    match path {
+    match request.path.as_str() {
         "/api/v2/check" => Some(method("GET").map(|()| {
             (
-                Provider::Abuseipdb,
-                query_param(query, "ipAddress").unwrap_or_default(),
+                ProviderId::Abuseipdb,
+                request.query_param("ipAddress").unwrap_or_default(),
             )
         })),
         "/api/v1/" | "/api/v1" => Some(method("POST").map(|()| {
@@ -241,10 +50,10 @@ fn provider_route(request: &Request) -> Option<Result<(Provider, String), u16>> 
                         .map(str::to_owned)
                 })
                 .unwrap_or_default();
-            (Provider::Threatfox, term)
+            (ProviderId::Threatfox, term)
         })),
         "/downloads/ipblocklist.json" => {
-            Some(method("GET").map(|()| (Provider::Feodo, "feed".to_owned())))
+            Some(method("GET").map(|()| (ProviderId::Feodo, "feed".to_owned())))
         }
         _ => None,
     }
@@ -255,12 +64,12 @@ fn next_utc_midnight_secs() -> u64 {
     now - now % 86_400 + 86_400
 }
 
-fn normal_answer(provider: Provider, key: &str, request: &Request, shared: &Shared) -> Answer {
+fn normal_answer(provider: ProviderId, key: &str, request: &Request, shared: &Shared) -> Answer {
     match provider {
-        Provider::Greynoise => world::greynoise(key),
-        Provider::Abuseipdb => {
+        ProviderId::Greynoise => world::greynoise(key),
+        ProviderId::Abuseipdb => {
             let limit = shared.config.abuseipdb_quota;
-            let used = shared.stats.requests(Provider::Abuseipdb);
+            let used = shared.counters.requests(ProviderId::Abuseipdb);
             world::abuseipdb(
                 key,
                 limit,
@@ -268,28 +77,28 @@ fn normal_answer(provider: Provider, key: &str, request: &Request, shared: &Shar
                 next_utc_midnight_secs(),
             )
         }
-        Provider::Threatfox => {
+        ProviderId::Threatfox => {
             let body = serde_json::from_slice::<Value>(&request.body).unwrap_or(Value::Null);
             world::threatfox(
                 body.get("query").and_then(Value::as_str),
                 body.get("search_term").and_then(Value::as_str),
             )
         }
-        Provider::Feodo => world::feodo(request.if_none_match.as_deref()),
+        ProviderId::Feodo => world::feodo(request.header("if-none-match")),
     }
 }
 
-fn fault_answer(provider: Provider, fault: Fault) -> Answer {
+fn fault_answer(provider: ProviderId, fault: Fault) -> Answer {
     match fault {
         Fault::ServerError => Answer::json(500, &json!({"error": "internal server error"})),
         Fault::RateLimited => {
             let body = match provider {
-                Provider::Greynoise => json!({
+                ProviderId::Greynoise => json!({
                     "plan": "unauthenticated",
                     "rate-limit": "100-lookups/day",
                     "message": "You have hit your rate limit.",
                 }),
-                Provider::Abuseipdb => json!({"errors": [{
+                ProviderId::Abuseipdb => json!({"errors": [{
                     "detail": "Too many requests for this endpoint.",
                     "status": 429,
                 }]}),
@@ -302,77 +111,132 @@ fn fault_answer(provider: Provider, fault: Fault) -> Answer {
     }
 }
 
-async fn respond(request: &Request, shared: &Shared) -> Answer {
-    let (provider, key) = match provider_route(request) {
+/// The answer to one request. A provider's answer is counted as sent after its latency, so a
+/// 429's time in `/_stats` is when it left, as before the server was shared.
+pub(crate) async fn respond(request: Request, shared: Arc<Shared>) -> Response {
+    let (provider, key) = match provider_route(&request) {
         Some(Ok(route)) => route,
-        Some(Err(status)) => return Answer::json(status, &json!({"error": "method not allowed"})),
-        None => return admin(request, shared),
+        Some(Err(status)) => {
+            return into_response(&Answer::json(
+                status,
+                &json!({"error": "method not allowed"}),
+            ));
+        }
+        None => return into_response(&admin(&request, &shared)),
     };
-    let arrival = shared.stats.arrive(provider, &key);
+    let arrival = shared.counters.arrive(provider, &key);
     let answer = match shared.config.faults.decide(provider, &key, arrival.attempt) {
         Some(fault) => fault_answer(provider, fault),
-        None => normal_answer(provider, &key, request, shared),
+        None => normal_answer(provider, &key, &request, &shared),
     };
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }
-    shared.stats.answered(provider, arrival, answer.status);
-    answer
+    shared.counters.answered(provider, arrival, answer.status);
+    into_response(&answer)
 }
 
 fn admin(request: &Request, shared: &Shared) -> Answer {
-    let path = request.target.split('?').next().unwrap_or_default();
-    match (request.method.as_str(), path) {
+    match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/_health") => Answer::json(200, &json!({"ok": true})),
-        ("GET", "/_stats") => Answer::json(200, &shared.stats.to_json()),
-        ("GET", "/_log") => Answer::json(200, &shared.stats.log_json()),
+        ("GET", "/_stats") => document(&shared.counters.snapshot()),
+        ("GET", "/_log") => document(&shared.counters.request_log()),
         ("POST", "/_reset") => {
-            shared.stats.reset();
+            shared.counters.reset();
             Answer::json(200, &json!({"reset": true}))
         }
         _ => Answer::json(404, &json!({"error": "no such route"})),
     }
 }
 
+/// A counters document as a 200, or a 500 saying it could not be written.
+fn document(doc: &impl Serialize) -> Answer {
+    match serde_json::to_value(doc) {
+        Ok(value) => Answer::json(200, &value),
+        Err(e) => Answer::json(500, &json!({"error": e.to_string()})),
+    }
+}
+
+/// The server's response for a world answer: JSON unless it is a 304, which has no content.
+fn into_response(answer: &Answer) -> Response {
+    let mut response = Response::status(answer.status);
+    if answer.status != 304 {
+        response = response.header("content-type", "application/json");
+    }
+    for (name, value) in &answer.headers {
+        response = response.header(name, value);
+    }
+    response.body(answer.body.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use enrichd_testkit::http::Body;
 
-    #[test]
-    fn requests_parse_with_bodies_and_keep_alive() {
-        let raw = b"POST /api/v1/ HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhelloGET /_health HTTP/1.1\r\n\r\n";
-        let Parsed::Complete(first, used) = parse(raw) else {
-            panic!("first request")
+    fn request(method: &str, target: &str, body: &[u8]) -> Request {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+            None => (target.to_owned(), None),
         };
-        assert_eq!(first.method, "POST");
-        assert_eq!(first.body, b"hello");
-        assert!(!first.close);
-        let Parsed::Complete(second, _) = parse(&raw[used..]) else {
-            panic!("second request")
-        };
-        assert_eq!(second.target, "/_health");
-        assert!(matches!(parse(b"GET / HTTP/1.1\r\nhost"), Parsed::Partial));
-        assert!(matches!(
-            parse(b"POST / HTTP/1.1\r\ncontent-length: 9\r\n\r\nabc"),
-            Parsed::Partial
-        ));
-        assert!(matches!(
-            parse(b"\x01\x02 nonsense\r\n\r\n"),
-            Parsed::Bad(400)
-        ));
+        Request {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            path,
+            query,
+            headers: Vec::new(),
+            body: body.to_vec(),
+        }
     }
 
     #[test]
-    fn query_values_are_percent_decoded() {
+    fn every_provider_route_names_its_key() {
+        let route = |method: &str, target: &str, body: &[u8]| {
+            provider_route(&request(method, target, body))
+        };
         assert_eq!(
-            query_param(
-                "ipAddress=2001%3Adb8%3A%3A1&maxAgeInDays=30&verbose",
-                "ipAddress"
-            ),
-            Some("2001:db8::1".to_owned())
+            route("GET", "/v3/community/45.1.2.3", b""),
+            Some(Ok((ProviderId::Greynoise, "45.1.2.3".to_owned())))
         );
-        assert_eq!(query_param("verbose", "verbose"), Some(String::new()));
-        assert_eq!(percent_decode("50%"), "50%");
-        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(
+            route(
+                "GET",
+                "/api/v2/check?ipAddress=2001%3Adb8%3A%3A1&verbose",
+                b""
+            ),
+            Some(Ok((ProviderId::Abuseipdb, "2001:db8::1".to_owned())))
+        );
+        assert_eq!(
+            route(
+                "POST",
+                "/api/v1/",
+                br#"{"query":"search_ioc","search_term":"45.1.2.4"}"#
+            ),
+            Some(Ok((ProviderId::Threatfox, "45.1.2.4".to_owned())))
+        );
+        assert_eq!(
+            route("GET", "/downloads/ipblocklist.json", b""),
+            Some(Ok((ProviderId::Feodo, "feed".to_owned())))
+        );
+        assert_eq!(route("POST", "/v3/community/45.1.2.3", b""), Some(Err(405)));
+        assert_eq!(route("GET", "/_stats", b""), None);
+    }
+
+    #[test]
+    fn a_not_modified_feed_is_sent_without_content() {
+        let response = into_response(&world::feodo(Some(world::FEODO_ETAG)));
+        assert_eq!(response.status, 304);
+        assert!(
+            !response
+                .headers
+                .iter()
+                .any(|(name, _)| name == "content-type")
+        );
+        assert!(matches!(&response.body, Body::Bytes(b) if b.is_empty()));
+        let full = into_response(&world::feodo(None));
+        assert!(
+            full.headers
+                .contains(&("content-type".to_owned(), "application/json".to_owned()))
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The shared fake world for process-level tests and benchmarks.
 //!
 //! One loopback HTTP port speaks all four providers' wire contracts (SPEC §7) and one loopback
-//! UDP port answers every PTR query. Answers are a pure function of the address ([`world`]);
+//! UDP port answers every PTR query; both servers are `enrichd-testkit`'s, so the fake world
+//! adds only what the providers answer. Answers are a pure function of the address ([`world`]);
 //! faults (500, 429) are a pure function of `(seed, provider, ip, attempt#)` ([`faults`]);
 //! every request is counted per provider and per `(provider, ip)` with its arrival time
 //! ([`stats`]), so a test can check "one call per (IP, provider)" or "no 10-second window
@@ -10,25 +11,26 @@
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! let fakes = enrichd_fakes::start(enrichd_fakes::FakeConfig::default()).await?;
-//! println!("{}", fakes.banner()); // {"http":"127.0.0.1:PORT","dns":"127.0.0.1:PORT"}
+//! let banner = fakes.banner(); // {"http":"127.0.0.1:PORT","dns":"127.0.0.1:PORT"}
+//! println!("{}", serde_json::to_string(&banner)?);
 //! # Ok(()) }
 //! ```
 
-pub mod dns;
 pub mod faults;
-pub mod http;
+mod http;
 pub mod stats;
 pub mod world;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::task::JoinHandle;
+use enrichd_testkit::dns::DnsServer;
+use enrichd_testkit::http::HttpServer;
+use serde::{Deserialize, Serialize};
 
 pub use faults::FaultPlan;
-pub use stats::Stats;
+pub use stats::{Counters, Stats};
 
 /// How the fake world behaves.
 #[derive(Debug, Clone, Default)]
@@ -55,59 +57,63 @@ impl FakeConfig {
     }
 }
 
-/// Everything a running server shares between connections.
+/// Everything the HTTP handler shares between requests.
 #[derive(Debug)]
 pub struct Shared {
     /// The configuration it was started with.
     pub config: FakeConfig,
     /// Counters.
-    pub stats: Stats,
+    pub counters: Counters,
+}
+
+/// The one line the binary prints at start, `{"http":"127.0.0.1:PORT","dns":"127.0.0.1:PORT"}`:
+/// what a tool reads to find the fake world. Written and read with this one type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Banner {
+    /// The HTTP address: every provider's base URL is `http://` + this.
+    pub http: SocketAddr,
+    /// The DNS address (UDP).
+    pub dns: SocketAddr,
 }
 
 /// A running fake world; the servers stop when this is dropped.
 #[derive(Debug)]
 pub struct RunningFakes {
-    http: SocketAddr,
-    dns: SocketAddr,
+    http: HttpServer,
+    dns: DnsServer,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningFakes {
     /// The HTTP address (`127.0.0.1:PORT`): every provider's base URL is `http://` + this.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http
+        self.http.addr()
     }
 
     /// The DNS address (`127.0.0.1:PORT`, UDP).
     pub fn dns_addr(&self) -> SocketAddr {
-        self.dns
+        self.dns.addr()
     }
 
-    /// The one line printed at start: `{"http":"127.0.0.1:PORT","dns":"127.0.0.1:PORT"}`.
-    pub fn banner(&self) -> String {
-        // Written by hand so the keys keep the documented order.
-        format!(r#"{{"http":"{}","dns":"{}"}}"#, self.http, self.dns)
+    /// Where both servers listen.
+    pub fn banner(&self) -> Banner {
+        Banner {
+            http: self.http_addr(),
+            dns: self.dns_addr(),
+        }
     }
 
     /// The live counters.
-    pub fn stats(&self) -> &Stats {
-        &self.shared.stats
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
     }
 
-    /// Serves until both servers stop (they stop only on a fatal socket error).
-    pub async fn wait(mut self) {
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for RunningFakes {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+    /// Serves until the process ends: both servers run until this value is dropped, and
+    /// nothing here drops it.
+    pub async fn wait(self) {
+        let _servers = self;
+        std::future::pending::<()>().await;
     }
 }
 
@@ -116,22 +122,20 @@ impl Drop for RunningFakes {
 /// # Errors
 /// When a port cannot be bound.
 pub async fn start(config: FakeConfig) -> std::io::Result<RunningFakes> {
-    let listener = TcpListener::bind(("127.0.0.1", config.http_port)).await?;
-    let socket = UdpSocket::bind(("127.0.0.1", config.dns_port)).await?;
-    let http = listener.local_addr()?;
-    let dns = socket.local_addr()?;
+    let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let dns = DnsServer::bind(loopback(config.dns_port), world::zone())?;
+    let http_addr = loopback(config.http_port);
     let shared = Arc::new(Shared {
         config,
-        stats: Stats::default(),
+        counters: Counters::new(dns.query_counter()),
     });
-    let tasks = vec![
-        tokio::spawn(http::serve(listener, Arc::clone(&shared))),
-        tokio::spawn(dns::serve(socket, Arc::clone(&shared))),
-    ];
-    Ok(RunningFakes {
-        http,
-        dns,
-        shared,
-        tasks,
-    })
+    let handler_shared = Arc::clone(&shared);
+    // Recording off: a benchmark sends millions of requests, and the counters keep what the
+    // tools read.
+    let http = HttpServer::builder()
+        .addr(http_addr)
+        .without_recording()
+        .serve_async(move |request| http::respond(request, Arc::clone(&handler_shared)))
+        .await?;
+    Ok(RunningFakes { http, dns, shared })
 }

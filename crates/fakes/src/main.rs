@@ -75,15 +75,20 @@ async fn main() -> ExitCode {
         },
         abuseipdb_quota: cli.abuseipdb_quota,
     };
-    match enrichd_fakes::start(config).await {
-        Ok(fakes) => {
-            println!("{}", fakes.banner());
-            fakes.wait().await;
-            ExitCode::SUCCESS
-        }
+    let fakes = match enrichd_fakes::start(config).await {
+        Ok(fakes) => fakes,
         Err(e) => {
             eprintln!("error: cannot bind: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_json::to_string(&fakes.banner()) {
+        Ok(banner) => println!("{banner}"),
+        Err(e) => {
+            eprintln!("error: cannot write the banner: {e}");
+            return ExitCode::FAILURE;
         }
     }
+    fakes.wait().await;
+    ExitCode::SUCCESS
 }

@@ -9,10 +9,12 @@
 //! | feodo | one fixed feed: the fixture's two addresses plus `45.155.205.1` – `45.155.205.32` |
 //!
 //! Reverse DNS: every address has the PTR name `h-45-155-205-233.fake.test.` (IPv6:
-//! `h6-<32 hex nibbles>.fake.test.`), whose A/AAAA record points back at the address.
+//! `h6-<32 hex nibbles>.fake.test.`), whose A/AAAA record points back at the address
+//! ([`zone`]).
 
 use std::net::IpAddr;
 
+use enrichd_testkit::dns::Zone;
 use serde_json::{Value, json};
 
 /// `X-RateLimit-Limit` the fake AbuseIPDB reports by default: high enough that no benchmark
@@ -23,44 +25,6 @@ pub const DEFAULT_ABUSEIPDB_QUOTA: u64 = 1_000_000;
 pub const FEODO_ETAG: &str = "\"enrichd-fakes-feodo-1\"";
 /// Its `Last-Modified`.
 pub const FEODO_LAST_MODIFIED: &str = "Mon, 23 Nov 2026 00:00:00 GMT";
-
-/// The four providers, in the contract's order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Provider {
-    /// GreyNoise community API.
-    Greynoise,
-    /// AbuseIPDB check.
-    Abuseipdb,
-    /// Feodo Tracker feed.
-    Feodo,
-    /// ThreatFox search.
-    Threatfox,
-}
-
-impl Provider {
-    /// All four, in order.
-    pub const ALL: [Self; 4] = [
-        Self::Greynoise,
-        Self::Abuseipdb,
-        Self::Feodo,
-        Self::Threatfox,
-    ];
-
-    /// The provider id as enrichd spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Greynoise => "greynoise",
-            Self::Abuseipdb => "abuseipdb",
-            Self::Feodo => "feodo",
-            Self::Threatfox => "threatfox",
-        }
-    }
-
-    /// Index into per-provider arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
 
 /// An answer: status, extra headers, JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -290,6 +254,17 @@ pub fn feodo(if_none_match: Option<&str>) -> Answer {
     Answer::json(200, &Value::Array(entries))
         .header("etag", FEODO_ETAG)
         .header("last-modified", FEODO_LAST_MODIFIED)
+}
+
+/// TTL of every synthetic DNS record.
+pub const DNS_TTL: u32 = 3600;
+
+/// The DNS the fake world serves: a PTR for every address ([`ptr_name`]), an A or AAAA record
+/// for every such name ([`forward`]), NXDOMAIN for anything else, under `fake.test.`.
+pub fn zone() -> Zone {
+    Zone::new()
+        .every_address(ptr_name, forward, DNS_TTL)
+        .authority("fake.test.")
 }
 
 /// The synthetic PTR name of `ip` (fully qualified, trailing dot).

@@ -7,68 +7,39 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use enrichd_core::ports::{IntelProvider, PtrResolver};
 use enrichd_core::{CanonicalIp, ProviderId, ProviderOutcome, PtrOutcome, Secret};
 use enrichd_dns::{DnsConfig, HickoryPtrResolver};
+use enrichd_harness::fakes::{Fakes, FakesOptions, PerKey};
 use enrichd_intel::{AbuseIpdb, Feodo, FeodoConfig, GreyNoise, ProviderConfig, ThreatFox};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The running binary; killed when dropped.
-struct Fakes {
-    child: Child,
-    http: SocketAddr,
-    dns: SocketAddr,
+fn log(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "enrichd-fakes-test-{name}-{}.log",
+        std::process::id()
+    ))
 }
 
-impl Drop for Fakes {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Fakes {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_enrichd-fakes"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let banner: Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(banner.as_object().unwrap().len(), 2, "{line}");
-    Fakes {
-        http: banner["http"].as_str().unwrap().parse().unwrap(),
-        dns: banner["dns"].as_str().unwrap().parse().unwrap(),
-        child,
-    }
-}
-
-async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+/// The binary as the tools start it: banner read (it names exactly its two ports, or the
+/// start fails) and `/_health` answered.
+async fn spawn(name: &str, options: FakesOptions) -> Fakes {
+    Fakes::start(
+        Path::new(env!("CARGO_BIN_EXE_enrichd-fakes")),
+        options,
+        &log(name),
+    )
+    .await
+    .unwrap()
 }
 
 fn config(provider: ProviderId, fakes: &Fakes) -> ProviderConfig {
     ProviderConfig::defaults(provider)
-        .with_base_url(format!("http://{}", fakes.http))
+        .with_base_url(fakes.base_url())
         .with_api_key(Some(Secret::new("fake-key")))
         .with_timeout(Duration::from_secs(5))
 }
@@ -80,7 +51,7 @@ fn ip(text: &str) -> CanonicalIp {
 #[tokio::test]
 async fn enrichd_providers_and_resolver_understand_the_fake_world() {
     enrichd_intel::install_crypto_provider();
-    let fakes = spawn(&[]);
+    let fakes = spawn("world", FakesOptions::default()).await;
     let ips: Vec<String> = (1..=40).map(|i| format!("45.77.{}.{}", i % 7, i)).collect();
 
     let greynoise = GreyNoise::new(&config(ProviderId::Greynoise, &fakes)).unwrap();
@@ -122,7 +93,7 @@ async fn enrichd_providers_and_resolver_understand_the_fake_world() {
     );
 
     let resolver = HickoryPtrResolver::new(&DnsConfig {
-        servers: vec![fakes.dns],
+        servers: vec![fakes.dns_addr()],
         timeout: Duration::from_secs(2),
         concurrency: 4,
         fcrdns: true,
@@ -134,37 +105,47 @@ async fn enrichd_providers_and_resolver_understand_the_fake_world() {
     assert_eq!(ptr.record_ttl, Some(Duration::from_secs(3600)));
     assert_eq!(ptr.forward_confirmed, Some(true));
 
-    let (status, counters) = request(fakes.http, "GET", "/_stats").await;
-    assert_eq!(status, 200);
-    for provider in ["greynoise", "abuseipdb", "threatfox"] {
-        assert_eq!(counters["requests"][provider], 40, "{provider}");
+    let counters = fakes.stats().await.unwrap();
+    for provider in enrichd_harness::enrichd::PER_ADDRESS {
+        assert_eq!(counters.requests(provider), 40, "{provider}");
         assert_eq!(
-            counters["per_key"][provider],
-            serde_json::json!({"distinct": 40, "max_per_key": 1, "total": 40}),
+            counters.per_key(provider),
+            PerKey {
+                distinct: 40,
+                max_per_key: 1,
+                total: 40
+            },
             "{provider}"
         );
-        assert_eq!(counters["timeline"][provider].as_array().unwrap().len(), 40);
+        assert_eq!(counters.timeline(provider).len(), 40);
     }
-    assert_eq!(counters["requests"]["feodo"], 2, "feodo counts downloads");
-    assert!(counters["dns"]["queries"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        counters.requests(ProviderId::Feodo),
+        2,
+        "feodo counts downloads"
+    );
+    assert!(counters.dns.queries >= 2);
 
-    assert_eq!(request(fakes.http, "POST", "/_reset").await.0, 200);
-    let (_, counters) = request(fakes.http, "GET", "/_stats").await;
-    assert_eq!(counters["requests"]["greynoise"], 0);
-    assert_eq!(request(fakes.http, "GET", "/_health").await.0, 200);
+    fakes.reset().await.unwrap();
+    let counters = fakes.stats().await.unwrap();
+    assert_eq!(counters.requests(ProviderId::Greynoise), 0);
+    assert_eq!(counters.dns.queries, 0, "the DNS count is reset too");
+    assert_eq!(fakes.get("/_health").await.unwrap().status, 200);
 }
 
 #[tokio::test]
 async fn faults_answer_500_and_429_and_are_counted() {
     enrichd_intel::install_crypto_provider();
-    let fakes = spawn(&[
-        "--error-rate",
-        "0.5",
-        "--rate-limit-rate",
-        "0.5",
-        "--seed",
-        "3",
-    ]);
+    let fakes = spawn(
+        "faults",
+        FakesOptions {
+            error_rate: 0.5,
+            rate_limit_rate: 0.5,
+            seed: 3,
+            ..FakesOptions::default()
+        },
+    )
+    .await;
     let greynoise = GreyNoise::new(&config(ProviderId::Greynoise, &fakes)).unwrap();
     for i in 1..=30 {
         let answer = greynoise.lookup(ip(&format!("45.78.0.{i}"))).await;
@@ -173,20 +154,16 @@ async fn faults_answer_500_and_429_and_are_counted() {
             "every answer is a fault: {answer:?}"
         );
     }
-    let (_, counters) = request(fakes.http, "GET", "/_stats").await;
-    let limited = counters["rate_limited"]["greynoise"]
-        .as_array()
-        .unwrap()
-        .len();
-    let errors = counters["errors"]["greynoise"].as_u64().unwrap();
+    let counters = fakes.stats().await.unwrap();
+    let limited = counters.rate_limited(ProviderId::Greynoise).len();
+    let errors = counters.errors["greynoise"];
     assert_eq!(limited as u64 + errors, 30);
     assert!(limited > 5 && errors > 5, "429s {limited}, 500s {errors}");
-    let (_, log) = request(fakes.http, "GET", "/_log").await;
-    let statuses: Vec<u64> = log["greynoise"]
-        .as_array()
-        .unwrap()
+    let log = fakes.request_log().await.unwrap();
+    let statuses: Vec<u16> = log
+        .entries(ProviderId::Greynoise)
         .iter()
-        .map(|e| e[2].as_u64().unwrap())
+        .map(enrichd_harness::fakes::LogEntry::status)
         .collect();
     assert!(
         statuses.iter().all(|s| *s == 500 || *s == 429),
@@ -196,8 +173,17 @@ async fn faults_answer_500_and_429_and_are_counted() {
 
 #[tokio::test]
 async fn connections_are_kept_alive_and_latency_is_added() {
-    let fakes = spawn(&["--latency-ms", "150"]);
-    let mut stream = tokio::net::TcpStream::connect(fakes.http).await.unwrap();
+    let fakes = spawn(
+        "latency",
+        FakesOptions {
+            latency_ms: 150,
+            ..FakesOptions::default()
+        },
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(fakes.http_addr())
+        .await
+        .unwrap();
     let started = tokio::time::Instant::now();
     let two = "GET /v3/community/45.79.0.1 HTTP/1.1\r\nhost: x\r\n\r\nGET /v3/community/45.79.0.2 HTTP/1.1\r\nhost: x\r\n\r\n";
     stream.write_all(two.as_bytes()).await.unwrap();
@@ -211,8 +197,8 @@ async fn connections_are_kept_alive_and_latency_is_added() {
         seen.extend_from_slice(&buf[..n]);
     }
     assert!(started.elapsed() >= Duration::from_millis(300));
-    let (_, counters) = request(fakes.http, "GET", "/_stats").await;
-    assert_eq!(counters["requests"]["greynoise"], 2);
+    let counters = fakes.stats().await.unwrap();
+    assert_eq!(counters.requests(ProviderId::Greynoise), 2);
 }
 
 #[test]

@@ -23,7 +23,6 @@
 )]
 
 mod pg;
-mod procs;
 mod rabbit;
 mod report;
 mod scenarios;
@@ -35,6 +34,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
+use enrichd_harness::binary::sibling_or;
 use tokio::time::Instant;
 
 use crate::report::Report;
@@ -72,23 +72,9 @@ fn key_value(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("where is this binary")?;
-    Ok(exe
-        .parent()
-        .context("this binary has no directory")?
-        .join(name))
-}
-
 fn context(cli: &Cli) -> Result<Ctx> {
-    let enrichd = match &cli.enrichd {
-        Some(path) => path.clone(),
-        None => sibling("enrichd")?,
-    };
-    let fakes = match &cli.fakes {
-        Some(path) => path.clone(),
-        None => sibling("enrichd-fakes")?,
-    };
+    let enrichd = sibling_or(cli.enrichd.as_deref(), "enrichd")?;
+    let fakes = sibling_or(cli.fakes.as_deref(), "enrichd-fakes")?;
     for (what, path) in [("enrichd", &enrichd), ("enrichd-fakes", &fakes)] {
         if !path.is_file() {
             bail!(

@@ -1,14 +1,11 @@
-//! RabbitMQ: a fresh vhost per scenario (`rabbitmqctl`), the topology declared exactly as the
-//! replicas declare it (so events published before they consume are routed), confirmed
-//! publishing of `attacker.scored` envelopes, and queue and consumer counts for the checks.
+//! RabbitMQ through `rabbitmqctl`: a fresh vhost per scenario, and queue and consumer counts
+//! for the checks. A subprocess per call survives broker restarts by construction, and counts
+//! what a client cannot see (unacknowledged messages, consumer tags).
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use enrichd_bus::Topology;
-use enrichd_bus::publish::{Outgoing, Publisher};
-use enrichd_core::Secret;
-use futures::StreamExt;
 
 use crate::services::run;
 
@@ -16,6 +13,11 @@ use crate::services::run;
 pub(crate) const EXCHANGE: &str = "decnet";
 /// The shared work queue.
 pub(crate) const QUEUE: &str = "enrich.attackers";
+
+/// The replicas' topology: the default names, isolated by the vhost.
+pub(crate) fn topology() -> Topology {
+    Topology::new(EXCHANGE, QUEUE)
+}
 
 const CTL: Duration = Duration::from_secs(60);
 
@@ -101,58 +103,4 @@ impl Vhost {
             .map(|(_, tag)| tag.trim().to_owned())
             .collect())
     }
-
-    /// Declares the topology and publishes every body as `attacker.scored`, persistent, with
-    /// publisher confirms (many in flight at once).
-    pub(crate) async fn publish_scored(&self, bodies: Vec<String>) -> Result<()> {
-        let url = Secret::new(self.url());
-        let connection = enrichd_bus::connect(&url, "enrichd-faults publisher")
-            .await
-            .context("connect the publisher")?;
-        let publisher = Publisher::open(&connection).await?;
-        Topology::new(EXCHANGE, QUEUE)
-            .declare(&connection)
-            .await
-            .context("declare the topology")?;
-        let mut sends = futures::stream::iter(bodies)
-            .map(|body| {
-                let publisher = publisher.clone();
-                async move {
-                    publisher
-                        .publish(Outgoing::persistent(
-                            EXCHANGE,
-                            "attacker.scored",
-                            body.as_bytes(),
-                        ))
-                        .await
-                }
-            })
-            .buffer_unordered(512);
-        while let Some(sent) = sends.next().await {
-            sent.context("publish an event")?;
-        }
-        let _ = connection.close(200, "done".into()).await;
-        Ok(())
-    }
-}
-
-/// An `attacker.scored` envelope for `ip` (SPEC §4), as the reference's profiler sends it.
-pub(crate) fn scored_envelope(ip: &str, tick: u64) -> String {
-    serde_json::json!({
-        "v": 1,
-        "id": uuid::Uuid::new_v4().simple().to_string(),
-        "topic": "attacker.scored",
-        "type": "scored",
-        "ts": 1_795_000_000.0 + f64::from(u32::try_from(tick % 100_000).unwrap_or(0)),
-        "payload": {
-            "attacker_ip": ip,
-            "event_count": 10 + tick,
-            "service_count": 2,
-            "decky_count": 1,
-            "bounty_count": 0,
-            "credential_count": 3,
-            "is_traversal": false,
-        }
-    })
-    .to_string()
 }

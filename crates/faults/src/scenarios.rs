@@ -6,16 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Result;
-use serde_json::Value;
+use enrichd_core::ProviderId;
+use enrichd_harness::enrichd::PER_ADDRESS as PER_IP;
+use enrichd_harness::fakes::{FakesOptions, RequestLog, Stats};
 use tokio::time::Instant;
 
 use crate::pg;
 use crate::report::Report;
 use crate::services::poll;
 use crate::world::{Ctx, Limits, World, ips};
-
-/// Providers called per address (Feodo is a feed: it counts downloads).
-const PER_IP: [&str; 3] = ["greynoise", "abuseipdb", "threatfox"];
 
 /// A scenario: name, what it does.
 pub(crate) const ALL: [(&str, &str); 5] = [
@@ -43,28 +42,28 @@ pub(crate) const ALL: [(&str, &str); 5] = [
 
 /// Runs scenario `name`; setup errors are returned, check results go to `report`.
 pub(crate) async fn run(name: &str, ctx: &Ctx, report: &mut Report) -> Result<()> {
-    let (fake_args, limits): (&[&str], Limits) = match name {
-        "lifted" => (&[], Limits::Lifted),
+    let slow = FakesOptions {
+        latency_ms: 40,
+        ..FakesOptions::default()
+    };
+    let (fakes, limits) = match name {
+        "lifted" => (FakesOptions::default(), Limits::Lifted),
         // With a daily quota, as the keyed providers have: what a crash wastes is quota.
-        "kill9" => (&["--latency-ms", "40"], Limits::Quota),
-        "rabbitmq-restart" | "postgres-restart" => {
-            // Slow enough answers that "mid-run" is a wide target and leases are held.
-            (&["--latency-ms", "40"], Limits::Lifted)
-        }
+        "kill9" => (slow, Limits::Quota),
+        // Slow enough answers that "mid-run" is a wide target and leases are held.
+        "rabbitmq-restart" | "postgres-restart" => (slow, Limits::Lifted),
         "default-limits-faults" => (
-            &[
-                "--error-rate",
-                "0.10",
-                "--rate-limit-rate",
-                "0.03",
-                "--seed",
-                "20261123",
-            ],
+            FakesOptions {
+                error_rate: 0.10,
+                rate_limit_rate: 0.03,
+                seed: 20_261_123,
+                ..FakesOptions::default()
+            },
             Limits::Default,
         ),
         other => anyhow::bail!("no scenario named {other:?}"),
     };
-    let mut world = World::create(ctx, name, fake_args, limits).await?;
+    let mut world = World::create(ctx, name, fakes, limits).await?;
     let result = match name {
         "lifted" => lifted(&mut world, report).await,
         "kill9" => kill9(&mut world, report).await,
@@ -83,31 +82,27 @@ pub(crate) async fn run(name: &str, ctx: &Ctx, report: &mut Report) -> Result<()
 
 // === shared pieces ===
 
-/// `(distinct, max_per_key, total)` of `provider` in `/_stats`.
-fn per_key(stats: &Value, provider: &str) -> (u64, u64, u64) {
-    let p = &stats["per_key"][provider];
-    let n = |k: &str| p[k].as_u64().unwrap_or(0);
-    (n("distinct"), n("max_per_key"), n("total"))
-}
-
 /// Calls beyond the first per (IP, provider), summed over the per-address providers.
-fn duplicate_calls(stats: &Value) -> u64 {
+fn duplicate_calls(stats: &Stats) -> u64 {
     PER_IP
         .iter()
         .map(|p| {
-            let (distinct, _, total) = per_key(stats, p);
-            total - distinct
+            let calls = stats.per_key(*p);
+            calls.total - calls.distinct
         })
         .sum()
 }
 
-fn per_key_figure(stats: &Value) -> String {
+fn per_key_figure(stats: &Stats) -> String {
     PER_IP
         .iter()
-        .chain(&["feodo"])
+        .chain(&[ProviderId::Feodo])
         .map(|p| {
-            let (distinct, max, total) = per_key(stats, p);
-            format!("{p} {total} calls/{distinct} keys/max {max}")
+            let calls = stats.per_key(*p);
+            format!(
+                "{p} {} calls/{} keys/max {}",
+                calls.total, calls.distinct, calls.max_per_key
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -184,7 +179,7 @@ async fn ledger(
 /// Calls in flight a replica may have at once (the suite's `_CONCURRENCY` per provider):
 /// what a crash can cost of a daily quota, since such an answer keeps its slot until it is
 /// durable.
-const REPLICA_CONCURRENCY: u64 = crate::world::LIFTED_CONCURRENCY * PER_IP.len() as u64;
+const REPLICA_CONCURRENCY: u64 = crate::world::LIFTED_CONCURRENCY as u64 * PER_IP.len() as u64;
 
 async fn check_drained(world: &World<'_>, report: &mut Report) {
     let ((work, dead), drained) = world.wait_drained(Duration::from_secs(180)).await;
@@ -254,13 +249,16 @@ async fn lifted(world: &mut World<'_>, report: &mut Report) -> Result<()> {
     Report::figure("events acked/lookups per replica", world.spread().await);
     let stats = world.fakes.stats().await?;
     Report::figure("provider calls", per_key_figure(&stats));
-    Report::figure("DNS queries", &stats["dns"]["queries"]);
+    Report::figure("DNS queries", stats.dns.queries);
     for provider in PER_IP {
-        let (distinct, max, total) = per_key(&stats, provider);
+        let calls = stats.per_key(provider);
         report.check(
             &format!("{provider}: exactly one call per IP"),
-            distinct == ips.len() as u64 && max == 1,
-            format!("{total} calls, {distinct} distinct IPs, at most {max} per IP"),
+            calls.distinct == ips.len() as u64 && calls.max_per_key == 1,
+            format!(
+                "{} calls, {} distinct IPs, at most {} per IP",
+                calls.total, calls.distinct, calls.max_per_key
+            ),
         );
     }
     ledger(world, report, ips.len(), 0, "nothing broke").await?;
@@ -316,7 +314,7 @@ async fn kill9(world: &mut World<'_>, report: &mut Report) -> Result<()> {
     publish_and_wait(world, &ips, 10).await?;
     let at_kill = world.wait_some_enriched("a quarter", n / 4).await?;
     let victim = &mut world.replicas[1];
-    victim.kill9().await?;
+    victim.enrichd.process_mut().kill9().await?;
     let killed = Instant::now();
     let (held, owners) = victim_leases(&world.db).await?;
     Report::figure(
@@ -348,13 +346,13 @@ async fn kill9(world: &mut World<'_>, report: &mut Report) -> Result<()> {
     .await?;
     let every_ip = PER_IP
         .iter()
-        .all(|p| per_key(&stats, p).0 == ips.len() as u64);
+        .all(|p| stats.per_key(*p).distinct == ips.len() as u64);
     report.check(
         "every (IP, provider) asked",
         every_ip,
         PER_IP
             .iter()
-            .map(|p| format!("{p} {}", per_key(&stats, p).0))
+            .map(|p| format!("{p} {}", stats.per_key(*p).distinct))
             .collect::<Vec<_>>()
             .join(", "),
     );
@@ -483,13 +481,6 @@ fn max_in_window(timeline: &[u64], window_ms: u64) -> usize {
     best
 }
 
-fn timeline(stats: &Value, key: &str, provider: &str) -> Vec<u64> {
-    stats[key][provider]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default()
-}
-
 /// Requests of a provider that arrived while it was parked by a 429 sent at `t`
 /// (`Retry-After: 2`): in `(t + grace, t + 2 s - 100 ms)`. `grace` covers requests already
 /// on the wire when the 429 left the fake.
@@ -546,14 +537,14 @@ async fn default_limits_faults(world: &mut World<'_>, report: &mut Report) -> Re
     );
 
     let stats = world.fakes.stats().await?;
-    let log = world.fakes.log().await?;
+    let log = world.fakes.request_log().await?;
     Report::figure("provider calls", per_key_figure(&stats));
     check_answers_land(world, report, &log, n).await?;
     check_parks_and_rates(report, &stats);
     let failed_answers = PER_IP
         .iter()
-        .flat_map(|p| log[*p].as_array().cloned().unwrap_or_default())
-        .filter(|e| matches!(e[2].as_u64(), Some(429 | 500)))
+        .flat_map(|p| log.entries(*p))
+        .filter(|e| matches!(e.status(), 429 | 500))
         .count() as u64;
     ledger(
         world,
@@ -572,31 +563,25 @@ async fn default_limits_faults(world: &mut World<'_>, report: &mut Report) -> Re
 async fn check_answers_land(
     world: &World<'_>,
     report: &mut Report,
-    log: &Value,
+    log: &RequestLog,
     n: usize,
 ) -> Result<()> {
     // What the fake answered last per (provider, IP), and whether a 429 was followed by
     // another request.
-    let mut last_status: HashMap<(String, String), u64> = HashMap::new();
+    let mut last_status: HashMap<(String, String), u16> = HashMap::new();
     let mut unretried_429 = 0;
     for provider in PER_IP {
-        let mut entries: Vec<(u64, String, u64)> = log[provider]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| {
-                        Some((e[0].as_u64()?, e[1].as_str()?.to_owned(), e[2].as_u64()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut entries = log.entries(provider).to_vec();
         entries.sort();
-        for (_, ip, status) in &entries {
-            last_status.insert((provider.to_owned(), ip.clone()), *status);
+        for entry in &entries {
+            last_status.insert(
+                (provider.as_str().to_owned(), entry.key().to_owned()),
+                entry.status(),
+            );
         }
         unretried_429 += last_status
             .iter()
-            .filter(|((p, _), s)| p == provider && **s == 429)
+            .filter(|((p, _), s)| p == provider.as_str() && **s == 429)
             .count();
     }
 
@@ -659,14 +644,14 @@ async fn check_answers_land(
 }
 
 /// No request inside a park; no 10 s window over the cluster-wide rate.
-fn check_parks_and_rates(report: &mut Report, stats: &Value) {
+fn check_parks_and_rates(report: &mut Report, stats: &Stats) {
     let mut parked_hits = Vec::new();
     let mut parks_total = 0;
     for provider in PER_IP {
-        let parks = timeline(stats, "rate_limited", provider);
+        let parks = stats.rate_limited(provider);
         parks_total += parks.len();
-        let requests = timeline(stats, "timeline", provider);
-        for (t, r) in requests_while_parked(&parks, &requests, 250) {
+        let requests = stats.timeline(provider);
+        for (t, r) in requests_while_parked(parks, requests, 250) {
             parked_hits.push(format!("{provider} +{} ms", r - t));
         }
     }
@@ -696,12 +681,12 @@ fn check_parks_and_rates(report: &mut Report, stats: &Value) {
     // most ceil(10 s x rate) of them. A request reaches the fake a little after its slot; one
     // delivered late can share a window with the slots after it, so one more is allowed.
     for (provider, rate) in [
-        ("greynoise", 1.0 / 1.5),
-        ("abuseipdb", 2.0),
-        ("threatfox", 2.0),
+        (ProviderId::Greynoise, 1.0 / 1.5),
+        (ProviderId::Abuseipdb, 2.0),
+        (ProviderId::Threatfox, 2.0),
     ] {
-        let requests = timeline(stats, "timeline", provider);
-        let worst = max_in_window(&requests, 10_000);
+        let requests = stats.timeline(provider);
+        let worst = max_in_window(requests, 10_000);
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,

@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use enrichd_core::ProviderId;
+use enrichd_harness::bus::TestBus;
+use enrichd_harness::enrichd::{Enrichd, EnrichdEnv, Limits as ProviderLimits, PER_ADDRESS};
+use enrichd_harness::events::Scored;
+use enrichd_harness::fakes::{Fakes, FakesOptions};
 use tokio::time::Instant;
 
 use crate::pg;
-use crate::procs::{Fakes, Replica, log_tail};
 use crate::rabbit::{self, Vhost};
 use crate::report::Report;
 use crate::services::{Services, poll, wait_until};
@@ -44,8 +48,29 @@ pub(crate) enum Limits {
 }
 
 /// The `Quota` limits' rate and daily quota per provider.
-pub(crate) const QUOTA_RATE: &str = "10000";
-pub(crate) const QUOTA_PER_DAY: &str = "1000000";
+pub(crate) const QUOTA_RATE: f64 = 10_000.0;
+pub(crate) const QUOTA_PER_DAY: u32 = 1_000_000;
+
+/// One `enrichd run` replica.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    /// `r1`, `r2`, …
+    pub(crate) name: String,
+    /// The process.
+    pub(crate) enrichd: Enrichd,
+}
+
+impl Replica {
+    /// Whether the process is still running.
+    pub(crate) fn running(&mut self) -> bool {
+        self.enrichd.process_mut().running()
+    }
+
+    /// A metric summed over its label sets (0 when absent or unreachable).
+    pub(crate) async fn metric(&self, name: &str) -> f64 {
+        self.enrichd.metric(name, &[]).await.unwrap_or(0.0)
+    }
+}
 
 /// Counts read from the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,21 +108,21 @@ pub(crate) struct World<'a> {
     pub(crate) fakes: Fakes,
     /// Its replicas, in start order.
     pub(crate) replicas: Vec<Replica>,
-    env: Vec<(String, String)>,
+    env: EnrichdEnv,
     /// Events published so far, for the reliability ledger.
     published: std::sync::atomic::AtomicUsize,
     started: Instant,
 }
 
 /// Calls in flight per provider and replica when limits are lifted.
-pub(crate) const LIFTED_CONCURRENCY: u64 = 16;
+pub(crate) const LIFTED_CONCURRENCY: u32 = 16;
 
 impl<'a> World<'a> {
-    /// Creates the database and vhost and starts `enrichd-fakes` with `fake_args`.
+    /// Creates the database and vhost and starts `enrichd-fakes` with `fakes`.
     pub(crate) async fn create(
         ctx: &'a Ctx,
         name: &str,
-        fake_args: &[&str],
+        fakes: FakesOptions,
         limits: Limits,
     ) -> Result<Self> {
         let unique = format!("faults_{}_{}", ctx.run_id, name.replace('-', "_"));
@@ -109,10 +134,9 @@ impl<'a> World<'a> {
                 return Err(e.context("create the vhost"));
             }
         };
-        let args: Vec<String> = fake_args.iter().map(|s| (*s).to_owned()).collect();
         let fakes = match Fakes::start(
             &ctx.fakes,
-            &args,
+            fakes,
             &ctx.logs.join(format!("{name}-fakes.log")),
         )
         .await
@@ -124,8 +148,12 @@ impl<'a> World<'a> {
                 return Err(e);
             }
         };
-        let mut env = Self::env(&unique, &vhost, &fakes, limits);
-        env.extend(ctx.extra_env.iter().cloned());
+        let env = ctx
+            .extra_env
+            .iter()
+            .fold(Self::env(&unique, &vhost, &fakes, limits), |env, (k, v)| {
+                env.set(k, v.as_str())
+            });
         Ok(Self {
             ctx,
             name: name.to_owned(),
@@ -139,49 +167,30 @@ impl<'a> World<'a> {
         })
     }
 
-    fn env(db: &str, vhost: &Vhost, fakes: &Fakes, limits: Limits) -> Vec<(String, String)> {
-        let base = format!("http://{}", fakes.http);
-        let mut env: Vec<(String, String)> = vec![
-            ("ENRICHD_DATABASE_URL".into(), pg::url(db)),
-            ("ENRICHD_AMQP_URL".into(), vhost.url()),
-            ("ENRICHD_EXCHANGE".into(), rabbit::EXCHANGE.into()),
-            ("ENRICHD_QUEUE".into(), rabbit::QUEUE.into()),
-            ("ENRICHD_DNS_SERVERS".into(), fakes.dns.clone()),
-            ("ENRICHD_PTR_CONCURRENCY".into(), "32".into()),
+    fn env(db: &str, vhost: &Vhost, fakes: &Fakes, limits: Limits) -> EnrichdEnv {
+        let env = EnrichdEnv::new()
+            .database(&pg::url(db))
+            .bus(&vhost.url(), &rabbit::topology())
+            .dns_servers(&fakes.dns_addr().to_string())
+            .set("ENRICHD_PTR_CONCURRENCY", "32")
             // The backfill finishes leftover work (lapsed leases, retries) quickly.
-            ("ENRICHD_POLL_INTERVAL_SECS".into(), "2".into()),
-            ("ENRICHD_GRACE_SECS".into(), "10".into()),
-            (
-                "ENRICHD_GREYNOISE_API_KEY".into(),
-                "fake-greynoise-key".into(),
-            ),
-            (
-                "ENRICHD_ABUSEIPDB_API_KEY".into(),
-                "fake-abuseipdb-key".into(),
-            ),
-            (
-                "ENRICHD_THREATFOX_API_KEY".into(),
-                "fake-threatfox-key".into(),
-            ),
-            ("RUST_LOG".into(), "info".into()),
-        ];
-        for provider in ["GREYNOISE", "ABUSEIPDB", "FEODO", "THREATFOX"] {
-            env.push((format!("ENRICHD_{provider}_BASE_URL"), base.clone()));
-        }
-        let (rate, quota) = match limits {
+            .set("ENRICHD_POLL_INTERVAL_SECS", "2")
+            .set("ENRICHD_GRACE_SECS", "10")
+            .api_key(ProviderId::Greynoise, "fake-greynoise-key")
+            .api_key(ProviderId::Abuseipdb, "fake-abuseipdb-key")
+            .api_key(ProviderId::Threatfox, "fake-threatfox-key")
+            .set("RUST_LOG", "info")
+            .providers_at(&fakes.base_url());
+        let limits = match limits {
             Limits::Default => return env,
-            Limits::Lifted => ("0", "0"),
-            Limits::Quota => (QUOTA_RATE, QUOTA_PER_DAY),
+            Limits::Lifted => ProviderLimits::Lifted,
+            Limits::Quota => ProviderLimits::Metered {
+                rate_per_sec: QUOTA_RATE,
+                daily_quota: QUOTA_PER_DAY,
+            },
         };
-        for provider in ["GREYNOISE", "ABUSEIPDB", "THREATFOX"] {
-            env.push((format!("ENRICHD_{provider}_RATE_PER_SEC"), rate.into()));
-            env.push((format!("ENRICHD_{provider}_DAILY_QUOTA"), quota.into()));
-            env.push((
-                format!("ENRICHD_{provider}_CONCURRENCY"),
-                LIFTED_CONCURRENCY.to_string(),
-            ));
-        }
-        env
+        env.limits(&PER_ADDRESS, limits)
+            .concurrency(&PER_ADDRESS, LIFTED_CONCURRENCY)
     }
 
     /// Seconds since the world was created, for progress lines.
@@ -194,19 +203,22 @@ impl<'a> World<'a> {
         for _ in 0..n {
             let name = format!("r{}", self.replicas.len() + 1);
             let log = self.ctx.logs.join(format!("{}-{name}.log", self.name));
-            self.replicas
-                .push(Replica::spawn(&self.ctx.enrichd, &name, &self.env, log)?);
+            let enrichd = Enrichd::start(&self.ctx.enrichd, &["run"], &self.env, &log)?;
+            self.replicas.push(Replica { name, enrichd });
         }
         for replica in &mut self.replicas {
-            let ready =
-                wait_until(Duration::from_secs(90), || async { replica.ready().await }).await;
+            let ready = wait_until(Duration::from_secs(90), || async {
+                replica.enrichd.ready().await
+            })
+            .await;
             if !ready || !replica.running() {
+                let process = replica.enrichd.process_mut();
                 bail!(
                     "replica {} never became ready (exit {:?}); log {}:\n{}",
                     replica.name,
-                    replica.exit,
-                    replica.log.display(),
-                    log_tail(&replica.log, 10).join("\n")
+                    process.exit().map(|status| status.code()),
+                    process.log().display(),
+                    process.log_warnings(10).join("\n")
                 );
             }
         }
@@ -222,16 +234,25 @@ impl<'a> World<'a> {
     }
 
     /// Publishes `per_ip` `attacker.scored` events for every address, round-robin (so
-    /// repetition is spread over the run, as a profiler's ticks are). Returns the count.
+    /// repetition is spread over the run, as a profiler's ticks are), persistent and confirmed,
+    /// 512 at a time. Declares the topology exactly as the replicas do first, so events
+    /// published before they consume are routed. Returns the count.
     pub(crate) async fn publish(&self, ips: &[String], per_ip: usize) -> Result<usize> {
-        let mut bodies = Vec::with_capacity(ips.len() * per_ip);
-        for tick in 0..per_ip {
-            for ip in ips {
-                bodies.push(rabbit::scored_envelope(ip, tick as u64));
-            }
-        }
-        let n = bodies.len();
-        self.vhost.publish_scored(bodies).await?;
+        let events = (0..per_ip as u64).flat_map(|tick| {
+            // A profiler tick's timestamp: a fixed day plus the tick, in seconds.
+            let ts = 1_795_000_000.0 + f64::from(u32::try_from(tick % 100_000).unwrap_or(0));
+            ips.iter()
+                .map(move |ip| Scored::tick(ip.as_str(), tick).envelope(ts))
+        });
+        let bus = TestBus::declare(
+            &self.vhost.url(),
+            "enrichd-faults publisher",
+            rabbit::topology(),
+        )
+        .await?;
+        let published = bus.publish_events(events, 512).await;
+        bus.close().await;
+        let n = usize::try_from(published?)?;
         self.published
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
@@ -371,11 +392,15 @@ impl<'a> World<'a> {
     pub(crate) async fn stop_all(&mut self) -> Vec<(String, Option<i32>)> {
         let mut codes = Vec::new();
         for replica in &mut self.replicas {
-            if replica.exit.is_some() {
+            if !replica.running() {
                 continue;
             }
-            let code = replica.terminate(Duration::from_secs(30)).await;
-            codes.push((replica.name.clone(), code));
+            let status = replica
+                .enrichd
+                .process_mut()
+                .terminate(Duration::from_secs(30))
+                .await;
+            codes.push((replica.name.clone(), status.and_then(|s| s.code())));
         }
         codes
     }
@@ -384,8 +409,13 @@ impl<'a> World<'a> {
     pub(crate) fn log_tails(&self, n: usize) -> Vec<String> {
         let mut out = Vec::new();
         for replica in &self.replicas {
-            out.push(format!("--- {} ({})", replica.name, replica.log.display()));
-            out.extend(log_tail(&replica.log, n));
+            let process = replica.enrichd.process();
+            out.push(format!(
+                "--- {} ({})",
+                replica.name,
+                process.log().display()
+            ));
+            out.extend(process.log_warnings(n));
         }
         out
     }
@@ -393,9 +423,7 @@ impl<'a> World<'a> {
     /// Stops everything and removes the database and the vhost.
     pub(crate) async fn teardown(mut self) {
         for replica in &mut self.replicas {
-            if replica.running() {
-                let _ = replica.kill9().await;
-            }
+            let _ = replica.enrichd.process_mut().kill9().await;
         }
         // The services may still be coming back from a restart.
         let db = self.db.clone();

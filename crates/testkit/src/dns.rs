@@ -10,6 +10,10 @@
 //! The server runs on its own thread with a current-thread runtime, so it keeps answering
 //! while the test's own runtime is busy (or blocked), and stops when the [`DnsServer`] drops.
 //!
+//! A zone can also answer for every address ([`Zone::every_address`]): a PTR for each reverse
+//! name, built by a function, and the A or AAAA record that leads back. `enrichd-fakes` serves
+//! such a zone to benchmarks, where no zone could list every address in advance.
+//!
 //! ```no_run
 //! use enrichd_testkit::dns::{Behaviour, DnsServer, Zone};
 //! # fn demo() {
@@ -30,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use tokio::net::UdpSocket;
@@ -73,12 +77,43 @@ impl Default for Entry {
     }
 }
 
+/// Answers for names the zone does not list: a PTR for every address, and the forward record
+/// of every name so made. See [`Zone::every_address`].
+#[derive(Debug, Clone, Copy)]
+struct Synthesis {
+    /// The PTR target of an address (presentation form, trailing dot).
+    ptr: fn(IpAddr) -> String,
+    /// The address a name made by `ptr` leads back to; `None` for any other name.
+    forward: fn(&str) -> Option<IpAddr>,
+    ttl: u32,
+}
+
+/// Owner, primary server and mailbox of the SOA record sent with every negative answer.
+#[derive(Debug, Clone)]
+struct Authority {
+    owner: Name,
+    mname: Name,
+    rname: Name,
+}
+
+impl Default for Authority {
+    fn default() -> Self {
+        Self {
+            owner: Name::from_str("arpa.").unwrap(),
+            mname: Name::from_str("ns.example.test.").unwrap(),
+            rname: Name::from_str("hostmaster.example.test.").unwrap(),
+        }
+    }
+}
+
 /// The data a [`DnsServer`] answers from: records and per-name behaviours.
 #[derive(Debug, Clone, Default)]
 #[must_use = "a zone is built by chaining; pass it to DnsServer::start"]
 pub struct Zone {
     entries: HashMap<LowerName, Entry>,
     rotate_answers: bool,
+    synthesis: Option<Synthesis>,
+    authority: Authority,
 }
 
 /// The reverse-DNS name of `ip` (`4.3.2.1.in-addr.arpa.` or the 32-nibble `ip6.arpa.` form).
@@ -190,13 +225,69 @@ impl Zone {
         self.rotate_answers = true;
         self
     }
+
+    /// Answers for every address the zone does not list: a PTR query for a full reverse name
+    /// gets `ptr(address)`, and an A or AAAA query for a name that `forward` maps to an
+    /// address of that family gets the address, both with `ttl`; anything else unlisted is
+    /// NXDOMAIN. `forward` must invert `ptr`, so forward confirmation of every name succeeds.
+    pub fn every_address(
+        mut self,
+        ptr: fn(IpAddr) -> String,
+        forward: fn(&str) -> Option<IpAddr>,
+        ttl: u32,
+    ) -> Self {
+        self.synthesis = Some(Synthesis { ptr, forward, ttl });
+        self
+    }
+
+    /// Sends negative answers with an SOA for `origin` (`ns.<origin>`, `hostmaster.<origin>`)
+    /// instead of the default one for `arpa.`.
+    ///
+    /// # Panics
+    /// If `origin` is not a valid name.
+    pub fn authority(mut self, origin: &str) -> Self {
+        let owner = parse_name(origin);
+        let under = |label: &str| {
+            owner
+                .prepend_label(label)
+                .unwrap_or_else(|e| panic!("bad name {label}.{origin}: {e}"))
+        };
+        self.authority = Authority {
+            mname: under("ns"),
+            rname: under("hostmaster"),
+            owner,
+        };
+        self
+    }
+}
+
+/// How many packets a [`DnsServer`] has received, answered or not; a handle that outlives
+/// a borrow of the server and can be reset.
+#[derive(Debug, Clone, Default)]
+pub struct QueryCounter(Arc<AtomicUsize>);
+
+impl QueryCounter {
+    /// Packets received since the start or the last [`QueryCounter::reset`].
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Starts counting from zero again.
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
+    /// Counts one packet; returns how many came before it.
+    fn count(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst)
+    }
 }
 
 /// A running loopback DNS server; stops when dropped.
 #[derive(Debug)]
 pub struct DnsServer {
     addr: SocketAddr,
-    queries: Arc<AtomicUsize>,
+    queries: QueryCounter,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -207,7 +298,7 @@ impl DnsServer {
     /// # Panics
     /// If the socket or the server thread cannot be set up.
     pub fn start(zone: Zone) -> Self {
-        Self::spawn(Some(zone))
+        Self::spawn(LOOPBACK_ANY_PORT, Some(zone)).expect("start the dns server")
     }
 
     /// Starts a server that reads and counts every query and never answers.
@@ -215,16 +306,24 @@ impl DnsServer {
     /// # Panics
     /// If the socket or the server thread cannot be set up.
     pub fn silent() -> Self {
-        Self::spawn(None)
+        Self::spawn(LOOPBACK_ANY_PORT, None).expect("start the dns server")
     }
 
-    fn spawn(zone: Option<Zone>) -> Self {
-        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        std_socket.set_nonblocking(true).expect("nonblocking");
-        let addr = std_socket.local_addr().expect("local addr");
-        let queries = Arc::new(AtomicUsize::new(0));
+    /// Starts a server answering from `zone` on `addr` (UDP).
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the server thread cannot start.
+    pub fn bind(addr: SocketAddr, zone: Zone) -> std::io::Result<Self> {
+        Self::spawn(addr, Some(zone))
+    }
+
+    fn spawn(addr: SocketAddr, zone: Option<Zone>) -> std::io::Result<Self> {
+        let std_socket = std::net::UdpSocket::bind(addr)?;
+        std_socket.set_nonblocking(true)?;
+        let addr = std_socket.local_addr()?;
+        let queries = QueryCounter::default();
         let (shutdown, mut stop) = oneshot::channel();
-        let counter = Arc::clone(&queries);
+        let counter = queries.clone();
         let thread = std::thread::Builder::new()
             .name(format!("testkit-dns-{}", addr.port()))
             .spawn(move || {
@@ -240,7 +339,7 @@ impl DnsServer {
                             _ = &mut stop => break,
                             received = socket.recv_from(&mut buf) => {
                                 let Ok((len, peer)) = received else { continue };
-                                let seq = counter.fetch_add(1, Ordering::SeqCst);
+                                let seq = counter.count();
                                 let Some(zone) = zone.as_ref() else { continue };
                                 if let Some(reply) = respond(zone, &buf[..len], seq) {
                                     let _ = socket.send_to(&reply, peer).await;
@@ -249,14 +348,13 @@ impl DnsServer {
                         }
                     }
                 });
-            })
-            .expect("spawn dns server thread");
-        Self {
+            })?;
+        Ok(Self {
             addr,
             queries,
             shutdown: Some(shutdown),
             thread: Some(thread),
-        }
+        })
     }
 
     /// The server's address (`127.0.0.1:<port>`).
@@ -266,9 +364,17 @@ impl DnsServer {
 
     /// How many packets the server has received, answered or not.
     pub fn queries(&self) -> usize {
-        self.queries.load(Ordering::SeqCst)
+        self.queries.get()
+    }
+
+    /// A handle on the query count, for whoever reports it apart from the server.
+    pub fn query_counter(&self) -> QueryCounter {
+        self.queries.clone()
     }
 }
+
+/// `127.0.0.1:0`: a port the OS picks.
+const LOOPBACK_ANY_PORT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 
 impl Drop for DnsServer {
     fn drop(&mut self) {
@@ -281,14 +387,13 @@ impl Drop for DnsServer {
     }
 }
 
-fn soa_record() -> Record {
-    let origin = Name::from_str("arpa.").unwrap();
+fn soa_record(authority: &Authority) -> Record {
     Record::from_rdata(
-        origin,
+        authority.owner.clone(),
         60,
         RData::SOA(SOA::new(
-            Name::from_str("ns.example.test.").unwrap(),
-            Name::from_str("hostmaster.example.test.").unwrap(),
+            authority.mname.clone(),
+            authority.rname.clone(),
             1,
             3600,
             600,
@@ -296,6 +401,29 @@ fn soa_record() -> Record {
             60,
         )),
     )
+}
+
+/// The answer an [`Zone::every_address`] zone gives to a name it does not list, if any.
+fn synthesize(synthesis: Synthesis, query: &Query) -> Option<Record> {
+    let name = query.name();
+    let rdata = match query.query_type() {
+        RecordType::PTR => name
+            .parse_arpa_name()
+            .ok()
+            .filter(|net| net.prefix_len() == net.max_prefix_len())
+            .and_then(|net| Name::from_str(&(synthesis.ptr)(net.addr())).ok())
+            .map(|target| RData::PTR(PTR(target))),
+        RecordType::A => match (synthesis.forward)(&name.to_ascii()) {
+            Some(IpAddr::V4(v4)) => Some(RData::A(A(v4))),
+            _ => None,
+        },
+        RecordType::AAAA => match (synthesis.forward)(&name.to_ascii()) {
+            Some(IpAddr::V6(v6)) => Some(RData::AAAA(AAAA(v6))),
+            _ => None,
+        },
+        _ => None,
+    }?;
+    Some(Record::from_rdata(name.clone(), synthesis.ttl, rdata))
 }
 
 /// Builds the reply to one packet, or `None` to stay silent.
@@ -330,15 +458,19 @@ fn respond(zone: &Zone, packet: &[u8], seq: usize) -> Option<Vec<u8>> {
     if let Some(code) = code {
         reply.metadata.response_code = code;
         if code == ResponseCode::NXDomain {
-            reply.add_authority(soa_record());
+            reply.add_authority(soa_record(&zone.authority));
         }
         return reply.to_vec().ok();
     }
 
     match entry {
         None => {
-            reply.metadata.response_code = ResponseCode::NXDomain;
-            reply.add_authority(soa_record());
+            if let Some(record) = zone.synthesis.and_then(|s| synthesize(s, &query)) {
+                reply.add_answer(record);
+            } else {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+                reply.add_authority(soa_record(&zone.authority));
+            }
         }
         Some(entry) => {
             let mut answers: Vec<Record> = if behaviour == Behaviour::Nodata {
@@ -364,10 +496,96 @@ fn respond(zone: &Zone, packet: &[u8], seq: usize) -> Option<Vec<u8>> {
                 answers.rotate_left(by);
             }
             if answers.is_empty() {
-                reply.add_authority(soa_record());
+                reply.add_authority(soa_record(&zone.authority));
             }
             reply.add_answers(answers);
         }
     }
     reply.to_vec().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ptr_of(ip: IpAddr) -> String {
+        format!("h-{}.every.test.", ip.to_string().replace(['.', ':'], "-"))
+    }
+
+    fn forward_of(name: &str) -> Option<IpAddr> {
+        let label = name.strip_prefix("h-")?.strip_suffix(".every.test.")?;
+        label.replace('-', ".").parse().ok()
+    }
+
+    fn ask(server: &DnsServer, name: &Name, rtype: RecordType) -> Message {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut query = Message::query();
+        query.metadata.id = 7;
+        query.add_query(Query::query(name.clone(), rtype));
+        socket
+            .send_to(&query.to_vec().unwrap(), server.addr())
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let len = socket.recv(&mut buf).unwrap();
+        Message::from_vec(&buf[..len]).unwrap()
+    }
+
+    #[test]
+    fn an_every_address_zone_names_each_address_and_leads_back() {
+        let server = DnsServer::start(
+            Zone::new()
+                .ptr("8.8.8.8".parse().unwrap(), "dns.google.", 300)
+                .every_address(ptr_of, forward_of, 3600)
+                .authority("every.test."),
+        );
+        let ip: IpAddr = "45.155.205.233".parse().unwrap();
+        let reply = ask(&server, &reverse_name(ip), RecordType::PTR);
+        assert_eq!(reply.metadata.id, 7);
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(reply.answers[0].ttl, 3600);
+        let RData::PTR(PTR(target)) = &reply.answers[0].data else {
+            panic!("not a PTR: {reply:?}")
+        };
+        assert_eq!(target.to_ascii(), "h-45-155-205-233.every.test.");
+
+        let forward = ask(&server, target, RecordType::A);
+        assert_eq!(
+            forward.answers[0].data,
+            RData::A(A("45.155.205.233".parse().unwrap()))
+        );
+        // The listed address keeps its own record.
+        let listed = ask(
+            &server,
+            &reverse_name("8.8.8.8".parse().unwrap()),
+            RecordType::PTR,
+        );
+        assert_eq!(
+            listed.answers[0].data,
+            RData::PTR(PTR(Name::from_str("dns.google.").unwrap()))
+        );
+        // A name the zone neither lists nor makes, or the wrong family, is NXDOMAIN with the
+        // zone's own SOA.
+        for (name, rtype) in [
+            ("dns.example.", RecordType::A),
+            ("h-45-155-205-233.every.test.", RecordType::AAAA),
+        ] {
+            let reply = ask(&server, &Name::from_str(name).unwrap(), rtype);
+            assert_eq!(
+                reply.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{name}"
+            );
+            assert_eq!(
+                reply.authorities[0].name,
+                Name::from_str("every.test.").unwrap()
+            );
+        }
+        assert_eq!(server.queries(), 5);
+        let counter = server.query_counter();
+        counter.reset();
+        assert_eq!(server.queries(), 0);
+    }
 }

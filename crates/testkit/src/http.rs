@@ -1,12 +1,15 @@
-//! A scriptable HTTP/1.1 server on a loopback port, for provider wire-contract tests and
-//! benchmarks.
+//! A scriptable HTTP/1.1 server on a loopback port, for provider wire-contract tests, the
+//! `enrichd-fakes` process and benchmarks.
 //!
 //! Hand-rolled on tokio's `TcpListener` because tests need what no well-behaved server does:
 //! answer late, trickle a body past a deadline, send a body far over a size cap, or close the
 //! connection without answering. A handler closure picks the [`Response`] for each
-//! [`Request`]; every request is recorded for assertions. Connections are kept alive (HTTP/1.1
-//! default) so a pooled client reuses them, as it would against the real API, and benchmarks
-//! are not dominated by connection set-up.
+//! [`Request`]; every request is recorded for assertions (a long-running server turns that
+//! off: [`HttpServerBuilder::without_recording`]). A handler may also be async
+//! ([`HttpServerBuilder::serve_async`]), for a server that must do something after its own
+//! delay, as `enrichd-fakes` counts each answer when it is sent. Connections are kept alive
+//! (HTTP/1.1 default) so a pooled client reuses them, as it would against the real API, and
+//! benchmarks are not dominated by connection set-up.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -26,8 +29,10 @@
 //! ```
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,6 +86,40 @@ impl Request {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("request body is JSON")
     }
+
+    /// The first value of a query parameter, percent-decoded (`+` is a space); a parameter
+    /// given without `=` has the empty value.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.as_deref()?.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key == name).then(|| percent_decode(value))
+        })
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (a space, as in a form-encoded query); a `%` not followed by
+/// two hex digits stays as it is.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push(u8::try_from(high * 16 + low).unwrap_or(b'?'));
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What to send back for one request.
@@ -213,36 +252,110 @@ impl Response {
     }
 }
 
-type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+/// The future an async handler returns.
+type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// How a server picks its answers.
+enum Handler {
+    /// Decides at once from the borrowed request.
+    Now(Box<dyn Fn(&Request) -> Response + Send + Sync>),
+    /// Owns the request and may await before answering.
+    Later(Box<dyn Fn(Request) -> ResponseFuture + Send + Sync>),
+}
 
 struct Shared {
-    handler: Box<Handler>,
+    handler: Handler,
+    /// Whether `requests` keeps every request (counted either way).
+    record: bool,
     requests: Mutex<Vec<Request>>,
     count: AtomicUsize,
     connections: AtomicUsize,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
-/// A running server. Dropping it stops the listener and every open connection.
-pub struct HttpServer {
-    addr: SocketAddr,
-    shared: Arc<Shared>,
-    accept: AbortHandle,
+impl Shared {
+    fn note(&self, request: Request) {
+        if self.record {
+            lock(&self.requests).push(request);
+        }
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn answer(&self, request: Request) -> Response {
+        match &self.handler {
+            Handler::Now(handler) => {
+                let response = handler(&request);
+                self.note(request);
+                response
+            }
+            Handler::Later(handler) => {
+                let future = if self.record {
+                    let answer = handler(request.clone());
+                    self.note(request);
+                    answer
+                } else {
+                    self.count.fetch_add(1, Ordering::SeqCst);
+                    handler(request)
+                };
+                future.await
+            }
+        }
+    }
 }
 
-impl HttpServer {
-    /// Binds `127.0.0.1:0` and serves every request with `handler`. Must run inside a tokio
-    /// runtime (the accept loop is spawned on it).
+/// Where a server listens and whether it records requests; see [`HttpServer::builder`].
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a builder does nothing until serve or serve_async"]
+pub struct HttpServerBuilder {
+    addr: SocketAddr,
+    record: bool,
+}
+
+impl HttpServerBuilder {
+    /// Listens on `addr` instead of `127.0.0.1:0`.
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Counts requests without keeping them: a server that answers millions of requests (a
+    /// benchmark's fake providers) must not hold every one in memory.
+    pub fn without_recording(mut self) -> Self {
+        self.record = false;
+        self
+    }
+
+    /// Binds and serves every request with `handler`. Must run inside a tokio runtime (the
+    /// accept loop is spawned on it).
     ///
-    /// # Panics
-    /// When no loopback port can be bound.
-    pub async fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let addr = listener.local_addr().expect("bound address");
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn serve(
+        self,
+        handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
+    ) -> io::Result<HttpServer> {
+        self.bind(Handler::Now(Box::new(handler))).await
+    }
+
+    /// Binds and serves every request with an async `handler`, which owns the request.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn serve_async<F, Fut>(self, handler: F) -> io::Result<HttpServer>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + Send + 'static,
+    {
+        let boxed = move |request: Request| -> ResponseFuture { Box::pin(handler(request)) };
+        self.bind(Handler::Later(Box::new(boxed))).await
+    }
+
+    async fn bind(self, handler: Handler) -> io::Result<HttpServer> {
+        let listener = TcpListener::bind(self.addr).await?;
+        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            handler: Box::new(handler),
+            handler,
+            record: self.record,
             requests: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -250,7 +363,12 @@ impl HttpServer {
         });
         let accept_shared = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    // Out of file descriptors and the like: back off a little, never give up.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 accept_shared.connections.fetch_add(1, Ordering::SeqCst);
                 let conn_shared = Arc::clone(&accept_shared);
@@ -263,11 +381,48 @@ impl HttpServer {
             }
         })
         .abort_handle();
-        Self {
+        Ok(HttpServer {
             addr,
             shared,
             accept,
+        })
+    }
+}
+
+/// A running server. Dropping it stops the listener and every open connection.
+pub struct HttpServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: AbortHandle,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpServer {
+    /// A server on `127.0.0.1:0` that records every request, to be configured further.
+    pub fn builder() -> HttpServerBuilder {
+        HttpServerBuilder {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            record: true,
         }
+    }
+
+    /// Binds `127.0.0.1:0` and serves every request with `handler`. Must run inside a tokio
+    /// runtime (the accept loop is spawned on it).
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Self {
+        Self::builder()
+            .serve(handler)
+            .await
+            .expect("bind a loopback port")
     }
 
     /// The bound address.
@@ -280,7 +435,7 @@ impl HttpServer {
         format!("http://{}", self.addr)
     }
 
-    /// Every request received so far, in arrival order.
+    /// Every request received so far, in arrival order (none without recording).
     pub fn requests(&self) -> Vec<Request> {
         lock(&self.shared.requests).clone()
     }
@@ -347,20 +502,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     loop {
-        let Some(head_end) = read_head(&stream, &mut buf).await? else {
-            return Ok(()); // the client closed between requests
+        let head_end = match read_head(&stream, &mut buf).await? {
+            Head::Complete(end) => end,
+            Head::Closed => return Ok(()), // the client closed between requests
+            Head::TooLarge => return refuse(&stream, 431).await,
         };
-        let Some((mut request, content_length, keep_alive)) = parse_head(&buf[..head_end]) else {
-            write_all(
-                &stream,
-                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            )
-            .await?;
-            return Ok(());
+        let (mut request, content_length, keep_alive) = match parse_head(&buf[..head_end]) {
+            Ok(parsed) => parsed,
+            Err(status) => return refuse(&stream, status).await,
         };
         buf.drain(..head_end);
         if content_length > MAX_REQUEST_BODY_BYTES {
-            return Ok(());
+            return refuse(&stream, 413).await;
         }
         while buf.len() < content_length {
             if read_more(&stream, &mut buf).await? == 0 {
@@ -369,10 +522,7 @@ async fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> 
         }
         request.body = buf.drain(..content_length).collect();
 
-        let response = (shared.handler)(&request);
-        lock(&shared.requests).push(request);
-        shared.count.fetch_add(1, Ordering::SeqCst);
-
+        let response = shared.answer(request).await;
         if !response.delay.is_zero() {
             tokio::time::sleep(response.delay).await;
         }
@@ -386,32 +536,55 @@ async fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> 
     }
 }
 
-/// Reads until `buf` holds a complete request head; returns the index just past it, or
-/// `None` when the peer closed cleanly before sending anything.
-async fn read_head(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+/// Answers a request the server cannot read with `status` and closes the connection: what
+/// follows on the stream cannot be framed.
+async fn refuse(stream: &TcpStream, status: u16) -> io::Result<()> {
+    let answer = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        reason(status)
+    );
+    write_all(stream, answer.as_bytes()).await
+}
+
+/// What reading a request head found.
+enum Head {
+    /// A complete head ends just before this index.
+    Complete(usize),
+    /// The peer closed cleanly before sending anything.
+    Closed,
+    /// Over [`MAX_HEAD_BYTES`] without an end.
+    TooLarge,
+}
+
+/// Reads until `buf` holds a complete request head.
+async fn read_head(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Head> {
     loop {
         if let Some(pos) = find(buf, b"\r\n\r\n") {
-            return Ok(Some(pos + 4));
+            return Ok(Head::Complete(pos + 4));
         }
         if buf.len() > MAX_HEAD_BYTES {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
+            return Ok(Head::TooLarge);
         }
         if read_more(stream, buf).await? == 0 {
-            return Ok(None);
+            return Ok(Head::Closed);
         }
     }
 }
 
-fn parse_head(head: &[u8]) -> Option<(Request, usize, bool)> {
-    let text = std::str::from_utf8(head).ok()?;
+/// The request, its body's length and whether the connection stays open; or the status
+/// that refuses it (400 malformed, 501 a chunked body, which no client we serve sends).
+fn parse_head(head: &[u8]) -> Result<(Request, usize, bool), u16> {
+    let text = std::str::from_utf8(head).map_err(|_| 400_u16)?;
     let mut lines = text.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_owned();
-    let target = first.next()?.to_owned();
-    let version = first.next()?;
+    let mut first = lines.next().ok_or(400_u16)?.split(' ');
+    let (Some(method), Some(target), Some(version)) = (first.next(), first.next(), first.next())
+    else {
+        return Err(400);
+    };
+    let (method, target) = (method.to_owned(), target.to_owned());
     let mut headers = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
-        let (name, value) = line.split_once(':')?;
+        let (name, value) = line.split_once(':').ok_or(400_u16)?;
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
     }
     let header = |n: &str| {
@@ -421,10 +594,10 @@ fn parse_head(head: &[u8]) -> Option<(Request, usize, bool)> {
             .map(|(_, v)| v.as_str())
     };
     if header("transfer-encoding").is_some() {
-        return None; // chunked request bodies are not needed by any client we test
+        return Err(501);
     }
     let content_length = match header("content-length") {
-        Some(v) => v.parse().ok()?,
+        Some(v) => v.parse().map_err(|_| 400_u16)?,
         None => 0,
     };
     let connection = header("connection").map(str::to_ascii_lowercase);
@@ -437,7 +610,7 @@ fn parse_head(head: &[u8]) -> Option<(Request, usize, bool)> {
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
         None => (target.clone(), None),
     };
-    Some((
+    Ok((
         Request {
             method,
             target,
@@ -468,6 +641,8 @@ async fn send_response(
         head.push_str("\r\n");
     }
     let chunked = match &response.body {
+        // RFC 9110 §8.6: these statuses carry no content, so no length either.
+        Body::Bytes(_) if has_no_content(response.status) => false,
         Body::Bytes(bytes) => {
             let _ = write!(head, "content-length: {}\r\n", bytes.len());
             false
@@ -491,9 +666,18 @@ async fn send_response(
         head.push_str("connection: close\r\n");
     }
     head.push_str("\r\n");
+    if let (Body::Bytes(bytes), None) = (&response.body, response.trickle) {
+        // One write for head and body: one segment on the wire for a small answer.
+        let mut whole = head.into_bytes();
+        if !has_no_content(response.status) {
+            whole.extend_from_slice(bytes);
+        }
+        return write_all(stream, &whole).await;
+    }
     write_all(stream, head.as_bytes()).await?;
 
     match &response.body {
+        Body::Bytes(_) if has_no_content(response.status) => Ok(()),
         Body::Bytes(bytes) => write_body(stream, bytes, response.trickle).await,
         Body::Filler { len, .. } => {
             let piece = vec![b'x'; FILLER_PIECE];
@@ -530,18 +714,28 @@ async fn write_body(stream: &TcpStream, bytes: &[u8], trickle: Option<Trickle>) 
     }
 }
 
+/// Statuses whose answers have no content (RFC 9110 §6.4.1).
+fn has_no_content(status: u16) -> bool {
+    (100..200).contains(&status) || status == 204 || status == 304
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        204 => "No Content",
         304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         402 => "Payment Required",
         403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
         422 => "Unprocessable Entity",
         429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         _ => "Status",
@@ -552,27 +746,20 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-// The workspace's tokio has no `io-util`, so reads and writes use readiness + try_* directly.
+// Reads and writes use readiness + try_* on a shared `&TcpStream`, so a connection needs no
+// split halves.
 
+/// Reads what is available into `buf`'s spare capacity; 0 when the peer has closed. Nothing is
+/// zeroed first (a 16 KiB fill per read was most of a keep-alive request's cost in a debug
+/// build), and a stack array would bloat every future above.
 async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    // Reads straight into the buffer's tail: a stack array would bloat every future above.
-    let start = buf.len();
-    buf.resize(start + 16 * 1024, 0);
+    buf.reserve(16 * 1024);
     loop {
-        if let Err(e) = stream.readable().await {
-            buf.truncate(start);
-            return Err(e);
-        }
-        match stream.try_read(&mut buf[start..]) {
-            Ok(n) => {
-                buf.truncate(start + n);
-                return Ok(n);
-            }
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                buf.truncate(start);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -652,6 +839,88 @@ mod tests {
         assert!(!text.contains("content-length"));
         assert!(text.ends_with("0\r\n\r\n"));
         assert!(text.matches('x').count() >= 100_000);
+    }
+
+    #[tokio::test]
+    async fn an_async_handler_answers_after_its_own_wait_and_may_skip_recording() {
+        let server = HttpServer::builder()
+            .without_recording()
+            .serve_async(|req: Request| async move {
+                tokio::task::yield_now().await;
+                Response::json(200, format!("{{\"path\":\"{}\"}}", req.path))
+            })
+            .await
+            .unwrap();
+        let out = raw_exchange(
+            server.addr(),
+            b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("{\"path\":\"/x\"}"), "{text}");
+        assert!(text.ends_with("{\"path\":\"/y\"}"), "{text}");
+        assert_eq!(server.request_count(), 2);
+        assert!(
+            server.requests().is_empty(),
+            "nothing kept without recording"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreadable_requests_are_refused_with_the_reason() {
+        let server = HttpServer::start(|_| Response::json(200, "{}")).await;
+        for (request, status) in [
+            (&b"\x01\x02 nonsense\r\n\r\n"[..], "400 Bad Request"),
+            (
+                &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+                "501 Not Implemented",
+            ),
+            (
+                &b"POST / HTTP/1.1\r\ncontent-length: many\r\n\r\n"[..],
+                "400 Bad Request",
+            ),
+        ] {
+            let text = String::from_utf8(raw_exchange(server.addr(), request).await).unwrap();
+            assert!(
+                text.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{text}"
+            );
+            assert!(text.contains("connection: close"), "{text}");
+        }
+        assert_eq!(server.request_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn not_modified_carries_no_length_and_no_body() {
+        let server = HttpServer::start(|_| Response::status(304).header("etag", "\"1\"")).await;
+        let out = raw_exchange(
+            server.addr(),
+            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 304 Not Modified\r\netag: \"1\"\r\nconnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let request = parse_head(
+            b"GET /api/v2/check?ipAddress=2001%3Adb8%3A%3A1&maxAgeInDays=30&verbose HTTP/1.1\r\n\r\n",
+        )
+        .unwrap()
+        .0;
+        assert_eq!(
+            request.query_param("ipAddress"),
+            Some("2001:db8::1".to_owned())
+        );
+        assert_eq!(request.query_param("verbose"), Some(String::new()));
+        assert_eq!(request.query_param("absent"), None);
+        assert_eq!(percent_decode("50%"), "50%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("a+b"), "a b");
     }
 
     #[tokio::test]

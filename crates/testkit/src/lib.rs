@@ -1,4 +1,5 @@
-//! Test support for enrichd, used only as a dev-dependency.
+//! Test support for enrichd: for tests, and for the tools around the binary (`enrichd-fakes`
+//! serves its DNS and HTTP servers); never a dependency of the enrichd binary.
 //!
 //! # Layout
 //! - [`db`]: a fresh PostgreSQL database or SQLite file per test.

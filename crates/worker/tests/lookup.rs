@@ -13,18 +13,16 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{FakeProviders, dns_for, exec, scalar};
+use common::{FakeProviders, dns_for, enrichd_bin, exec, scalar, worker_env};
+use enrichd_core::ProviderId;
+use enrichd_harness::enrichd::{Enrichd, EnrichdEnv};
 use enrichd_testkit::db::TestDb;
 use enrichd_testkit::dns::{DnsServer, Zone};
 use enrichd_testkit::http::{HttpServer, Request, Response};
 
-async fn enrichd(args: &[&str], env: &[(String, String)]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "warn")
-        .output()
+async fn enrichd(args: &[&str], env: &EnrichdEnv) -> Output {
+    let env = env.clone().set("RUST_LOG", "warn");
+    Enrichd::output(enrichd_bin(), args, &env)
         .await
         .expect("enrichd runs")
 }
@@ -41,7 +39,7 @@ async fn a_second_lookup_reuses_fresh_state_without_any_request() {
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&["45.155.205.233".parse().unwrap()]);
-    let env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
 
     let first = enrichd(&["lookup", "--json", "45.155.205.233"], &env).await;
     assert_eq!(
@@ -88,7 +86,7 @@ async fn non_global_addresses_are_reported_skipped_with_no_egress() {
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&[]);
-    let env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
     let out = enrichd(
         &["lookup", "--json", "192.168.1.10", "::1", "100.64.0.9"],
         &env,
@@ -127,12 +125,12 @@ async fn the_ptr_kill_switch_sends_no_packet_and_keeps_stored_names() {
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&["8.8.4.4".parse().unwrap()]);
-    let mut env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
     let first = enrichd(&["lookup", "--json", "8.8.4.4"], &env).await;
     assert_eq!(lines(&first)[0]["ptr_record"], "h0.fake.test");
     let queries = dns.queries();
 
-    env.push(("ENRICHD_PTR_ENABLED".into(), "false".into()));
+    let env = env.set("ENRICHD_PTR_ENABLED", "false");
     let out = enrichd(
         &["lookup", "--json", "--refresh", "8.8.4.4", "1.0.0.1"],
         &env,
@@ -159,7 +157,7 @@ async fn invalid_addresses_are_refused_clearly() {
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&[]);
-    let env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
     let out = enrichd(
         &["lookup", "--json", "1.2.3.4:22", "[::1]", "010.0.0.1"],
         &env,
@@ -177,7 +175,7 @@ async fn backfill_enriches_attackers_and_restores_a_nulled_ptr_record() {
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&["9.9.9.9".parse().unwrap()]);
-    let env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
     assert_eq!(enrichd(&["migrate"], &env).await.status.code(), Some(0));
     let conn = db.connect().await;
     exec(
@@ -236,7 +234,7 @@ async fn check_reaches_dns_and_providers_without_spending_quota() {
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&[]);
-    let env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
     assert_eq!(enrichd(&["migrate"], &env).await.status.code(), Some(0));
     let out = enrichd(&["check"], &env).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -268,11 +266,10 @@ async fn check_reaches_dns_and_providers_without_spending_quota() {
     );
 
     // A provider whose endpoint is down makes the check fail and says which.
-    let mut broken = env.clone();
-    broken.push((
-        "ENRICHD_GREYNOISE_BASE_URL".into(),
-        enrichd_testkit::http::refused_url().await,
-    ));
+    let broken = env.clone().provider_base_url(
+        ProviderId::Greynoise,
+        &enrichd_testkit::http::refused_url().await,
+    );
     let out = enrichd(&["check"], &broken).await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -330,18 +327,13 @@ async fn four_providers(unknown: &'static str, greynoise_status: Option<u16>) ->
 }
 
 /// The environment with every provider on `server` and the default rate limits.
-fn default_limits_env(db: &TestDb, server: &HttpServer, dns: &DnsServer) -> Vec<(String, String)> {
-    let base = server.base_url();
-    let mut env: Vec<(String, String)> = vec![
-        ("ENRICHD_DATABASE_URL".into(), db.url().to_owned()),
-        ("ENRICHD_DNS_SERVERS".into(), dns.addr().to_string()),
-        ("ENRICHD_ABUSEIPDB_API_KEY".into(), "test-abuseipdb".into()),
-        ("ENRICHD_THREATFOX_API_KEY".into(), "test-threatfox".into()),
-    ];
-    for provider in ["GREYNOISE", "ABUSEIPDB", "FEODO", "THREATFOX"] {
-        env.push((format!("ENRICHD_{provider}_BASE_URL"), base.clone()));
-    }
-    env
+fn default_limits_env(db: &TestDb, server: &HttpServer, dns: &DnsServer) -> EnrichdEnv {
+    EnrichdEnv::new()
+        .database(db.url())
+        .dns_servers(&dns.addr().to_string())
+        .api_key(ProviderId::Abuseipdb, "test-abuseipdb")
+        .api_key(ProviderId::Threatfox, "test-threatfox")
+        .providers_at(&server.base_url())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,7 +439,7 @@ async fn forward_confirmation_is_stored_published_and_shown() {
         .a("mail.bank.example.", "203.0.113.7".parse().unwrap(), 3600)
         .ptr(unchecked.parse().unwrap(), "dns9.quad9.net.", 3600);
     let dns = DnsServer::start(zone);
-    let mut env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
 
     let off = enrichd(&["lookup", "--json", unchecked], &env).await;
     assert_eq!(
@@ -455,7 +447,7 @@ async fn forward_confirmation_is_stored_published_and_shown() {
         serde_json::Value::Null
     );
 
-    env.push(("ENRICHD_PTR_FCRDNS".into(), "true".into()));
+    let env = env.set("ENRICHD_PTR_FCRDNS", "true");
     let out = enrichd(&["lookup", "--json", honest, liar], &env).await;
     assert_eq!(
         out.status.code(),
@@ -503,7 +495,7 @@ async fn a_provider_turned_off_stops_counting_and_backfill_all_rewrites_the_rows
     let db = TestDb::sqlite();
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&["8.8.4.4".parse().unwrap()]);
-    let mut env = common::Worker::env(db.url(), &fakes, &dns);
+    let env = worker_env(db.url(), &fakes, &dns);
     assert_eq!(enrichd(&["migrate"], &env).await.status.code(), Some(0));
     let conn = db.connect().await;
     exec(
@@ -523,8 +515,7 @@ async fn a_provider_turned_off_stops_counting_and_backfill_all_rewrites_the_rows
 
     // GreyNoise turned off: nothing is due (Feodo's answer is fresh), so a plain backfill
     // leaves the row; `--all` rewrites it from the configured providers' state alone.
-    env.retain(|(k, _)| k != "ENRICHD_PROVIDERS");
-    env.push(("ENRICHD_PROVIDERS".into(), "feodo".into()));
+    let env = env.set("ENRICHD_PROVIDERS", "feodo");
     let requests = fakes.server.request_count();
     let out = enrichd(&["backfill", "--all"], &env).await;
     assert_eq!(
@@ -550,8 +541,7 @@ async fn a_provider_turned_off_stops_counting_and_backfill_all_rewrites_the_rows
     );
 
     // Turned back on: its stored answer is fresh and is used again, with no request.
-    env.retain(|(k, _)| k != "ENRICHD_PROVIDERS");
-    env.push(("ENRICHD_PROVIDERS".into(), "greynoise,feodo".into()));
+    let env = env.set("ENRICHD_PROVIDERS", "greynoise,feodo");
     let out = enrichd(&["backfill", "--all"], &env).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
@@ -583,13 +573,13 @@ async fn backfill_waits_for_rate_slots_and_says_when_the_rest_waits_too_long() {
     let ips = ["8.8.8.8", "1.1.1.1", "9.9.9.9", "208.67.222.222"];
     let server = four_providers("", None).await;
     let dns = dns_for(&[]);
-    let mut env = default_limits_env(&db, &server, &dns);
+    let env = default_limits_env(&db, &server, &dns);
     // One call per 2 s: the third address's slot is 4 s out, past the 2 s a call may wait
     // for its slot, so its work is deferred and the backfill waits for it.
-    env.push(("ENRICHD_GREYNOISE_RATE_PER_SEC".into(), "0.5".into()));
+    let env = env.set("ENRICHD_GREYNOISE_RATE_PER_SEC", "0.5");
     // About providers: a PTR lookup slowed past its deadline on a loaded machine would be
     // owed for 15 minutes and rightly end the backfill "waiting past --max-wait".
-    env.push(("ENRICHD_PTR_ENABLED".into(), "false".into()));
+    let env = env.set("ENRICHD_PTR_ENABLED", "false");
     assert_eq!(enrichd(&["migrate"], &env).await.status.code(), Some(0));
     let conn = db.connect().await;
     attackers_for(&conn, &ips).await;

@@ -12,7 +12,12 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{FakeProviders, TestBus, Worker, dns_for, scalar, topology};
+use common::{
+    FakeProviders, bus, dns_for, enrichd_bin, scalar, scored, start_worker, topology, worker_env,
+};
+use enrichd_core::payload::{Envelope, TOPIC_CONTROL, TOPIC_SCORED};
+use enrichd_harness::enrichd::{Enrichd, EnrichdEnv};
+use enrichd_harness::process::Signal;
 use enrichd_testkit::db::TestDb;
 use enrichd_testkit::eventually;
 use enrichd_testkit::proxy::TcpProxy;
@@ -32,12 +37,6 @@ fn services_up() -> bool {
     require_postgres() && require_rabbitmq()
 }
 
-fn bus_env(env: &mut Vec<(String, String)>, bus: &TestBus, amqp: &str) {
-    env.push(("ENRICHD_AMQP_URL".into(), amqp.to_owned()));
-    env.push(("ENRICHD_EXCHANGE".into(), bus.topology.exchange.clone()));
-    env.push(("ENRICHD_QUEUE".into(), bus.topology.queue.clone()));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scored_envelope_becomes_a_compatible_row_and_an_enriched_event() {
     if !services_up() {
@@ -46,19 +45,19 @@ async fn a_scored_envelope_becomes_a_compatible_row_and_an_enriched_event() {
     let db = TestDb::postgres().await;
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&parsed(&["45.155.205.233".to_owned()]));
-    let bus = TestBus::start(topology("happy")).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    let worker = Worker::start("happy", &env).await;
+    let (bus, results) = bus(topology("happy")).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let worker = start_worker("happy", &env).await;
 
-    bus.publish_scored("45.155.205.233").await;
+    bus.publish_event(&scored("45.155.205.233")).await.unwrap();
     assert!(
-        eventually(WAIT, || async { bus.result_count().await >= 1 }).await,
+        eventually(WAIT, || async { results.count() >= 1 }).await,
         "{}",
-        worker.log_text()
+        worker.process().log_text()
     );
 
-    let (message_id, envelope) = bus.results.lock().await[0].clone();
+    let received = results.messages()[0].clone();
+    let (message_id, envelope) = (received.message_id, received.envelope);
     assert_eq!(envelope["v"], 1);
     assert_eq!(envelope["topic"], "attacker.intel.enriched");
     assert_eq!(envelope["type"], "intel.enriched");
@@ -129,7 +128,7 @@ async fn a_scored_envelope_becomes_a_compatible_row_and_an_enriched_event() {
     );
     assert_eq!(fakes.greynoise_calls().get("45.155.205.233"), Some(&1));
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,22 +140,21 @@ async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
     let fakes = FakeProviders::start(Duration::from_millis(20)).await;
     let addresses = ips("8.8.9", 50);
     let dns = dns_for(&parsed(&addresses));
-    let bus = TestBus::start(topology("fifty")).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    let worker = Worker::start("fifty", &env).await;
+    let (bus, _results) = bus(topology("fifty")).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let worker = start_worker("fifty", &env).await;
 
     for round in 0..20 {
         for ip in &addresses {
             let _ = round;
-            bus.publish_scored(ip).await;
+            bus.publish_event(&scored(ip)).await.unwrap();
         }
     }
     let acked = eventually(WAIT, || async {
-        worker.counter("enrichd_events_acked_total").await >= 1000
+        worker.counter("enrichd_events_acked_total", &[]).await >= 1000
     })
     .await;
-    assert!(acked, "{}", worker.log_text());
+    assert!(acked, "{}", worker.process().log_text());
     let conn = db.connect().await;
     let enriched = eventually(WAIT, || async {
         scalar(
@@ -167,7 +165,7 @@ async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
             == 50
     })
     .await;
-    assert!(enriched, "{}", worker.log_text());
+    assert!(enriched, "{}", worker.process().log_text());
     assert_eq!(
         scalar(&conn, "SELECT COUNT(*) FROM attackers").await,
         50,
@@ -178,58 +176,47 @@ async fn a_thousand_events_for_fifty_addresses_cost_fifty_lookups() {
     assert!(calls.values().all(|n| *n == 1), "{calls:?}");
 
     // The metrics add up to what happened.
-    assert_eq!(worker.counter("enrichd_events_consumed_total").await, 1000);
-    assert_eq!(worker.counter("enrichd_events_acked_total").await, 1000);
+    let metrics = worker.metrics().await.expect("metrics");
+    assert_eq!(metrics.count("enrichd_events_consumed_total", &[]), 1000);
+    assert_eq!(metrics.count("enrichd_events_acked_total", &[]), 1000);
+    assert_eq!(metrics.count("enrichd_events_dead_lettered_total", &[]), 0);
+    let ok = [("outcome", "ok")];
+    let greynoise = [("provider", "greynoise")];
     assert_eq!(
-        worker.counter("enrichd_events_dead_lettered_total").await,
-        0
+        metrics.count("enrichd_lookups_total", &[ok[0], greynoise[0]]),
+        50
     );
+    assert_eq!(metrics.count("enrichd_ptr_lookups_total", &ok), 50);
     assert_eq!(
-        worker
-            .series(r#"enrichd_lookups_total{outcome="ok",provider="greynoise"}"#)
-            .await,
+        metrics.count("enrichd_provider_latency_seconds_count", &greynoise),
         50
     );
     assert_eq!(
-        worker
-            .series(r#"enrichd_ptr_lookups_total{outcome="ok"}"#)
-            .await,
-        50
-    );
-    assert_eq!(
-        worker
-            .series(r#"enrichd_provider_latency_seconds_count{provider="greynoise"}"#)
-            .await,
-        50
-    );
-    assert_eq!(
-        usize::try_from(
-            worker
-                .series(r#"enrichd_ptr_lookups_total{outcome="ok"}"#)
-                .await
-        )
-        .unwrap(),
+        usize::try_from(metrics.count("enrichd_ptr_lookups_total", &ok)).unwrap(),
         dns.queries(),
         "every PTR lookup counted is a query the DNS server saw"
     );
     // Repetition was answered from memory (and from fresh stored state), never by a lookup.
-    assert!(
-        worker
-            .series(r#"enrichd_cache_hits_total{provider="event"}"#)
-            .await
-            > 0
-    );
+    assert!(metrics.count("enrichd_cache_hits_total", &[("provider", "event")]) > 0);
 
     // The acks are coalesced: what the counter says was acked, the broker has settled. Once
     // the killed worker's consumer is gone, any delivery it left unacked is back in the queue.
     drop(worker);
     let consumer_gone = eventually(WAIT, || async {
-        bus.queue_counts(&bus.topology.queue).await.1 == 0
+        bus.queue_counts(&bus.topology.queue)
+            .await
+            .is_ok_and(|c| c.consumers == 0)
     })
     .await;
     assert!(consumer_gone);
-    assert_eq!(bus.queue_depth(&bus.topology.queue).await, 0);
-    bus.teardown().await;
+    assert_eq!(
+        bus.queue_counts(&bus.topology.queue)
+            .await
+            .unwrap()
+            .messages,
+        0
+    );
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,18 +227,17 @@ async fn the_same_message_twice_gives_one_row_one_event_and_one_lookup() {
     let db = TestDb::postgres().await;
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&parsed(&["1.1.1.7".to_owned()]));
-    let bus = TestBus::start(topology("twice")).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    let worker = Worker::start("twice", &env).await;
+    let (bus, results) = bus(topology("twice")).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let worker = start_worker("twice", &env).await;
 
-    let body = common::scored_envelope("1.1.1.7");
-    bus.publish_raw("attacker.scored", body.as_bytes()).await;
-    assert!(eventually(WAIT, || async { bus.result_count().await == 1 }).await);
-    bus.publish_raw("attacker.scored", body.as_bytes()).await;
+    let body = enrichd_harness::events::body(&scored("1.1.1.7")).unwrap();
+    bus.publish(TOPIC_SCORED, &body).await.unwrap();
+    assert!(eventually(WAIT, || async { results.count() == 1 }).await);
+    bus.publish(TOPIC_SCORED, &body).await.unwrap();
     assert!(
         eventually(WAIT, || async {
-            worker.counter("enrichd_events_acked_total").await == 2
+            worker.counter("enrichd_events_acked_total", &[]).await == 2
         })
         .await
     );
@@ -260,7 +246,7 @@ async fn the_same_message_twice_gives_one_row_one_event_and_one_lookup() {
     // is empty and no job is in flight.
     assert!(
         eventually(WAIT, || async {
-            worker.counter("enrichd_in_flight").await == 0
+            worker.counter("enrichd_in_flight", &[]).await == 0
                 && scalar(&conn, "SELECT COUNT(*) FROM enrichd_outbox").await == 0
         })
         .await
@@ -271,13 +257,13 @@ async fn the_same_message_twice_gives_one_row_one_event_and_one_lookup() {
     );
     assert_eq!(scalar(&conn, "SELECT COUNT(*) FROM attackers").await, 1);
     assert_eq!(
-        bus.result_count().await,
+        results.count(),
         1,
         "an unchanged payload publishes no second event"
     );
     assert_eq!(fakes.greynoise_calls().get("1.1.1.7"), Some(&1));
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,35 +274,40 @@ async fn poison_is_dead_lettered_with_its_reason_and_consumption_goes_on() {
     let db = TestDb::postgres().await;
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&parsed(&["9.9.9.10".to_owned()]));
-    let bus = TestBus::start(topology("poison")).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    let worker = Worker::start("poison", &env).await;
+    let (bus, results) = bus(topology("poison")).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let worker = start_worker("poison", &env).await;
 
-    bus.publish_raw("attacker.observed", b"this is not json")
-        .await;
-    bus.publish_raw("attacker.observed", br#"{"attacker_ip":"1.2.3.4:22"}"#)
-        .await;
-    bus.publish_raw("attacker.scored", b"[1,2]").await;
-    bus.publish_scored("9.9.9.10").await;
+    bus.publish("attacker.observed", b"this is not json")
+        .await
+        .unwrap();
+    bus.publish("attacker.observed", br#"{"attacker_ip":"1.2.3.4:22"}"#)
+        .await
+        .unwrap();
+    bus.publish("attacker.scored", b"[1,2]").await.unwrap();
+    bus.publish_event(&scored("9.9.9.10")).await.unwrap();
     assert!(
-        eventually(WAIT, || async { bus.result_count().await == 1 }).await,
+        eventually(WAIT, || async { results.count() == 1 }).await,
         "{}",
-        worker.log_text()
+        worker.process().log_text()
     );
     assert!(
         eventually(WAIT, || async {
-            bus.queue_depth(&bus.topology.dead_queue).await == 3
+            bus.queue_counts(&bus.topology.dead_queue)
+                .await
+                .is_ok_and(|c| c.messages == 3)
         })
         .await
     );
     assert_eq!(
-        worker.counter("enrichd_events_dead_lettered_total").await,
+        worker
+            .counter("enrichd_events_dead_lettered_total", &[])
+            .await,
         3
     );
 
     // Read the dead letters and their reasons.
-    let channel = bus.connection.create_channel().await.unwrap();
+    let channel = bus.connection().create_channel().await.unwrap();
     let mut reasons = Vec::new();
     while let Some(message) = channel
         .basic_get(
@@ -342,7 +333,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_consumption_goes_on() {
         "{all}"
     );
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 /// Peak resident memory of `pid` (`VmHWM`), in KiB.
@@ -364,12 +355,11 @@ async fn large_poison_is_dead_lettered_cut_to_64_kib_and_never_held_whole() {
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&[]);
     let topology = topology("large").with_dead_max_bytes(1024 * 1024);
-    let bus = TestBus::start(topology).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    env.push(("ENRICHD_DLQ_MAX_BYTES".into(), "1048576".into()));
-    let worker = Worker::start("large", &env).await;
-    let pid = worker.child.id().unwrap();
+    let (bus, _results) = bus(topology).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let env = env.set("ENRICHD_DLQ_MAX_BYTES", "1048576");
+    let worker = start_worker("large", &env).await;
+    let pid = worker.process().pid();
     let before = peak_rss_kib(pid);
 
     // Twenty 10 MB bodies: each becomes a 64 KiB letter saying what it was.
@@ -379,15 +369,18 @@ async fn large_poison_is_dead_lettered_cut_to_64_kib_and_never_held_whole() {
         b
     };
     for _ in 0..20 {
-        bus.publish_raw("attacker.scored", &body).await;
+        bus.publish("attacker.scored", &body).await.unwrap();
     }
     assert!(
         eventually(WAIT, || async {
-            worker.counter("enrichd_events_dead_lettered_total").await == 20
+            worker
+                .counter("enrichd_events_dead_lettered_total", &[])
+                .await
+                == 20
         })
         .await,
         "{}",
-        worker.log_text()
+        worker.process().log_text()
     );
     let peak_mib = peak_rss_kib(pid) / 1024;
     eprintln!(
@@ -396,12 +389,16 @@ async fn large_poison_is_dead_lettered_cut_to_64_kib_and_never_held_whole() {
     );
 
     // The queue holds 1 MiB at most: the oldest letters were dropped for the newest.
-    let depth = bus.queue_depth(&bus.topology.dead_queue).await;
+    let depth = bus
+        .queue_counts(&bus.topology.dead_queue)
+        .await
+        .unwrap()
+        .messages;
     assert!(
         (1..=16).contains(&depth),
         "bounded in bytes: {depth} letters"
     );
-    let channel = bus.connection.create_channel().await.unwrap();
+    let channel = bus.connection().create_channel().await.unwrap();
     let letter = channel
         .basic_get(
             bus.topology.dead_queue.as_str().into(),
@@ -433,7 +430,7 @@ async fn large_poison_is_dead_lettered_cut_to_64_kib_and_never_held_whole() {
     // receipt). Republished whole, the same flood peaked at 233 MiB.
     assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,23 +446,22 @@ async fn a_database_outage_pauses_intake_and_loses_nothing() {
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let addresses = ips("8.8.10", 20);
     let dns = dns_for(&parsed(&addresses));
-    let bus = TestBus::start(topology("outage")).await;
-    let mut env = Worker::env(&proxied_url, &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    let worker = Worker::start("outage", &env).await;
+    let (bus, _results) = bus(topology("outage")).await;
+    let env = worker_env(&proxied_url, &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let worker = start_worker("outage", &env).await;
 
     proxy.set_open(false);
     for ip in &addresses {
-        bus.publish_scored(ip).await;
+        bus.publish_event(&scored(ip)).await.unwrap();
     }
     // The deliveries arrive but cannot become durable: none is acked or dead-lettered.
     assert!(
         eventually(WAIT, || async {
-            worker.counter("enrichd_events_consumed_total").await >= 20
+            worker.counter("enrichd_events_consumed_total", &[]).await >= 20
         })
         .await
     );
-    assert_eq!(worker.counter("enrichd_events_acked_total").await, 0);
+    assert_eq!(worker.counter("enrichd_events_acked_total", &[]).await, 0);
     proxy.set_open(true);
 
     let conn = db.connect().await;
@@ -478,15 +474,23 @@ async fn a_database_outage_pauses_intake_and_loses_nothing() {
             == 20
     })
     .await;
-    assert!(enriched, "{}", worker.log_text());
+    assert!(enriched, "{}", worker.process().log_text());
     assert_eq!(
-        worker.counter("enrichd_events_dead_lettered_total").await,
+        worker
+            .counter("enrichd_events_dead_lettered_total", &[])
+            .await,
         0
     );
-    assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 0);
+    assert_eq!(
+        bus.queue_counts(&bus.topology.dead_queue)
+            .await
+            .unwrap()
+            .messages,
+        0
+    );
     assert_eq!(scalar(&conn, "SELECT COUNT(*) FROM attackers").await, 20);
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,24 +503,28 @@ async fn sigterm_during_work_loses_nothing_and_duplicates_nothing() {
     let fakes = FakeProviders::start(Duration::from_millis(300)).await;
     let addresses = ips("8.8.11", 100);
     let dns = dns_for(&parsed(&addresses));
-    let bus = TestBus::start(topology("sigterm")).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    env.push(("ENRICHD_GREYNOISE_CONCURRENCY".into(), "4".into()));
-    bus_env(&mut env, &bus, &amqp_url());
-    let mut worker = Worker::start("sigterm", &env).await;
+    let (bus, _results) = bus(topology("sigterm")).await;
+    let env = worker_env(db.url(), &fakes, &dns)
+        .set("ENRICHD_GREYNOISE_CONCURRENCY", "4")
+        .bus(&amqp_url(), &bus.topology);
+    let mut worker = start_worker("sigterm", &env).await;
     for ip in &addresses {
-        bus.publish_scored(ip).await;
+        bus.publish_event(&scored(ip)).await.unwrap();
     }
     assert!(eventually(WAIT, || async { fakes.greynoise_calls().len() >= 5 }).await);
-    worker.signal("TERM");
+    worker.process_mut().signal(Signal::Term).await.unwrap();
     assert_eq!(
-        worker.wait_exit(Duration::from_secs(30)).await,
+        worker
+            .process_mut()
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .and_then(|status| status.code()),
         Some(0),
         "{}",
-        worker.log_text()
+        worker.process().log_text()
     );
 
-    let worker = Worker::start("sigterm-2", &env).await;
+    let worker = start_worker("sigterm-2", &env).await;
     let conn = db.connect().await;
     let done = eventually(Duration::from_secs(120), || async {
         scalar(
@@ -527,7 +535,7 @@ async fn sigterm_during_work_loses_nothing_and_duplicates_nothing() {
             == 100
     })
     .await;
-    assert!(done, "{}", worker.log_text());
+    assert!(done, "{}", worker.process().log_text());
     assert_eq!(
         scalar(&conn, "SELECT COUNT(*) FROM attackers").await,
         100,
@@ -539,7 +547,7 @@ async fn sigterm_during_work_loses_nothing_and_duplicates_nothing() {
         "no duplicate intel rows"
     );
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,17 +560,17 @@ async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed(
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let addresses = ips("8.8.12", 6);
     let dns = dns_for(&parsed(&addresses));
-    let bus = TestBus::start(topology("pollmode")).await;
+    let (bus, _results) = bus(topology("pollmode")).await;
 
     // A backlog: attacker rows the reference's profiler would have written.
-    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
-        .arg("migrate")
-        .env_clear()
-        .env("ENRICHD_DATABASE_URL", db.url())
-        .status()
-        .await
-        .unwrap();
-    assert!(migrate.success());
+    let migrate = Enrichd::output(
+        enrichd_bin(),
+        &["migrate"],
+        &EnrichdEnv::new().database(db.url()),
+    )
+    .await
+    .unwrap();
+    assert!(migrate.status.success());
     let conn = db.connect().await;
     for (i, ip) in addresses.iter().take(5).enumerate() {
         common::exec(
@@ -575,9 +583,8 @@ async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed(
         .await;
     }
     let proxied_amqp = amqp_url().replace("127.0.0.1:5672", &broker.addr().to_string());
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &proxied_amqp);
-    let worker = Worker::start("pollmode", &env).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&proxied_amqp, &bus.topology);
+    let worker = start_worker("pollmode", &env).await;
 
     let backlog_done = eventually(WAIT, || async {
         scalar(
@@ -588,11 +595,14 @@ async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed(
             == 5
     })
     .await;
-    assert!(backlog_done, "{}", worker.log_text());
-    assert_eq!(worker.counter("enrichd_events_consumed_total").await, 0);
+    assert!(backlog_done, "{}", worker.process().log_text());
+    assert_eq!(
+        worker.counter("enrichd_events_consumed_total", &[]).await,
+        0
+    );
 
     broker.set_open(true);
-    bus.publish_scored(&addresses[5]).await;
+    bus.publish_event(&scored(&addresses[5])).await.unwrap();
     let consumed = eventually(Duration::from_secs(90), || async {
         scalar(
             &conn,
@@ -602,10 +612,10 @@ async fn with_the_broker_down_at_start_poll_mode_works_then_the_bus_is_consumed(
             == 6
     })
     .await;
-    assert!(consumed, "{}", worker.log_text());
-    assert!(worker.counter("enrichd_events_acked_total").await >= 1);
+    assert!(consumed, "{}", worker.process().log_text());
+    assert!(worker.counter("enrichd_events_acked_total", &[]).await >= 1);
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,32 +626,35 @@ async fn stop_on_the_control_topic_drains_and_exits_zero() {
     let db = TestDb::postgres().await;
     let fakes = FakeProviders::start(Duration::ZERO).await;
     let dns = dns_for(&[]);
-    let bus = TestBus::start(topology("stop")).await;
-    let mut env = Worker::env(db.url(), &fakes, &dns);
-    bus_env(&mut env, &bus, &amqp_url());
-    let mut worker = Worker::start("stop", &env).await;
+    let (bus, _results) = bus(topology("stop")).await;
+    let env = worker_env(db.url(), &fakes, &dns).bus(&amqp_url(), &bus.topology);
+    let mut worker = start_worker("stop", &env).await;
     // The control queue is declared once the session is up; a health beat proves that.
     assert!(
         eventually(WAIT, || async {
-            worker.log_text().contains("Connected to the bus")
+            worker.process().log_text().contains("Connected to the bus")
         })
         .await
     );
-    let stop = serde_json::json!({
-        "v": 1, "id": uuid::Uuid::new_v4().simple().to_string(), "topic": "system.enrich.control",
-        "type": "control", "ts": 1.0,
-        "payload": {"action": "stop", "requested_by": "test", "ts": 1.0}
-    });
-    bus.publish_raw("system.enrich.control", stop.to_string().as_bytes())
-        .await;
+    let stop = Envelope::new(
+        TOPIC_CONTROL,
+        "control",
+        1.0,
+        serde_json::json!({"action": "stop", "requested_by": "test", "ts": 1.0}),
+    );
+    bus.publish_event(&stop).await.unwrap();
     assert_eq!(
-        worker.wait_exit(Duration::from_secs(30)).await,
+        worker
+            .process_mut()
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .and_then(|status| status.code()),
         Some(0),
         "{}",
-        worker.log_text()
+        worker.process().log_text()
     );
     drop(worker);
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -649,10 +662,10 @@ async fn dlq_replay_and_purge_from_the_command_line() {
     if !services_up() {
         return;
     }
-    let bus = TestBus::start(topology("dlqcli")).await;
+    let (bus, _results) = bus(topology("dlqcli")).await;
     for i in 0..3 {
         let body = format!(r#"{{"attacker_ip":"8.8.13.{i}"}}"#);
-        bus.publisher
+        bus.publisher()
             .publish(enrichd_bus::publish::Outgoing::persistent(
                 &bus.topology.dead_letter_exchange,
                 &bus.topology.dead_queue,
@@ -661,22 +674,10 @@ async fn dlq_replay_and_purge_from_the_command_line() {
             .await
             .unwrap();
     }
-    let env = [
-        ("ENRICHD_AMQP_URL", amqp_url()),
-        ("ENRICHD_EXCHANGE", bus.topology.exchange.clone()),
-        ("ENRICHD_QUEUE", bus.topology.queue.clone()),
-    ];
+    let env = EnrichdEnv::new().bus(&amqp_url(), &bus.topology);
     let run = |args: &'static [&'static str]| {
         let env = env.clone();
-        async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
-                .args(args)
-                .env_clear()
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-                .output()
-                .await
-                .unwrap()
-        }
+        async move { Enrichd::output(enrichd_bin(), args, &env).await.unwrap() }
     };
     let replay = run(&["dlq", "replay", "--limit", "2"]).await;
     assert_eq!(
@@ -686,21 +687,36 @@ async fn dlq_replay_and_purge_from_the_command_line() {
         String::from_utf8_lossy(&replay.stderr)
     );
     assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 2"));
-    assert_eq!(bus.queue_depth(&bus.topology.queue).await, 2);
-    assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 1);
+    assert_eq!(
+        bus.queue_counts(&bus.topology.queue)
+            .await
+            .unwrap()
+            .messages,
+        2
+    );
+    assert_eq!(
+        bus.queue_counts(&bus.topology.dead_queue)
+            .await
+            .unwrap()
+            .messages,
+        1
+    );
 
     let purge = run(&["dlq", "purge"]).await;
     assert_eq!(purge.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&purge.stdout).contains("purged 1"));
-    assert_eq!(bus.queue_depth(&bus.topology.dead_queue).await, 0);
+    assert_eq!(
+        bus.queue_counts(&bus.topology.dead_queue)
+            .await
+            .unwrap()
+            .messages,
+        0
+    );
 
     // Without a broker configured it is a configuration error.
-    let none = tokio::process::Command::new(env!("CARGO_BIN_EXE_enrichd"))
-        .args(["dlq", "purge"])
-        .env_clear()
-        .output()
+    let none = Enrichd::output(enrichd_bin(), &["dlq", "purge"], &EnrichdEnv::new())
         .await
         .unwrap();
     assert_eq!(none.status.code(), Some(78));
-    bus.teardown().await;
+    bus.teardown().await.unwrap();
 }
