@@ -1,5 +1,8 @@
 //! The store's one error type and its fate.
 
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 use sea_orm::{DbErr, RuntimeErr};
 
 /// What the caller should do about a [`StoreError`]; decided only by [`StoreError::fate`].
@@ -121,28 +124,24 @@ impl StoreError {
     }
 }
 
-/// Attempts at a transaction that hit a serialization failure, deadlock or busy database.
-const TX_ATTEMPTS: u32 = 4;
+/// Retries of a transaction that hit a serialization failure, deadlock or busy database.
+const TX_RETRIES: usize = 3;
 
-/// Runs the transaction `attempt` makes, again (up to [`TX_ATTEMPTS`] times in all) while it
-/// fails with a serialization failure, deadlock or busy database.
-pub(crate) async fn retry_busy<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+/// Runs the transaction `attempt` makes, and again (up to [`TX_RETRIES`] more times) while it
+/// fails with a serialization failure, deadlock or busy database. The pause before a retry
+/// (15 ms, doubling, jittered) paces it behind the writer that won: that one has just
+/// committed or is about to.
+pub(crate) async fn retry_busy<T, F, Fut>(attempt: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt().await {
-            Err(e) if e.is_retryable() && tries < TX_ATTEMPTS => {
-                // Retry pacing after a lock conflict, not synchronisation: the other writer
-                // just committed.
-                tokio::time::sleep(std::time::Duration::from_millis(15 * u64::from(tries))).await;
-            }
-            other => return other,
-        }
-    }
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(15))
+        .with_max_delay(Duration::from_millis(200))
+        .with_jitter()
+        .with_max_times(TX_RETRIES);
+    attempt.retry(policy).when(StoreError::is_retryable).await
 }
 
 impl From<StoreError> for enrichd_core::job::PersistError {
