@@ -13,6 +13,8 @@ echo "== cargo fmt"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== docs"
+RUSTDOCFLAGS=-Dwarnings cargo doc --locked --workspace --no-deps
 echo "== doc tests"
 cargo test --locked --workspace --doc
 echo "== tests"

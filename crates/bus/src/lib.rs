@@ -5,7 +5,7 @@
 //! actix thread a busy handler would starve AMQP heartbeats and lose the connection.
 //!
 //! # Layout
-//! - [`decode`]: delivery body → [`decode::EventRequest`] or [`decode::Poison`].
+//! - [`decode`](mod@decode): delivery body → [`decode::EventRequest`] or [`decode::Poison`].
 //! - [`topology`]: exchanges, quorum queues, bindings, the per-replica control queue.
 //! - [`connection`]: connecting on the dedicated runtime.
 //! - [`publish`]: confirmed publishing, dead-lettering.

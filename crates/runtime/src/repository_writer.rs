@@ -4,7 +4,7 @@
 //! Recording an event, a job's claim and its write are each one small transaction, and a
 //! commit is the scarce resource (about 4,000 a second on the reference machine, whatever its
 //! size). The writer takes whatever requests of a kind have queued while the previous batch of
-//! that kind ran (up to [`MAX_BATCH`]) and runs them as one [`Store::note_events`],
+//! that kind ran (up to 64) and runs them as one [`Store::note_events`],
 //! [`Store::claim_batch`] or [`Store::apply_batch`]: under load a commit carries dozens of
 //! addresses, and a lone request never waits for company, because a batch starts as soon as
 //! its lane's running transaction has committed.
@@ -127,7 +127,7 @@ fn batch_size_at_most(n: usize) -> usize {
 }
 
 /// A handle to the writer for the jobs and the aggregator; cheap to clone. A caller that gets
-/// no answer (the writer gave up for good, or did not answer in [`ANSWER_WITHIN`]) sees the
+/// no answer (the writer gave up for good, or did not answer in 60 s) sees the
 /// store as unavailable: nothing was written for it, and its retry or the backfill takes the
 /// work again.
 #[derive(Debug, Clone)]
